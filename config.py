@@ -1,0 +1,392 @@
+"""The run's configuration: dataclasses per section, JSON files with `extends`, CLI overrides.
+
+A config is resolved in three layers, later ones winning: the dataclass defaults, the JSON
+file (after following its `extends` chain), and the flags the user actually typed.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from errors import UserError
+
+__version__ = "0.1.0"
+
+
+def _help(text: str, **extra: Any) -> dict:
+    return {"help": text, **extra}
+
+
+@dataclass
+class ModelConfig:
+    n_layer: int = field(default=6, metadata=_help("transformer blocks"))
+    n_head: int = field(default=6, metadata=_help("attention heads per block"))
+    n_embd: int = field(default=384, metadata=_help("width of the residual stream"))
+    block_size: int = field(default=256, metadata=_help("context length in tokens"))
+    vocab_size: Optional[int] = field(
+        default=None, metadata=_help("vocabulary size; null takes the tokenizer's")
+    )
+    dropout: float = field(default=0.0, metadata=_help("dropout probability in [0, 1)"))
+    bias: bool = field(default=False, metadata=_help("biases in linear layers and LayerNorms"))
+
+
+@dataclass
+class DataConfig:
+    dataset: str = field(
+        default="shakespeare_char",
+        metadata=_help("'shakespeare_char' (downloaded) or a path to a .txt file or a folder of them"),
+    )
+    tokenizer: str = field(default="char", metadata=_help("tokenizer kind", choices=("char",)))
+    val_fraction: float = field(
+        default=0.1, metadata=_help("share of the text, taken from its end, held out for validation")
+    )
+    cache_dir: str = field(default="cache", metadata=_help("where downloads and token caches live"))
+
+
+@dataclass
+class TrainingConfig:
+    max_steps: int = field(default=5000, metadata=_help("optimizer steps to train for"))
+    epochs: Optional[float] = field(
+        default=None, metadata=_help("if set, train this many passes over the train tokens instead")
+    )
+    batch_size: int = field(default=64, metadata=_help("sequences per micro-batch"))
+    grad_accum_steps: int = field(default=1, metadata=_help("micro-batches per optimizer step"))
+    lr: float = field(default=1e-3, metadata=_help("peak learning rate"))
+    min_lr: float = field(default=1e-4, metadata=_help("learning rate at the end of the cosine decay"))
+    warmup_steps: int = field(default=100, metadata=_help("steps of linear warmup"))
+    lr_decay_steps: Optional[int] = field(
+        default=None, metadata=_help("step at which the cosine reaches min_lr; null: the last step")
+    )
+    weight_decay: float = field(default=0.1, metadata=_help("AdamW weight decay, on matrices only"))
+    beta1: float = field(default=0.9, metadata=_help("AdamW beta1"))
+    beta2: float = field(default=0.99, metadata=_help("AdamW beta2"))
+    grad_clip: float = field(default=1.0, metadata=_help("max gradient norm; 0 turns clipping off"))
+    eval_interval: int = field(default=250, metadata=_help("steps between evaluations"))
+    eval_iters: int = field(default=200, metadata=_help("batches per split in an evaluation"))
+    log_interval: int = field(default=10, metadata=_help("steps between progress lines"))
+    checkpoint_interval: int = field(
+        default=0, metadata=_help("steps between extra checkpoints; 0: only at evaluations")
+    )
+    out_dir: Optional[str] = field(
+        default=None, metadata=_help("run directory; null: models/<config name>")
+    )
+
+
+@dataclass
+class SystemConfig:
+    device: str = field(
+        default="auto", metadata=_help("where to train", choices=("auto", "cpu", "cuda", "mps"))
+    )
+    dtype: str = field(
+        default="auto",
+        metadata=_help(
+            "compute dtype; auto: bfloat16 on CUDA where supported, else float16; float32 elsewhere",
+            choices=("auto", "float32", "bfloat16", "float16"),
+        ),
+    )
+    compile: Optional[bool] = field(
+        default=None, metadata=_help("torch.compile the model; null: on for CUDA, off elsewhere")
+    )
+    allow_tf32: bool = field(default=True, metadata=_help("TF32 matmuls on CUDA"))
+    seed: int = field(default=1337, metadata=_help("seed for Python, numpy and torch"))
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    system: SystemConfig = field(default_factory=SystemConfig)
+
+
+SECTIONS: dict[str, type] = typing.get_type_hints(Config)  # section name -> dataclass, in order
+
+# Short flags for the fields people change most: `--lr 3e-4` means `--training.lr 3e-4`.
+SHORT_FLAGS: dict[str, str] = {
+    "device": "system.device",
+    "seed": "system.seed",
+    "dataset": "data.dataset",
+    "out_dir": "training.out_dir",
+    "max_steps": "training.max_steps",
+    "epochs": "training.epochs",
+    "batch_size": "training.batch_size",
+    "lr": "training.lr",
+    "eval_interval": "training.eval_interval",
+    "eval_iters": "training.eval_iters",
+    "log_interval": "training.log_interval",
+    "checkpoint_interval": "training.checkpoint_interval",
+}
+
+
+# ---------------------------------------------------------------- field types and values
+
+
+def _field_types(section_cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(section_cls)
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    """Return (inner type, whether None is allowed) for `X` or `Optional[X]`."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+_TYPE_WORDS = {int: "a whole number", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _check_value(where: str, tp: Any, value: Any) -> Any:
+    """Return `value` if it has JSON type `tp` (ints accepted as floats), else raise UserError."""
+    inner, optional = _unwrap_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise UserError(f"{where} must be {_TYPE_WORDS[inner]}, not null")
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }[inner]
+    if not ok:
+        raise UserError(f"{where} must be {_TYPE_WORDS[inner]}, got {json.dumps(value)}")
+    return float(value) if inner is float else value
+
+
+def parse_flag_value(flag: str, tp: Any, text: str) -> Any:
+    """Convert the text of a command-line value to the field's type, or raise UserError."""
+    inner, optional = _unwrap_optional(tp)
+    lowered = text.strip().lower()
+    if optional and lowered in ("null", "none", "auto"):
+        return None
+    try:
+        if inner is bool:
+            if lowered in ("true", "1", "yes", "on"):
+                return True
+            if lowered in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if inner is int:
+            number = float(text)  # accepts 1e4 and 2000.0 but not 2.5
+            if not number.is_integer():
+                raise ValueError
+            return int(number)
+        if inner is float:
+            return float(text)
+        return text
+    except ValueError:
+        hint = " (or null)" if optional else ""
+        raise UserError(f"{flag} expects {_TYPE_WORDS[inner]}{hint}, got '{text}'") from None
+
+
+def _unknown_key_message(what: str, key: str, known: list[str], where: str, prefix: str = "") -> str:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    if close:
+        hint = f"did you mean '{prefix}{close[0]}'?"
+    else:
+        hint = "known: " + ", ".join(prefix + k for k in known)
+    return f"unknown {what} '{prefix}{key}' in {where}; {hint}"
+
+
+# ---------------------------------------------------------------- JSON files
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """Return a copy of `base` with `override` merged in, nested dicts merged key by key."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config_file(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """Return the file's settings as a dict, with its `extends` chain merged underneath."""
+    path = Path(path).resolve()
+    if path in _chain:
+        cycle = " -> ".join(p.name for p in (*_chain, path))
+        raise UserError(f"config files extend each other in a cycle: {cycle}")
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist; see configs/ for the shipped ones")
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"config file {path} is not valid JSON: {error}") from None
+    if not isinstance(settings, dict):
+        raise UserError(f"config file {path} must hold a JSON object with sections")
+    parent = settings.pop("extends", None)
+    if parent is None:
+        return settings
+    if not isinstance(parent, str):
+        raise UserError(f"'extends' in {path} must be a file name, got {json.dumps(parent)}")
+    base = load_config_file(path.parent / parent, (*_chain, path))
+    return deep_merge(base, settings)
+
+
+def config_from_dict(settings: dict, where: str = "the config") -> Config:
+    """Build a Config from nested dicts, checking every section, key and type."""
+    sections = {}
+    for section_name, values in settings.items():
+        if section_name not in SECTIONS:
+            raise UserError(_unknown_key_message("section", section_name, list(SECTIONS), where))
+        if not isinstance(values, dict):
+            raise UserError(f"section '{section_name}' in {where} must be a JSON object")
+        types_ = _field_types(SECTIONS[section_name])
+        checked = {}
+        for key, value in values.items():
+            if key not in types_:
+                raise UserError(
+                    _unknown_key_message("key", key, list(types_), where, f"{section_name}.")
+                )
+            checked[key] = _check_value(f"{section_name}.{key}", types_[key], value)
+        sections[section_name] = SECTIONS[section_name](**checked)
+    return Config(**sections)
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n", encoding="utf-8")
+    except OSError as error:
+        raise UserError(f"cannot write the config to {path}: {error.strerror}") from None
+
+
+# ---------------------------------------------------------------- validation
+
+
+def validate(cfg: Config) -> None:
+    """Raise UserError on the first setting that cannot work, saying how to fix it."""
+    m, d, t, s = cfg.model, cfg.data, cfg.training, cfg.system
+    positive = {
+        "model.n_layer": m.n_layer, "model.n_head": m.n_head, "model.n_embd": m.n_embd,
+        "model.block_size": m.block_size, "training.max_steps": t.max_steps,
+        "training.batch_size": t.batch_size, "training.grad_accum_steps": t.grad_accum_steps,
+        "training.eval_interval": t.eval_interval, "training.eval_iters": t.eval_iters,
+        "training.log_interval": t.log_interval,
+    }
+    for name, value in positive.items():
+        if value <= 0:
+            raise UserError(f"{name} must be positive, got {value}")
+    non_negative = {
+        "training.warmup_steps": t.warmup_steps, "training.weight_decay": t.weight_decay,
+        "training.grad_clip": t.grad_clip, "training.checkpoint_interval": t.checkpoint_interval,
+        "training.min_lr": t.min_lr,
+    }
+    for name, value in non_negative.items():
+        if value < 0:
+            raise UserError(f"{name} must be zero or more, got {value}")
+    for name, value in {"training.lr": t.lr, "training.epochs": t.epochs,
+                        "training.lr_decay_steps": t.lr_decay_steps,
+                        "model.vocab_size": m.vocab_size}.items():
+        if value is not None and value <= 0:
+            raise UserError(f"{name} must be positive, got {value}")
+    if not all(math.isfinite(v) for v in (t.lr, t.min_lr, t.weight_decay, t.grad_clip)):
+        raise UserError("learning rates, weight decay and grad_clip must be finite numbers")
+    if m.n_embd % m.n_head != 0:
+        raise UserError(
+            f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head}); "
+            f"try n_head {_nearest_divisor(m.n_embd, m.n_head)}"
+        )
+    if t.min_lr > t.lr:
+        raise UserError(f"training.min_lr ({t.min_lr}) must not exceed training.lr ({t.lr})")
+    if not 0.0 <= m.dropout < 1.0:
+        raise UserError(f"model.dropout must be in [0, 1), got {m.dropout}")
+    if not 0.0 < d.val_fraction < 1.0:
+        raise UserError(f"data.val_fraction must be between 0 and 1, got {d.val_fraction}")
+    for name, value in (("beta1", t.beta1), ("beta2", t.beta2)):
+        if not 0.0 <= value < 1.0:
+            raise UserError(f"training.{name} must be in [0, 1), got {value}")
+    if not d.dataset.strip():
+        raise UserError("data.dataset is empty; name 'shakespeare_char' or a path to a .txt file")
+    for section in (m, d, t, s):
+        _check_choices(section)
+
+
+def _nearest_divisor(n: int, near: int) -> int:
+    return min((k for k in range(1, n + 1) if n % k == 0), key=lambda k: abs(k - near))
+
+
+def _check_choices(section: Any) -> None:
+    section_name = next(k for k, v in SECTIONS.items() if isinstance(section, v))
+    for f in dataclasses.fields(section):
+        choices = f.metadata.get("choices")
+        value = getattr(section, f.name)
+        if choices and value not in choices:
+            raise UserError(
+                f"{section_name}.{f.name} must be one of {', '.join(choices)}; got '{value}'"
+            )
+
+
+# ---------------------------------------------------------------- command line
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """Add `--section.field` for every field, and the short flags; unset flags stay absent."""
+    group = parser.add_argument_group("config overrides (any field: --section.field VALUE)")
+    short_for = {long: short for short, long in SHORT_FLAGS.items()}
+    for section_name, section_cls in SECTIONS.items():
+        for f in dataclasses.fields(section_cls):
+            long = f"{section_name}.{f.name}"
+            flags = [f"--{long}"] + ([f"--{short_for[long]}"] if long in short_for else [])
+            choices = f.metadata.get("choices")
+            help_text = f.metadata["help"] + (f" ({'|'.join(choices)})" if choices else "")
+            group.add_argument(*flags, dest=long, metavar="VALUE", default=argparse.SUPPRESS,
+                               help=help_text)
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict:
+    """Return the config flags the user gave, as nested dicts of typed values."""
+    overrides: dict[str, dict] = {}
+    for section_name, section_cls in SECTIONS.items():
+        types_ = _field_types(section_cls)
+        for name, tp in types_.items():
+            long = f"{section_name}.{name}"
+            if hasattr(args, long):
+                text = getattr(args, long)
+                overrides.setdefault(section_name, {})[name] = parse_flag_value(f"--{long}", tp, text)
+    return overrides
+
+
+def resolve_config(config_path: str | None, overrides: dict, base: dict | None = None) -> Config:
+    """Return the validated Config from a file (or `base` settings), then the overrides."""
+    settings = load_config_file(config_path) if config_path else dict(base or {})
+    where = str(config_path) if config_path else "the settings"
+    cfg = config_from_dict(deep_merge(settings, overrides), where)
+    if cfg.training.out_dir is None:
+        name = Path(config_path).stem if config_path else "default"
+        cfg.training.out_dir = str(Path("models") / name)
+    validate(cfg)
+    return cfg
+
+
+def tokens_per_step(cfg: Config) -> int:
+    """Return the tokens one optimizer step trains on: batch x accumulation x context."""
+    t = cfg.training
+    return t.batch_size * t.grad_accum_steps * cfg.model.block_size
+
+
+def format_config(cfg: Config) -> str:
+    """Return the config as aligned `key  value` lines grouped by section."""
+    lines = []
+    for section_name, values in config_to_dict(cfg).items():
+        lines.append(f"[{section_name}]")
+        width = max(len(k) for k in values)
+        for key, value in values.items():
+            lines.append(f"  {key:<{width}}  {json.dumps(value)}")
+    return "\n".join(lines)

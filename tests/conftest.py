@@ -1,0 +1,74 @@
+"""Shared fixtures: a real corpus when ../shared has it, tiny configs, a clean working folder."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from config import ModelConfig
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHARED_CORPUS = REPO_ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+
+
+def generated_corpus(n_chars: int = 60_000, seed: int = 0) -> str:
+    """Return Shakespeare-flavoured text made up here, for machines without ../shared."""
+    rng = random.Random(seed)
+    words = ("thou art the king and i am but a fool that loves thee well my lord "
+             "what say you to this sweet night of love and war").split()
+    speakers = ("ROMEO", "JULIET", "KING", "FOOL")
+    lines = []
+    while sum(len(line) for line in lines) < n_chars:
+        lines.append(f"{rng.choice(speakers)}:\n" + " ".join(rng.choice(words) for _ in range(12)) + ".\n")
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory) -> Path:
+    """Tiny Shakespeare from ../shared when present, else a generated corpus."""
+    if SHARED_CORPUS.is_file():
+        return SHARED_CORPUS
+    path = tmp_path_factory.mktemp("corpus") / "generated.txt"
+    path.write_text(generated_corpus(1_200_000))
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_corpus_file(tmp_path_factory) -> Path:
+    """A small corpus (about 60 kB) for tests that build caches and train a few steps."""
+    path = tmp_path_factory.mktemp("small") / "small.txt"
+    path.write_text(generated_corpus())
+    return path
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch) -> Path:
+    """Run in an empty folder so cache/ and models/ never touch the repository."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+TINY_SETTINGS = {
+    "model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 16},
+    "training": {"max_steps": 6, "batch_size": 4, "eval_interval": 3, "eval_iters": 2,
+                 "log_interval": 1, "warmup_steps": 2},
+    "system": {"device": "cpu"},
+}
+
+
+@pytest.fixture
+def tiny_config_file(workdir, small_corpus_file) -> Path:
+    """A config file for a model that trains in well under a second per step."""
+    settings = json.loads(json.dumps(TINY_SETTINGS))
+    settings["data"] = {"dataset": str(small_corpus_file)}
+    path = workdir / "tiny_test.json"
+    path.write_text(json.dumps(settings))
+    return path
+
+
+def tiny_model_config(**changes) -> ModelConfig:
+    values = dict(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=11, dropout=0.0, bias=True)
+    values.update(changes)
+    return ModelConfig(**values)

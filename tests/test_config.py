@@ -1,0 +1,172 @@
+"""Config files, `extends`, command-line overrides and validation."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+import train
+from config import (SECTIONS, Config, config_from_dict, deep_merge, load_config_file, parse_flag_value,
+                    resolve_config, validate)
+from errors import UserError
+from tests.conftest import REPO_ROOT
+
+CONFIG_FILES = sorted((REPO_ROOT / "configs").glob("*.json"))
+
+
+def write(path: Path, settings: dict) -> Path:
+    path.write_text(json.dumps(settings))
+    return path
+
+
+def args_for(argv: list[str]):
+    return train.build_parser().parse_args(argv)
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_validates(path):
+    cfg = resolve_config(str(path), {})
+    assert cfg.training.out_dir == str(Path("models") / path.stem)
+
+
+def test_shipped_configs_hold_the_documented_recipes():
+    cpu = resolve_config(str(REPO_ROOT / "configs/cpu_shakespeare_char.json"), {})
+    assert (cpu.model.n_layer, cpu.model.n_head, cpu.model.n_embd, cpu.model.block_size) == (4, 4, 128, 64)
+    assert (cpu.training.batch_size, cpu.training.max_steps, cpu.model.dropout) == (12, 2000, 0.0)
+    gpu = resolve_config(str(REPO_ROOT / "configs/shakespeare_char.json"), {})
+    assert (gpu.model.n_layer, gpu.model.n_head, gpu.model.n_embd, gpu.model.block_size) == (6, 6, 384, 256)
+    assert (gpu.training.batch_size, gpu.training.max_steps, gpu.model.dropout) == (64, 5000, 0.2)
+    assert (gpu.training.lr, gpu.training.beta2, gpu.training.warmup_steps) == (1e-3, 0.99, 100)
+
+
+def test_extends_is_relative_to_the_file_and_deep_merged(tmp_path):
+    (tmp_path / "sub").mkdir()
+    write(tmp_path / "base.json", {"model": {"n_layer": 3, "n_head": 2}, "training": {"lr": 0.01}})
+    child = write(tmp_path / "sub" / "child.json",
+                  {"extends": "../base.json", "model": {"n_layer": 5}})
+    settings = load_config_file(child)
+    assert settings == {"model": {"n_layer": 5, "n_head": 2}, "training": {"lr": 0.01}}
+
+
+def test_extends_cycle_is_detected(tmp_path):
+    write(tmp_path / "a.json", {"extends": "b.json"})
+    write(tmp_path / "b.json", {"extends": "a.json"})
+    with pytest.raises(UserError, match="cycle: a.json -> b.json -> a.json"):
+        load_config_file(tmp_path / "a.json")
+
+
+def test_deep_merge_leaves_inputs_alone():
+    base = {"model": {"n_layer": 1, "n_head": 1}}
+    merged = deep_merge(base, {"model": {"n_layer": 2}})
+    assert merged == {"model": {"n_layer": 2, "n_head": 1}}
+    assert base == {"model": {"n_layer": 1, "n_head": 1}}
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"model": {"n_layers": 4}}, "unknown key 'model.n_layers'.*did you mean 'model.n_layer'"),
+    ({"modle": {}}, "unknown section 'modle'.*did you mean 'model'"),
+    ({"training": {"lr": "fast"}}, "training.lr must be a number, got \"fast\""),
+    ({"training": {"max_steps": 10.5}}, "training.max_steps must be a whole number"),
+    ({"model": {"bias": "yes"}}, "model.bias must be true or false"),
+    ({"model": {"n_layer": None}}, "model.n_layer must be a whole number, not null"),
+])
+def test_bad_keys_and_types_are_named(settings, message):
+    with pytest.raises(UserError, match=message):
+        config_from_dict(settings)
+
+
+@pytest.mark.parametrize("section, key, value, message", [
+    ("model", "n_head", 5, r"n_embd \(384\) must be divisible by model.n_head \(5\); try n_head 4"),
+    ("model", "n_layer", 0, "model.n_layer must be positive, got 0"),
+    ("training", "batch_size", -1, "training.batch_size must be positive"),
+    ("training", "lr", 0.0, "training.lr must be positive"),
+    ("training", "min_lr", 0.5, "min_lr .* must not exceed training.lr"),
+    ("model", "dropout", 1.0, r"model.dropout must be in \[0, 1\)"),
+    ("data", "val_fraction", 0.0, "data.val_fraction must be between 0 and 1"),
+    ("system", "device", "tpu", "system.device must be one of auto, cpu, cuda, mps"),
+    ("training", "epochs", -2.0, "training.epochs must be positive"),
+])
+def test_validation_messages_say_what_is_wrong(section, key, value, message):
+    cfg = Config()
+    setattr(getattr(cfg, section), key, value)
+    with pytest.raises(UserError, match=message):
+        validate(cfg)
+
+
+def test_flag_values_are_typed_from_the_fields():
+    assert parse_flag_value("--lr", float, "3e-4") == 3e-4
+    assert parse_flag_value("--max_steps", int, "1e3") == 1000
+    assert parse_flag_value("--bias", bool, "false") is False
+    from typing import Optional
+    assert parse_flag_value("--epochs", Optional[float], "null") is None
+    with pytest.raises(UserError, match="--max_steps expects a whole number, got '2.5'"):
+        parse_flag_value("--max_steps", int, "2.5")
+
+
+def test_only_flags_given_override_the_file(tmp_path):
+    path = write(tmp_path / "c.json", {"training": {"lr": 0.005, "batch_size": 7}})
+    args = args_for(["--config", str(path), "--training.batch_size", "9", "--seed", "3"])
+    cfg, _, _ = train.resolve_run_config(args)
+    assert cfg.training.lr == 0.005  # from the file, untouched by the absent --lr
+    assert cfg.training.batch_size == 9
+    assert cfg.system.seed == 3
+    assert cfg.training.out_dir == str(Path("models") / "c")
+
+
+def test_short_and_long_flags_reach_the_same_field():
+    short = train.resolve_run_config(args_for(["--lr", "0.02", "--no_compile"]))[0]
+    long = train.resolve_run_config(args_for(["--training.lr", "0.02", "--system.compile", "false"]))[0]
+    assert short == long
+    assert short.training.lr == 0.02 and short.system.compile is False
+
+
+def test_saved_config_loads_back_identically(tmp_path, workdir):
+    cfg = resolve_config(str(REPO_ROOT / "configs/tiny.json"), {"training": {"lr": 0.0123}})
+    code = train.main(["--config", str(REPO_ROOT / "configs/tiny.json"), "--lr", "0.0123",
+                       "--save_config", str(tmp_path / "saved.json")])
+    assert code == 0
+    assert resolve_config(str(tmp_path / "saved.json"), {}) == cfg
+
+
+def test_show_config_prints_sections_and_derived_values(capsys, workdir, small_corpus_file):
+    code = train.main(["--config", str(REPO_ROOT / "configs/tiny.json"),
+                       "--dataset", str(small_corpus_file), "--device", "cpu", "--show_config"])
+    out = capsys.readouterr().out
+    assert code == 0
+    for heading in ("[model]", "[data]", "[training]", "[system]", "[derived]"):
+        assert heading in out
+    assert "tokens per step  768 (batch 12 x accumulation 1 x context 64)" in out
+    assert "device           cpu, float32, compile off" in out
+    assert "parameters" in out and "without embeddings" in out
+
+
+def test_show_config_never_downloads(capsys, workdir):
+    code = train.main(["--config", str(REPO_ROOT / "configs/tiny.json"), "--show_config"])
+    assert code == 0
+    assert "known once the dataset is downloaded" in capsys.readouterr().out
+    assert not (workdir / "cache").exists()
+
+
+def test_show_config_counts_steps_from_epochs(capsys, workdir, small_corpus_file):
+    train.main(["--config", str(REPO_ROOT / "configs/tiny.json"), "--dataset", str(small_corpus_file),
+                "--epochs", "1", "--show_config"])
+    out = capsys.readouterr().out
+    steps_line = next(line for line in out.splitlines() if line.strip().startswith("steps"))
+    train_tokens = int(len(small_corpus_file.read_text()) * 0.9)
+    assert int(steps_line.split()[1].replace(",", "")) == -(-train_tokens // 768)
+
+
+def test_version_flag(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.build_parser().parse_args(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith("gpt-trainer ")
+
+
+def test_readme_documents_every_config_field():
+    readme = (REPO_ROOT / "README.md").read_text()
+    for section_name, section_cls in SECTIONS.items():
+        for f in dataclasses.fields(section_cls):
+            assert f"`{section_name}.{f.name}`" in readme, f"README lacks {section_name}.{f.name}"

@@ -1,0 +1,149 @@
+"""Datasets: sources, the download, the token cache and batches."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import urllib.error
+
+import numpy as np
+import pytest
+import torch
+
+import data_loader
+from config import DataConfig
+from data_loader import check_enough_tokens, get_batch, load_source_text, prepare_data
+from errors import UserError
+
+
+def test_a_text_file_is_tokenized_split_and_cached(workdir, small_corpus_file):
+    text = small_corpus_file.read_text()
+    data = prepare_data(DataConfig(dataset=str(small_corpus_file)))
+    assert data.tokenizer.chars == "".join(sorted(set(text)))
+    assert len(data.train) == int(len(text) * 0.9) and len(data.train) + len(data.val) == len(text)
+    assert data.train.dtype == np.uint16
+    assert data.tokenizer.decode(data.val[:50].tolist()) == text[int(len(text) * 0.9):][:50]
+    meta = json.loads((data.cache_dir / "meta.json").read_text())
+    assert meta["train_tokens"] == len(data.train)
+    assert data.cache_dir.resolve().parent == workdir / "cache"
+
+
+def test_the_cache_is_reused_and_its_key_follows_text_and_split(workdir, tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("hello world " * 100)
+    first = prepare_data(DataConfig(dataset=str(corpus)))
+    stamp = (first.cache_dir / "train.bin").stat().st_mtime_ns
+    again = prepare_data(DataConfig(dataset=str(corpus)))
+    assert again.cache_dir == first.cache_dir
+    assert (again.cache_dir / "train.bin").stat().st_mtime_ns == stamp  # not rebuilt
+    other_split = prepare_data(DataConfig(dataset=str(corpus), val_fraction=0.2))
+    assert other_split.cache_dir != first.cache_dir
+    corpus.write_text("goodbye world " * 100)
+    edited = prepare_data(DataConfig(dataset=str(corpus)))
+    assert edited.cache_dir != first.cache_dir
+    assert "g" in edited.tokenizer.chars and "h" not in edited.tokenizer.chars
+
+
+def test_no_cache_rebuilds_and_an_unfinished_cache_is_rebuilt(workdir, tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("abc " * 200)
+    data = prepare_data(DataConfig(dataset=str(corpus)))
+    (data.cache_dir / "train.bin").write_bytes(b"garbage")
+    rebuilt = prepare_data(DataConfig(dataset=str(corpus)), rebuild=True)
+    assert rebuilt.tokenizer.decode(rebuilt.train[:8].tolist()) == "abc abc "
+    (rebuilt.cache_dir / "meta.json").unlink()  # as if killed before meta.json was written
+    assert len(prepare_data(DataConfig(dataset=str(corpus))).train) == len(rebuilt.train)
+
+
+def test_a_folder_of_text_files_is_one_dataset(workdir, tmp_path):
+    folder = tmp_path / "books"
+    (folder / "part").mkdir(parents=True)
+    (folder / "a.txt").write_text("first book " * 20)
+    (folder / "part" / "b.txt").write_text("second book " * 20)
+    (folder / "notes.bin").write_bytes(b"\x00\x01")
+    name, text = load_source_text(str(folder), "cache")
+    assert name == "books"
+    assert text.startswith("first book") and text.endswith("second book ")
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "is empty"),
+    ("   \n", "is empty"),
+])
+def test_empty_data_is_refused(tmp_path, content, message):
+    path = tmp_path / "empty.txt"
+    path.write_text(content)
+    with pytest.raises(UserError, match=message):
+        load_source_text(str(path), "cache")
+
+
+def test_unknown_dataset_and_empty_folder_are_refused(tmp_path):
+    with pytest.raises(UserError, match="unknown dataset 'shakespeare'"):
+        load_source_text("shakespeare", "cache")
+    with pytest.raises(UserError, match="holds no .txt files"):
+        load_source_text(str(tmp_path), "cache")
+
+
+def test_too_short_data_is_refused(workdir, tmp_path):
+    path = tmp_path / "short.txt"
+    path.write_text("x" * 300)
+    data = prepare_data(DataConfig(dataset=str(path)))
+    with pytest.raises(UserError, match="validation split .* has 30 tokens, fewer than block_size"):
+        check_enough_tokens(data, block_size=64)
+    check_enough_tokens(data, block_size=16)
+
+
+class FakeResponse(io.BytesIO):
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_shakespeare_download_is_checked_and_saved(workdir, monkeypatch):
+    payload = b"First Citizen:\nBefore we proceed any further, hear me speak.\n" * 40
+    monkeypatch.setattr(data_loader, "SHAKESPEARE_SHA256", hashlib.sha256(payload).hexdigest())
+    calls = []
+    monkeypatch.setattr(data_loader.urllib.request, "urlopen",
+                        lambda url, timeout: calls.append(url) or FakeResponse(payload))
+    name, text = load_source_text("shakespeare_char", "cache")
+    assert name == "shakespeare_char" and text == payload.decode()
+    assert calls == [data_loader.SHAKESPEARE_URL]
+    assert (workdir / "cache/shakespeare_char/input.txt").read_bytes() == payload
+    load_source_text("shakespeare_char", "cache")
+    assert len(calls) == 1  # the second time it comes from the cache
+
+
+def test_download_with_a_wrong_checksum_is_refused(workdir, monkeypatch):
+    monkeypatch.setattr(data_loader.urllib.request, "urlopen",
+                        lambda url, timeout: FakeResponse(b"<html>captive portal</html>"))
+    with pytest.raises(UserError, match="wrong checksum.*cache/shakespeare_char/input.txt"):
+        load_source_text("shakespeare_char", "cache")
+    assert not (workdir / "cache/shakespeare_char/input.txt").exists()
+
+
+def test_without_network_the_error_says_where_to_put_the_file(workdir, monkeypatch):
+    def offline(url, timeout):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(data_loader.urllib.request, "urlopen", offline)
+    with pytest.raises(UserError) as error:
+        load_source_text("shakespeare_char", "cache")
+    message = str(error.value)
+    assert "Name or service not known" in message
+    assert "cache/shakespeare_char/input.txt" in message and "--dataset" in message
+    assert "\n" not in message
+
+
+def test_batches_are_windows_with_shifted_targets():
+    tokens = np.arange(1000, dtype=np.uint16)
+    generator = torch.Generator().manual_seed(0)
+    x, y = get_batch(tokens, 5, 16, generator, torch.device("cpu"))
+    assert x.shape == y.shape == (5, 16) and x.dtype == torch.int64
+    assert torch.equal(y[:, :-1], x[:, 1:])
+    assert torch.equal(y[:, -1], x[:, -1] + 1)
+    again = get_batch(tokens, 5, 16, torch.Generator().manual_seed(0), torch.device("cpu"))[0]
+    assert torch.equal(x, again)
+    # every window fits: the last start is len - block_size - 1
+    assert int(x.max()) + 1 < 1000

@@ -1,0 +1,131 @@
+"""The GPT itself: shapes, causality, initialisation, counting, gradients, learning, sampling."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from config import TrainingConfig
+from model import GPT
+from tests.conftest import tiny_model_config
+from trainer import accumulate_gradients, make_optimizer, optimizer_step
+
+
+def build(seed: int = 0, **changes) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(tiny_model_config(**changes))
+
+
+def test_output_shapes_and_loss():
+    model = build()
+    idx = torch.randint(0, 11, (3, 8))
+    logits, loss = model(idx)
+    assert logits.shape == (3, 8, 11) and loss is None
+    logits, loss = model(idx, idx)
+    assert loss.shape == () and torch.isfinite(loss)
+    # at initialisation the model is close to uniform: loss near ln(vocab)
+    assert abs(loss.item() - math.log(11)) < 0.5
+
+
+def test_loss_is_cross_entropy_of_the_logits():
+    model = build()
+    idx, targets = torch.randint(0, 11, (2, 8)), torch.randint(0, 11, (2, 8))
+    logits, loss = model(idx, targets)
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 11), targets.reshape(-1))
+    assert torch.allclose(loss, expected)
+
+
+def test_later_tokens_never_change_earlier_logits():
+    model = build().eval()
+    idx = torch.randint(0, 11, (2, 8))
+    changed = idx.clone()
+    changed[:, 5:] = (changed[:, 5:] + 1) % 11
+    before, _ = model(idx)
+    after, _ = model(changed)
+    assert torch.allclose(before[:, :5], after[:, :5], atol=1e-6)
+    assert not torch.allclose(before[:, 5:], after[:, 5:])
+
+
+def test_too_long_input_is_refused():
+    with pytest.raises(ValueError, match="longer than block_size 8"):
+        build()(torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_same_seed_same_model_and_outputs():
+    a, b, c = build(seed=1), build(seed=1), build(seed=2)
+    idx = torch.randint(0, 11, (2, 8))
+    assert torch.equal(a(idx)[0], b(idx)[0])
+    assert not torch.equal(a(idx)[0], c(idx)[0])
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_parameter_count_matches_the_formula(bias):
+    model = build(bias=bias, n_layer=3, n_embd=24, n_head=4, block_size=10, vocab_size=50)
+    V, T, C, L = 50, 10, 24, 3
+    per_block = 12 * C * C + (13 * C if bias else 2 * C)  # 4 matrices; LayerNorms and biases
+    final_ln = 2 * C if bias else C
+    expected = V * C + T * C + L * per_block + final_ln  # the tied head adds nothing
+    assert model.num_params() == expected
+    assert model.num_params(include_embeddings=False) == expected - V * C - T * C
+    assert model.flops_per_token() == 6 * (expected - T * C) + 12 * L * C * T
+
+
+def test_gpt2_initialisation_scales_residual_projections():
+    model = build(n_layer=8, n_embd=64, n_head=4)
+    assert model.lm_head.weight is model.wte.weight
+    assert abs(model.blocks[0].attn.c_attn.weight.std().item() - 0.02) < 0.002
+    residual = torch.cat([b.mlp.c_proj.weight.flatten() for b in model.blocks])
+    assert abs(residual.std().item() - 0.02 / math.sqrt(16)) < 0.001
+    assert torch.all(model.blocks[0].attn.c_attn.bias == 0)
+
+
+def test_gradcheck_on_a_tiny_float64_model():
+    model = build(n_layer=1, n_embd=4, n_head=2, block_size=4, vocab_size=5).double()
+    idx, targets = torch.randint(0, 5, (2, 4)), torch.randint(0, 5, (2, 4))
+    names = [name for name, _ in model.named_parameters()]
+    params = tuple(p.detach().clone().requires_grad_(True) for p in model.parameters())
+
+    def loss_of(*values):
+        return torch.func.functional_call(model, dict(zip(names, values)), (idx, targets))[1]
+
+    assert torch.autograd.gradcheck(loss_of, params, eps=1e-6, atol=1e-5)
+
+
+def test_overfits_one_batch():
+    model = build(n_layer=2, n_embd=32, n_head=2, block_size=16, vocab_size=20)
+    optimizer = make_optimizer(model, TrainingConfig(lr=1e-2, weight_decay=0.0), torch.device("cpu"))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    torch.manual_seed(0)
+    x, y = torch.randint(0, 20, (4, 16)), torch.randint(0, 20, (4, 16))
+    losses = []
+    for _ in range(50):
+        losses.append(accumulate_gradients(model, [(x, y)], 1, torch.autocast("cpu", enabled=False),
+                                           scaler).item())
+        optimizer_step(model, optimizer, scaler, grad_clip=1.0)
+    assert losses[-1] < losses[0] / 2
+
+
+def test_greedy_generation_follows_the_argmax():
+    model = build().eval()
+    prompt = torch.tensor([[1, 2, 3]])
+    tokens = torch.cat(list(model.generate(prompt, 4, temperature=0)), dim=1)
+    idx = prompt
+    for _ in range(4):
+        next_token = model(idx[:, -8:])[0][:, -1].argmax(-1, keepdim=True)
+        idx = torch.cat([idx, next_token], dim=1)
+    assert torch.equal(tokens, idx[:, 3:])
+
+
+def test_sampling_is_repeatable_with_a_seed_and_respects_top_k():
+    model = build().eval()
+    prompt = torch.tensor([[1]])
+
+    def sample(seed: int, top_k=None) -> list[int]:
+        generator = torch.Generator().manual_seed(seed)
+        return [t.item() for t in model.generate(prompt, 20, 1.0, top_k, generator)]
+
+    assert sample(7) == sample(7)
+    assert sample(7) != sample(8)
+    logits = model(prompt)[0][0, -1]
+    assert set(sample(3, top_k=1)[:1]) == {logits.argmax().item()}

@@ -1,0 +1,141 @@
+"""The training loop: accumulation, schedule, checkpoints, exact resume."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import train
+from checkpoint import load_checkpoint
+from config import TrainingConfig
+from model import GPT
+from tests.conftest import tiny_model_config
+from trainer import (LossRecord, accumulate_gradients, learning_rate, make_optimizer,
+                     optimizer_step, total_steps)
+from utils import resolve_system
+
+
+def test_accumulated_micro_batches_equal_one_big_batch():
+    torch.manual_seed(0)
+    big = GPT(tiny_model_config())
+    small = copy.deepcopy(big)
+    x, y = torch.randint(0, 11, (8, 8)), torch.randint(0, 11, (8, 8))
+    cfg = TrainingConfig(lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    no_autocast = torch.autocast("cpu", enabled=False)
+    optimizers = [make_optimizer(m, cfg, torch.device("cpu")) for m in (big, small)]
+
+    loss_big = accumulate_gradients(big, [(x, y)], 1, no_autocast, scaler)
+    micro = [(x[i:i + 2], y[i:i + 2]) for i in range(0, 8, 2)]
+    loss_small = accumulate_gradients(small, micro, 4, no_autocast, scaler)
+
+    assert torch.allclose(loss_big, loss_small, atol=1e-6)
+    for p_big, p_small in zip(big.parameters(), small.parameters()):
+        assert torch.allclose(p_big.grad, p_small.grad, atol=1e-6)
+    for model, optimizer in zip((big, small), optimizers):
+        optimizer_step(model, optimizer, scaler, grad_clip=1.0)
+    for p_big, p_small in zip(big.parameters(), small.parameters()):
+        assert torch.allclose(p_big, p_small, atol=1e-6)
+
+
+def test_weight_decay_applies_to_matrices_only():
+    model = GPT(tiny_model_config())
+    decay, no_decay = make_optimizer(model, TrainingConfig(weight_decay=0.3), torch.device("cpu")).param_groups
+    assert decay["weight_decay"] == 0.3 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_learning_rate_warms_up_then_decays_to_min_lr():
+    t = TrainingConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10)
+    lrs = [learning_rate(step, t, max_steps=100) for step in range(101)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert lrs[10] == pytest.approx(1e-3)
+    assert lrs[55] == pytest.approx(5.5e-4)  # half way down the cosine
+    assert lrs[100] == pytest.approx(1e-4)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert learning_rate(500, t, max_steps=100) == pytest.approx(1e-4)
+
+
+def test_epochs_set_the_number_of_steps():
+    assert total_steps(TrainingConfig(max_steps=7), 10_000, 100) == 7
+    assert total_steps(TrainingConfig(epochs=2.5), 10_000, 300) == 84
+
+
+def test_loss_record_keeps_best_and_worst():
+    record = LossRecord()
+    assert record.update(10, 2.0, 2.5) is True
+    assert record.update(20, 1.5, 2.7) is False
+    assert record.update(30, 1.8, 2.1) is True
+    assert (record.best_val, record.best_val_step, record.worst_val) == (2.1, 30, 2.7)
+    assert (record.best_train, record.worst_train) == (1.5, 2.0)
+
+
+def run(config_file, *flags) -> int:
+    return train.main(["--config", str(config_file), *flags])
+
+
+def test_training_writes_loadable_checkpoints(workdir, tiny_config_file, capsys):
+    assert run(tiny_config_file) == 0
+    out = capsys.readouterr().out
+    assert "step      3: train loss" in out and "step      6: train loss" in out
+    run_dir = workdir / "models" / "tiny_test"
+    checkpoint = load_checkpoint(run_dir / "ckpt.pt")
+    assert checkpoint["step"] == 6
+    assert checkpoint["config"]["model"]["vocab_size"] == len(checkpoint["tokenizer"]["chars"])
+    # plain data only: torch's safe loader opens it without help
+    torch.load(run_dir / "ckpt.pt", weights_only=True)
+    best = load_checkpoint(run_dir / "best.pt")
+    assert best["losses"]["best_val"] == checkpoint["losses"]["best_val"]
+    assert best["step"] == checkpoint["losses"]["best_val_step"]
+
+
+def test_resume_continues_exactly_where_it_stopped(workdir, tiny_config_file):
+    # one go of 6 steps, against 3 steps then a resume to 6; same schedule in both
+    schedule = ["--training.lr_decay_steps", "6", "--model.dropout", "0.1"]
+    assert run(tiny_config_file, *schedule, "--out_dir", "straight") == 0
+    assert run(tiny_config_file, *schedule, "--out_dir", "split", "--max_steps", "3") == 0
+    assert load_checkpoint(workdir / "split/ckpt.pt")["step"] == 3
+    assert run(tiny_config_file, *schedule, "--out_dir", "split", "--resume") == 0
+    straight = load_checkpoint(workdir / "straight/ckpt.pt")
+    split = load_checkpoint(workdir / "split/ckpt.pt")
+    assert split["step"] == straight["step"] == 6
+    for name, tensor in straight["model"].items():
+        assert torch.equal(tensor, split["model"][name]), name
+    for index, state in straight["optimizer"]["state"].items():
+        for key, value in state.items():
+            assert torch.equal(value, split["optimizer"]["state"][index][key])
+    assert straight["losses"] == split["losses"]
+
+
+def test_resume_restores_the_optimizer_state(workdir, tiny_config_file):
+    run(tiny_config_file, "--max_steps", "3")
+    checkpoint = load_checkpoint(workdir / "models/tiny_test/ckpt.pt")
+    args = train.build_parser().parse_args(["--config", str(tiny_config_file), "--resume"])
+    cfg, loaded, path = train.resolve_run_config(args)
+    trainer = train.build_trainer(args, cfg, loaded, path, resolve_system("cpu", "auto", None))
+    assert trainer.step == 3
+    restored = trainer.optimizer.state_dict()["state"]
+    for index, state in checkpoint["optimizer"]["state"].items():
+        for key, value in state.items():
+            assert torch.equal(restored[index][key], value)
+
+
+def test_load_model_only_starts_at_step_zero_from_the_weights(workdir, tiny_config_file, capsys):
+    run(tiny_config_file, "--max_steps", "3")
+    source = load_checkpoint(workdir / "models/tiny_test/ckpt.pt")
+    assert run(tiny_config_file, "--load_model_only", "models/tiny_test/ckpt.pt", "--out_dir", "fine",
+               "--max_steps", "1", "--eval_interval", "100", "--lr", "1e-9", "--training.warmup_steps", "0",
+               "--training.min_lr", "0") == 0
+    assert "starting from the weights of models/tiny_test/ckpt.pt" in capsys.readouterr().out
+    tuned = load_checkpoint(workdir / "fine/ckpt.pt")
+    assert tuned["step"] == 1
+    for name, tensor in source["model"].items():  # a 1e-9 step barely moves the weights
+        assert torch.allclose(tensor, tuned["model"][name], atol=1e-6)
+
+
+def test_finished_run_is_not_trained_further(workdir, tiny_config_file, capsys):
+    run(tiny_config_file)
+    assert run(tiny_config_file, "--resume") == 0
+    assert "already trained to step 6 of 6" in capsys.readouterr().out

@@ -1,0 +1,196 @@
+"""Train a GPT: `python train.py --config configs/tiny.json [--section.field VALUE ...]`."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from checkpoint import check_same_architecture, find_checkpoint, load_checkpoint
+from config import (Config, __version__, add_config_flags, format_config, overrides_from_args,
+                    resolve_config, save_config, tokens_per_step)
+from data_loader import PreparedData, check_enough_tokens, prepare_data, shakespeare_is_local
+from errors import CliParser, UserError, run_cli
+from model import GPT
+from trainer import RunResult, Trainer, total_steps
+from utils import DeviceInfo, configure_tf32, resolve_system, seed_everything
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = CliParser(description="Train a small GPT language model.", allow_abbrev=False)
+    parser.add_argument("--config", help="JSON config file (may 'extends' another)")
+    parser.add_argument("--show_config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--save_config", metavar="PATH", help="write the resolved config as JSON and exit")
+    parser.add_argument("--version", action="version", version=f"gpt-trainer {__version__}")
+    parser.add_argument("--resume", nargs="?", const="", metavar="PATH",
+                        help="continue a run: its directory's ckpt.pt, or the checkpoint named")
+    parser.add_argument("--load_model_only", metavar="PATH",
+                        help="start from another checkpoint's weights (fresh optimizer, step 0)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start a new run even if out_dir holds checkpoints (they are replaced)")
+    parser.add_argument("--no_cache", action="store_true", help="rebuild the token cache")
+    parser.add_argument("--no_compile", action="store_true", help="do not torch.compile the model")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    add_config_flags(parser)
+    return parser
+
+
+def resolve_run_config(args: argparse.Namespace) -> tuple[Config, Optional[dict], Optional[Path]]:
+    """Return the config and, when resuming, the checkpoint and its path.
+
+    `--resume PATH` continues in the checkpoint's directory, and without `--config` it takes
+    the checkpoint's own config; flags given on the command line still apply.
+    """
+    overrides = overrides_from_args(args)
+    if args.no_compile:
+        overrides.setdefault("system", {})["compile"] = False
+    if args.resume is None:
+        return resolve_config(args.config, overrides), None, None
+    if args.load_model_only:
+        raise UserError("--resume and --load_model_only exclude each other; use one")
+    if args.resume:
+        path = find_checkpoint(args.resume)
+        checkpoint = load_checkpoint(path)
+        overrides.setdefault("training", {}).setdefault("out_dir", str(path.parent))
+        base = None if args.config else checkpoint["config"]
+        return resolve_config(args.config, overrides, base), checkpoint, path
+    cfg = resolve_config(args.config, overrides)
+    path = Path(cfg.training.out_dir) / "ckpt.pt"
+    if not path.is_file():
+        raise UserError(f"nothing to resume: {path} does not exist; train without --resume first")
+    return cfg, load_checkpoint(path), path
+
+
+def fill_vocab_size(cfg: Config, vocab_size: int) -> Config:
+    """Return the config with model.vocab_size taken from the tokenizer when not set."""
+    if cfg.model.vocab_size is None:
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab_size))
+    if cfg.model.vocab_size < vocab_size:
+        raise UserError(f"model.vocab_size {cfg.model.vocab_size} is smaller than the tokenizer's "
+                        f"{vocab_size}; set it to null or at least {vocab_size}")
+    return cfg
+
+
+def describe_config(cfg: Config, system: DeviceInfo, data: Optional[PreparedData]) -> str:
+    """Return the resolved config and the values derived from it, for --show_config."""
+    t = cfg.training
+    lines = [format_config(cfg), "[derived]"]
+    if data is not None:
+        with torch.device("meta"):  # shapes only: no memory, no initialisation
+            model = GPT(fill_vocab_size(cfg, data.tokenizer.vocab_size).model)
+        lines.append(f"  parameters       {model.num_params():,} "
+                     f"({model.num_params(include_embeddings=False):,} without embeddings)")
+        steps = f"{total_steps(t, len(data.train), tokens_per_step(cfg)):,}"
+    else:
+        lines.append("  parameters       known once the dataset is downloaded (vocabulary size)")
+        steps = f"{t.max_steps:,}" if t.epochs is None else f"{t.epochs} epochs"
+    lines += [
+        f"  tokens per step  {tokens_per_step(cfg):,} (batch {t.batch_size} x accumulation "
+        f"{t.grad_accum_steps} x context {cfg.model.block_size})",
+        f"  effective batch  {t.batch_size * t.grad_accum_steps} sequences",
+        f"  steps            {steps}",
+        f"  device           {system.describe()}",
+    ]
+    return "\n".join(lines)
+
+
+def prepare_out_dir(out_dir: Path, resumed_from: Optional[Path], overwrite: bool) -> None:
+    """Create the run directory; refuse to write over another run's checkpoints."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise UserError(
+            f"cannot write to out_dir {out_dir} ({error.strerror}); pick another --out_dir"
+        ) from None
+    earlier = [p for p in (out_dir / "ckpt.pt", out_dir / "best.pt") if p.exists()]
+    continuing_here = resumed_from is not None and resumed_from.parent.resolve() == out_dir.resolve()
+    if earlier and not continuing_here:
+        if not overwrite:
+            raise UserError(f"{out_dir} already holds a checkpoint of an earlier run; continue it with "
+                            "--resume, replace it with --overwrite, or choose another --out_dir")
+        for path in earlier:  # a stale best.pt would otherwise outlive the new run
+            path.unlink()
+
+
+def print_summary(result: RunResult, out_dir: Path) -> None:
+    losses = result.losses
+    best = (f"best val loss {losses.best_val:.4f} at step {losses.best_val_step}"
+            if losses.best_val_step else "no evaluation yet")
+    print(f"trained to step {result.steps} in {result.seconds:.1f} s; {best}; "
+          f"checkpoints in {out_dir}", flush=True)
+
+
+def local_data(cfg: Config) -> Optional[PreparedData]:
+    """Return the dataset if its text is on disk already; never download for --show_config."""
+    if cfg.data.dataset == "shakespeare_char" and not shakespeare_is_local(cfg.data.cache_dir):
+        return None
+    return prepare_data(cfg.data)
+
+
+def check_compatible(checkpoint: dict, cfg: Config, data: PreparedData, path: Path) -> None:
+    """Raise UserError unless the checkpoint's weights and tokenizer fit this config and data."""
+    if checkpoint["tokenizer"] != data.tokenizer.to_dict():
+        raise UserError(f"checkpoint {path} was trained with another vocabulary than "
+                        f"{data.source} gives; use the dataset it was trained on")
+    check_same_architecture(checkpoint, cfg.model, path)
+
+
+def build_trainer(args: argparse.Namespace, cfg: Config, checkpoint: Optional[dict],
+                  checkpoint_path: Optional[Path], system: DeviceInfo) -> Trainer:
+    """Return a Trainer ready to run: data prepared, weights and state loaded, out_dir checked."""
+    seed_everything(cfg.system.seed)
+    configure_tf32(cfg.system.allow_tf32)
+    data = prepare_data(cfg.data, rebuild=args.no_cache)
+    check_enough_tokens(data, cfg.model.block_size)
+    cfg = fill_vocab_size(cfg, data.tokenizer.vocab_size)
+    start_from = checkpoint or (load_checkpoint(find_checkpoint(args.load_model_only))
+                                if args.load_model_only else None)
+    if start_from is not None:
+        check_compatible(start_from, cfg, data, checkpoint_path or Path(args.load_model_only))
+    prepare_out_dir(Path(cfg.training.out_dir), checkpoint_path, args.overwrite)
+
+    trainer = Trainer(cfg, data, system)
+    if checkpoint is not None:
+        trainer.resume(checkpoint)
+        print(f"resuming from {checkpoint_path} at step {trainer.step}")
+    elif start_from is not None:
+        trainer.load_weights(start_from)
+        print(f"starting from the weights of {args.load_model_only}")
+    return trainer
+
+
+def main(argv: Sequence[str]) -> int:
+    args = build_parser().parse_args(argv)
+    cfg, checkpoint, checkpoint_path = resolve_run_config(args)
+    system = resolve_system(cfg.system.device, cfg.system.dtype, cfg.system.compile)
+    if args.show_config:
+        print(describe_config(cfg, system, local_data(cfg)))
+        return 0
+    if args.save_config:
+        save_config(cfg, args.save_config)
+        print(f"saved the resolved config to {args.save_config}")
+        return 0
+
+    trainer = build_trainer(args, cfg, checkpoint, checkpoint_path, system)
+    if trainer.step >= trainer.max_steps:
+        print(f"already trained to step {trainer.step} of {trainer.max_steps}; "
+              "raise --max_steps to train further")
+        return 0
+    data = trainer.data
+    print(f"training {trainer.model.num_params():,} parameters on {data.source} "
+          f"({len(data.train):,} train / {len(data.val):,} val tokens) on {system.describe()}; "
+          f"{trainer.tokens_per_step:,} tokens per step", flush=True)
+    result = trainer.train()
+    print_summary(result, trainer.out_dir)
+    # The shell's convention for a run ended by a signal: 130 for SIGINT, 143 for SIGTERM.
+    return 128 + result.stopped_by_signal if result.stopped_by_signal else 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

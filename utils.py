@@ -1,0 +1,162 @@
+"""Device, dtype and seeding: the few facts about the machine that the rest of the code needs."""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+import numpy as np
+import torch
+
+from errors import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def notice(message: str) -> None:
+    """Print a one-line notice about a fallback the user should know of."""
+    print(f"notice: {message}", file=sys.stderr, flush=True)
+
+
+def _mps_available() -> bool:
+    return hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
+
+
+def _freest_cuda_device() -> torch.device:
+    """Return the CUDA device with the most free memory (the only one, on one-GPU machines)."""
+    count = torch.cuda.device_count()
+    if count == 1:
+        return torch.device("cuda", 0)
+    free = [torch.cuda.mem_get_info(i)[0] for i in range(count)]
+    return torch.device("cuda", max(range(count), key=free.__getitem__))
+
+
+def select_device(requested: str) -> torch.device:
+    """Return the device to run on: the requested one, or CUDA, then MPS, then CPU for 'auto'."""
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return _freest_cuda_device()
+        return torch.device("mps") if _mps_available() else torch.device("cpu")
+    if requested == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(
+                f"--device cuda was asked for, but torch {torch.__version__} sees no CUDA GPU; "
+                "use --device cpu or --device auto"
+            )
+        return _freest_cuda_device()
+    if requested == "mps" and not _mps_available():
+        raise UserError("--device mps was asked for, but MPS is not available here; use --device cpu")
+    return torch.device(requested)
+
+
+def select_dtype(device: torch.device, requested: str) -> torch.dtype:
+    """Return the compute dtype: bf16 on CUDA when supported, fp16 on older GPUs, else fp32.
+
+    A dtype the device cannot use falls back with a notice rather than failing.
+    """
+    if device.type == "cuda":
+        bf16_ok = torch.cuda.is_bf16_supported()
+        if requested == "auto":
+            return torch.bfloat16 if bf16_ok else torch.float16
+        if requested == "bfloat16" and not bf16_ok:
+            notice("this GPU has no bfloat16; using float16 with loss scaling instead")
+            return torch.float16
+        return DTYPES[requested]
+    if requested in ("auto", "float32"):
+        return torch.float32
+    if device.type == "cpu" and requested == "bfloat16":
+        return torch.bfloat16
+    notice(f"{requested} is not used on {device.type}; training in float32 instead")
+    return torch.float32
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """Return the autocast context for mixed precision, or a null context for float32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def compile_supported(device: torch.device) -> tuple[bool, str]:
+    """Return whether torch.compile can run on this device, and why not when it cannot."""
+    if device.type == "mps":
+        return False, "torch.compile is not supported on MPS"
+    if device.type == "cuda" and (sys.platform == "win32" or importlib.util.find_spec("triton") is None):
+        return False, "torch.compile needs Triton on CUDA, and Triton is not installed"
+    return True, ""
+
+
+def configure_tf32(allow: bool) -> None:
+    """Let float32 matmuls and convolutions use TF32 tensor cores on CUDA (or forbid it)."""
+    torch.set_float32_matmul_precision("high" if allow else "highest")
+    torch.backends.cudnn.allow_tf32 = allow
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch (every device) so a run can be repeated."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+@dataclass
+class DeviceInfo:
+    device: torch.device
+    dtype: torch.dtype
+    compile: bool
+
+    def describe(self) -> str:
+        name = self.device.type
+        if self.device.type == "cuda":
+            name = f"cuda:{self.device.index} ({torch.cuda.get_device_name(self.device)})"
+        dtype = str(self.dtype).removeprefix("torch.")
+        return f"{name}, {dtype}, compile {'on' if self.compile else 'off'}"
+
+
+def resolve_system(device: str, dtype: str, compile_requested: bool | None) -> DeviceInfo:
+    """Return the device, dtype and compile choice for the system section of a config.
+
+    Compilation is on by default on CUDA only; on CPU it is used when asked for explicitly.
+    """
+    chosen = select_device(device)
+    use_compile = compile_requested if compile_requested is not None else chosen.type == "cuda"
+    if use_compile:
+        ok, why = compile_supported(chosen)
+        if not ok:
+            if compile_requested:
+                notice(f"{why}; running without it")
+            use_compile = False
+    return DeviceInfo(chosen, select_dtype(chosen, dtype), use_compile)
+
+
+def _fsync_directory(directory: Path) -> None:
+    if os.name == "nt":  # Windows cannot open a directory to flush it
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write a file atomically: a reader sees the old file or the new one, never half of it.
+
+    The bytes go to a temporary file in the same directory and are flushed to disk before
+    they replace the target; the directory is flushed so the rename survives a power cut.
+    """
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        with open(partial, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(partial, path)
+        _fsync_directory(path.parent)
+    finally:
+        partial.unlink(missing_ok=True)  # only left over when something failed
