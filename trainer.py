@@ -160,6 +160,7 @@ class Trainer:
         self.tokens_per_step = tokens_per_step(cfg)
         self.max_steps = total_steps(t, len(data.train), self.tokens_per_step)
         self.step = 0
+        self.saved_step = -1  # the step ckpt.pt holds, so a stop right after a save skips a copy
         self.losses = LossRecord()
 
     # ------------------------------------------------------------ checkpoints
@@ -204,8 +205,11 @@ class Trainer:
         for group, decay in zip(self.optimizer.param_groups, (t.weight_decay, 0.0)):
             group["betas"], group["weight_decay"] = (t.beta1, t.beta2), decay
 
-    def save(self, name: str) -> Path:
-        return save_checkpoint(self.state_dict(), self.out_dir / name)
+    def save_latest(self) -> Path:
+        """Write ckpt.pt, the checkpoint a --resume continues from."""
+        path = save_checkpoint(self.state_dict(), self.out_dir / "ckpt.pt")
+        self.saved_step = self.step
+        return path
 
     # ------------------------------------------------------------ steps and evaluation
 
@@ -264,10 +268,11 @@ class Trainer:
                     self._evaluate_and_save()
                     window_start, window_steps = time.perf_counter(), 0
                 elif t.checkpoint_interval and self.step % t.checkpoint_interval == 0:
-                    self.save("ckpt.pt")
+                    self.save_latest()
             if stop.received is not None:
-                path = self.save("ckpt.pt")
-                print(f"stopped at step {self.step}; checkpoint saved to {path}; "
+                if self.saved_step != self.step:
+                    self.save_latest()
+                print(f"stopped at step {self.step}; checkpoint saved to {self.out_dir / 'ckpt.pt'}; "
                       "continue with --resume", flush=True)
         return RunResult(self.step, time.perf_counter() - started, self.losses, stop.received)
 
@@ -280,7 +285,7 @@ class Trainer:
     def _evaluate_and_save(self) -> None:
         losses = self.evaluate()
         improved = self.losses.update(self.step, losses["train"], losses["val"])
-        path = self.save("ckpt.pt")
+        path = self.save_latest()
         saved = [str(path)]
         if improved:  # the same bytes: copy the file rather than serialize the state again
             saved.append(str(copy_checkpoint(path, self.out_dir / "best.pt")))

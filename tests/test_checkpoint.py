@@ -1,0 +1,58 @@
+"""Checkpoint files: stamped, atomic, safely loaded, and refused when they cannot be trusted."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import checkpoint
+from checkpoint import FORMAT_VERSION, find_checkpoint, load_checkpoint, save_checkpoint
+from errors import UserError
+
+
+def test_round_trip_is_plain_data(tmp_path):
+    path = save_checkpoint({"model": {"w": torch.ones(2)}, "step": 4}, tmp_path / "ckpt.pt")
+    raw = torch.load(path, weights_only=True)
+    assert raw["format"] == checkpoint.FORMAT and raw["version"] == FORMAT_VERSION
+    assert load_checkpoint(path)["step"] == 4
+
+
+def test_a_failed_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = save_checkpoint({"step": 1}, tmp_path / "ckpt.pt")
+
+    def disk_full(obj, file):
+        file.write(b"partial bytes")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", disk_full)
+    with pytest.raises(UserError, match="No space left on device.*previous one is untouched"):
+        save_checkpoint({"step": 2}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+def test_a_newer_format_is_refused(tmp_path):
+    path = tmp_path / "future.pt"
+    torch.save({"format": checkpoint.FORMAT, "version": FORMAT_VERSION + 1}, path)
+    with pytest.raises(UserError, match="newer version"):
+        load_checkpoint(path)
+
+
+def test_pickled_code_is_never_run(tmp_path, capsys):
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this must not run",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"format": checkpoint.FORMAT, "x": Payload()}, path)
+    with pytest.raises(UserError, match="corrupt or not a checkpoint"):
+        load_checkpoint(path)
+    assert "must not run" not in capsys.readouterr().out
+
+
+def test_find_checkpoint_prefers_in_order(tmp_path):
+    (tmp_path / "ckpt.pt").write_bytes(b"")
+    assert find_checkpoint(tmp_path) == tmp_path / "ckpt.pt"
+    assert find_checkpoint(tmp_path, prefer=("best.pt", "ckpt.pt")) == tmp_path / "ckpt.pt"
+    (tmp_path / "best.pt").write_bytes(b"")
+    assert find_checkpoint(tmp_path, prefer=("best.pt", "ckpt.pt")) == tmp_path / "best.pt"
