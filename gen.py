@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_samples", type=int, default=1, help="how many samples to print")
     parser.add_argument("--max_new_tokens", type=int, default=500, help="tokens to generate per sample")
     parser.add_argument("--temperature", type=float, default=0.8,
-                        help="below 1 is more conservative, above 1 more varied; 0 always takes the likeliest")
+                        help="below 1 is safer, above 1 more varied; 0 always takes the likeliest")
     parser.add_argument("--top_k", type=int, default=200, help="sample only among the k likeliest tokens")
     parser.add_argument("--seed", type=int, default=1337, help="the same seed gives the same text")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))

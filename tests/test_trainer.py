@@ -41,7 +41,8 @@ def test_accumulated_micro_batches_equal_one_big_batch():
 
 def test_weight_decay_applies_to_matrices_only():
     model = GPT(tiny_model_config())
-    decay, no_decay = make_optimizer(model, TrainingConfig(weight_decay=0.3), torch.device("cpu")).param_groups
+    optimizer = make_optimizer(model, TrainingConfig(weight_decay=0.3), torch.device("cpu"))
+    decay, no_decay = optimizer.param_groups
     assert decay["weight_decay"] == 0.3 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
