@@ -5,20 +5,62 @@ A checkpoint is data, never code: plain tensors, numbers, strings, lists and dic
 """
 from __future__ import annotations
 
+import hashlib
+import re
 import shutil
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import Any, BinaryIO, Callable, Iterator
 
 import torch
 
 from config import ModelConfig
 from errors import UserError
-from utils import write_file_atomic
+from utils import notice, write_file_atomic
 
 FORMAT = "gpt-trainer checkpoint"
 FORMAT_VERSION = 1
 # Fields that change the shapes of the weights; dropout may change between runs.
 ARCHITECTURE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
+LATEST = "ckpt.pt"
+ROLLING = re.compile(r"ckpt-(\d+)\.pt")  # ckpt-<step>.pt, the newest keep_last of them
+
+
+# ---------------------------------------------------------------- checksums
+
+
+def _on_cpu(obj: Any) -> Any:
+    """Return `obj` with every tensor copied to the CPU (dicts and lists rebuilt)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {key: _on_cpu(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_on_cpu(value) for value in obj)
+    return obj
+
+
+def _tensors(obj: Any, where: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    if isinstance(obj, torch.Tensor):
+        yield where, obj
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            yield from _tensors(value, f"{where}/{key}")
+    elif isinstance(obj, (list, tuple)):
+        for index, value in enumerate(obj):
+            yield from _tensors(value, f"{where}/{index}")
+
+
+def tensor_checksum(payload: Any) -> str:
+    """Return the sha256 of every tensor's place, dtype, shape and bytes, in order."""
+    digest = hashlib.sha256()
+    for where, tensor in _tensors(payload):
+        digest.update(f"{where}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(flat.view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- writing
 
 
 def _write_checkpoint_file(path: Path, write: Callable[[BinaryIO], None]) -> Path:
@@ -32,8 +74,9 @@ def _write_checkpoint_file(path: Path, write: Callable[[BinaryIO], None]) -> Pat
 
 
 def save_checkpoint(payload: dict, path: str | Path) -> Path:
-    """Write a checkpoint atomically, stamped with this trainer's format and version."""
-    payload = {"format": FORMAT, "version": FORMAT_VERSION, **payload}
+    """Write a checkpoint atomically, stamped with format, version and a tensor checksum."""
+    payload = _on_cpu({"format": FORMAT, "version": FORMAT_VERSION, **payload})
+    payload["checksum"] = tensor_checksum(payload)
     return _write_checkpoint_file(Path(path), lambda file: torch.save(payload, file))
 
 
@@ -41,6 +84,23 @@ def copy_checkpoint(source: str | Path, target: str | Path) -> Path:
     """Copy a checkpoint file atomically (e.g. ckpt.pt to best.pt)."""
     with open(source, "rb") as src:
         return _write_checkpoint_file(Path(target), lambda file: shutil.copyfileobj(src, file))
+
+
+def rolling_checkpoints(run_dir: Path) -> list[Path]:
+    """Return the run's ckpt-<step>.pt files, newest step first."""
+    found = [(int(m.group(1)), p) for p in run_dir.glob("ckpt-*.pt") if (m := ROLLING.fullmatch(p.name))]
+    return [path for _, path in sorted(found, reverse=True)]
+
+
+def keep_rolling_copy(latest: Path, step: int, keep_last: int) -> None:
+    """Copy ckpt.pt to ckpt-<step>.pt and delete all but the newest `keep_last` such copies."""
+    if keep_last > 0:
+        copy_checkpoint(latest, latest.with_name(f"ckpt-{step}.pt"))
+    for old in rolling_checkpoints(latest.parent)[keep_last:]:
+        old.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- reading
 
 
 def find_checkpoint(path: str | Path, prefer: tuple[str, ...] = ("ckpt.pt",)) -> Path:
@@ -72,7 +132,29 @@ def load_checkpoint(path: str | Path) -> dict:
         raise UserError(f"{path} is not a checkpoint written by this trainer")
     if checkpoint.get("version", 0) > FORMAT_VERSION:
         raise UserError(f"{path} was written by a newer version of this trainer; upgrade to load it")
+    saved_checksum = checkpoint.pop("checksum", None)
+    if saved_checksum != tensor_checksum(checkpoint):
+        raise UserError(f"{path} is damaged: its tensors do not match their checksum; "
+                        "use another checkpoint, e.g. an earlier ckpt-<step>.pt")
     return checkpoint
+
+
+def load_latest_valid(run_dir: Path) -> tuple[dict, Path]:
+    """Return the newest checkpoint in a run directory that verifies, and its path.
+
+    ckpt.pt is always written before its rolling copy, so it is the newest; if it is damaged,
+    the rolling copies are tried newest first, with a notice for each one skipped.
+    """
+    candidates = [p for p in [run_dir / LATEST, *rolling_checkpoints(run_dir)] if p.is_file()]
+    if not candidates:
+        raise UserError(f"nothing to resume: {run_dir / LATEST} does not exist; "
+                        "train without --resume first")
+    for path in candidates:
+        try:
+            return load_checkpoint(path), path
+        except UserError as error:
+            notice(f"skipping a checkpoint that does not verify: {error}")
+    raise UserError(f"no checkpoint in {run_dir} verifies; start again with --overwrite")
 
 
 def check_same_architecture(checkpoint: dict, model_cfg: ModelConfig, path: str | Path) -> None:

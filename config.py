@@ -5,11 +5,11 @@ file (after following its `extends` chain), and the flags the user actually type
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import difflib
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,82 +21,85 @@ from errors import UserError
 __version__ = "0.1.0"
 
 
-def _help(text: str, **extra: Any) -> dict:
-    return {"help": text, **extra}
+def option(default: Any, help: str, **extra: Any) -> Any:
+    """Return a dataclass field carrying its help text (and choices or a parser) as metadata."""
+    return field(default=default, metadata={"help": help, **extra})
+
+
+def parse_duration(text: str) -> float:
+    """Return seconds from '5400', '90s', '45m', '1h30m' or '2h'; raise ValueError otherwise."""
+    match = re.fullmatch(r"\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*",
+                         text)
+    if not match or not any(match.groups()):
+        raise ValueError(text)
+    hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
+    return hours * 3600 + minutes * 60 + seconds
+
+
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 @dataclass
 class ModelConfig:
-    n_layer: int = field(default=6, metadata=_help("transformer blocks"))
-    n_head: int = field(default=6, metadata=_help("attention heads per block"))
-    n_embd: int = field(default=384, metadata=_help("width of the residual stream"))
-    block_size: int = field(default=256, metadata=_help("context length in tokens"))
-    vocab_size: Optional[int] = field(
-        default=None, metadata=_help("vocabulary size; null takes the tokenizer's")
-    )
-    dropout: float = field(default=0.0, metadata=_help("dropout probability in [0, 1)"))
-    bias: bool = field(default=False, metadata=_help("biases in linear layers and LayerNorms"))
+    n_layer: int = option(6, "transformer blocks")
+    n_head: int = option(6, "attention heads per block")
+    n_embd: int = option(384, "width of the residual stream")
+    block_size: int = option(256, "context length in tokens")
+    vocab_size: Optional[int] = option(None, "vocabulary size; null takes the tokenizer's")
+    dropout: float = option(0.0, "dropout probability in [0, 1)")
+    bias: bool = option(False, "biases in linear layers and LayerNorms")
+    flash_attention: bool = option(
+        True, "fused attention (scaled_dot_product_attention); false: plain matmul-softmax-matmul")
 
 
 @dataclass
 class DataConfig:
-    dataset: str = field(
-        default="shakespeare_char",
-        metadata=_help("'shakespeare_char' (downloaded) or a path to a .txt file or a folder of them"),
-    )
-    tokenizer: str = field(default="char", metadata=_help("tokenizer kind", choices=("char",)))
-    val_fraction: float = field(
-        default=0.1, metadata=_help("share of the text, taken from its end, held out for validation")
-    )
-    cache_dir: str = field(default="cache", metadata=_help("where downloads and token caches live"))
+    dataset: str = option(
+        "shakespeare_char", "'shakespeare_char' (downloaded) or a path to a .txt file or a folder of them")
+    tokenizer: str = option("char", "tokenizer kind", choices=("char",))
+    val_fraction: float = option(0.1, "share of the text, taken from its end, held out for validation")
+    cache_dir: str = option("cache", "where downloads and token caches live")
 
 
 @dataclass
 class TrainingConfig:
-    max_steps: int = field(default=5000, metadata=_help("optimizer steps to train for"))
-    epochs: Optional[float] = field(
-        default=None, metadata=_help("if set, train this many passes over the train tokens instead")
-    )
-    batch_size: int = field(default=64, metadata=_help("sequences per micro-batch"))
-    grad_accum_steps: int = field(default=1, metadata=_help("micro-batches per optimizer step"))
-    lr: float = field(default=1e-3, metadata=_help("peak learning rate"))
-    min_lr: float = field(default=1e-4, metadata=_help("learning rate at the end of the cosine decay"))
-    warmup_steps: int = field(default=100, metadata=_help("steps of linear warmup"))
-    lr_decay_steps: Optional[int] = field(
-        default=None, metadata=_help("step at which the cosine reaches min_lr; null: the last step")
-    )
-    weight_decay: float = field(default=0.1, metadata=_help("AdamW weight decay, on matrices only"))
-    beta1: float = field(default=0.9, metadata=_help("AdamW beta1"))
-    beta2: float = field(default=0.99, metadata=_help("AdamW beta2"))
-    grad_clip: float = field(default=1.0, metadata=_help("max gradient norm; 0 turns clipping off"))
-    eval_interval: int = field(default=250, metadata=_help("steps between evaluations"))
-    eval_iters: int = field(default=200, metadata=_help("batches per split in an evaluation"))
-    log_interval: int = field(default=10, metadata=_help("steps between progress lines"))
-    checkpoint_interval: int = field(
-        default=0, metadata=_help("steps between extra checkpoints; 0: only at evaluations")
-    )
-    out_dir: Optional[str] = field(
-        default=None, metadata=_help("run directory; null: models/<config name>")
-    )
+    max_steps: int = option(5000, "optimizer steps to train for")
+    epochs: Optional[float] = option(None, "if set, train this many passes over the train tokens instead")
+    batch_size: int = option(64, "sequences per micro-batch")
+    grad_accum_steps: int = option(1, "micro-batches per optimizer step")
+    lr: float = option(1e-3, "peak learning rate")
+    min_lr: float = option(1e-4, "learning rate at the end of the cosine decay")
+    warmup_steps: int = option(100, "steps of linear warmup")
+    lr_decay_steps: Optional[int] = option(None, "step where the cosine reaches min_lr; null: the last")
+    weight_decay: float = option(0.1, "AdamW weight decay, on matrices only")
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.99, "AdamW beta2")
+    grad_clip: float = option(1.0, "max gradient norm; 0 turns clipping off")
+    eval_interval: int = option(250, "steps between evaluations")
+    eval_iters: int = option(200, "batches per split in an evaluation")
+    log_interval: int = option(10, "steps between progress lines")
+    checkpoint_interval: int = option(0, "steps between extra checkpoints; 0: only at evaluations")
+    keep_last: int = option(3, "rolling ckpt-<step>.pt files kept beside ckpt.pt and best.pt; 0: none")
+    max_bad_steps: int = option(10, "non-finite losses in a row that stop the run (each one is skipped)")
+    target_val_loss: Optional[float] = option(None, "stop once an evaluation reaches this val loss")
+    max_time_s: Optional[float] = option(
+        None, "stop with a checkpoint before this much wall time (seconds, or 1h30m on the command line)",
+        parse=parse_duration, format="seconds or a duration such as 1h30m")
+    budget_usd: Optional[float] = option(
+        None, "stop with a checkpoint before spending this many dollars (needs system.usd_per_hour)")
+    out_dir: Optional[str] = option(None, "run directory; null: models/<config name>")
 
 
 @dataclass
 class SystemConfig:
-    device: str = field(
-        default="auto", metadata=_help("where to train", choices=("auto", "cpu", "cuda", "mps"))
-    )
-    dtype: str = field(
-        default="auto",
-        metadata=_help(
-            "compute dtype; auto: bfloat16 on CUDA where supported, else float16; float32 elsewhere",
-            choices=("auto", "float32", "bfloat16", "float16"),
-        ),
-    )
-    compile: Optional[bool] = field(
-        default=None, metadata=_help("torch.compile the model; null: on for CUDA, off elsewhere")
-    )
-    allow_tf32: bool = field(default=True, metadata=_help("TF32 matmuls on CUDA"))
-    seed: int = field(default=1337, metadata=_help("seed for Python, numpy and torch"))
+    device: str = option("auto", "where to train", choices=("auto", "cpu", "cuda", "mps"))
+    dtype: str = option(
+        "auto", "compute dtype; auto: bfloat16 on CUDA where supported, else float16; float32 elsewhere",
+        choices=("auto", "float32", "bfloat16", "float16"), aliases=DTYPE_ALIASES)
+    compile: Optional[bool] = option(None, "torch.compile the model; null: on for CUDA, off elsewhere")
+    allow_tf32: bool = option(True, "TF32 matmuls on CUDA")
+    seed: int = option(1337, "seed for Python, numpy and torch")
+    usd_per_hour: Optional[float] = option(None, "what the machine costs, for training.budget_usd")
 
 
 @dataclass
@@ -109,31 +112,14 @@ class Config:
 
 SECTIONS: dict[str, type] = typing.get_type_hints(Config)  # section name -> dataclass, in order
 
-# Short flags for the fields people change most: `--lr 3e-4` means `--training.lr 3e-4`.
-SHORT_FLAGS: dict[str, str] = {
-    "device": "system.device",
-    "seed": "system.seed",
-    "dataset": "data.dataset",
-    "out_dir": "training.out_dir",
-    "max_steps": "training.max_steps",
-    "epochs": "training.epochs",
-    "batch_size": "training.batch_size",
-    "lr": "training.lr",
-    "eval_interval": "training.eval_interval",
-    "eval_iters": "training.eval_iters",
-    "log_interval": "training.log_interval",
-    "checkpoint_interval": "training.checkpoint_interval",
-}
-
-
 # ---------------------------------------------------------------- field types and values
 
 
-def _field_types(section_cls: type) -> dict[str, Any]:
+def field_types(section_cls: type) -> dict[str, Any]:
     return typing.get_type_hints(section_cls)
 
 
-def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+def unwrap_optional(tp: Any) -> tuple[Any, bool]:
     """Return (inner type, whether None is allowed) for `X` or `Optional[X]`."""
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -141,16 +127,16 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
-_TYPE_WORDS = {int: "a whole number", float: "a number", bool: "true or false", str: "a string"}
+TYPE_WORDS = {int: "a whole number", float: "a number", bool: "true or false", str: "a string"}
 
 
 def _check_value(where: str, tp: Any, value: Any) -> Any:
     """Return `value` if it has JSON type `tp` (ints accepted as floats), else raise UserError."""
-    inner, optional = _unwrap_optional(tp)
+    inner, optional = unwrap_optional(tp)
     if value is None:
         if optional:
             return None
-        raise UserError(f"{where} must be {_TYPE_WORDS[inner]}, not null")
+        raise UserError(f"{where} must be {TYPE_WORDS[inner]}, not null")
     ok = {
         bool: isinstance(value, bool),
         int: isinstance(value, int) and not isinstance(value, bool),
@@ -158,34 +144,14 @@ def _check_value(where: str, tp: Any, value: Any) -> Any:
         str: isinstance(value, str),
     }[inner]
     if not ok:
-        raise UserError(f"{where} must be {_TYPE_WORDS[inner]}, got {json.dumps(value)}")
+        raise UserError(f"{where} must be {TYPE_WORDS[inner]}, got {json.dumps(value)}")
     return float(value) if inner is float else value
 
 
-def parse_flag_value(flag: str, tp: Any, text: str) -> Any:
-    """Convert the text of a command-line value to the field's type, or raise UserError."""
-    inner, optional = _unwrap_optional(tp)
-    lowered = text.strip().lower()
-    if optional and lowered in ("null", "none", "auto"):
-        return None
-    try:
-        if inner is bool:
-            if lowered in ("true", "1", "yes", "on"):
-                return True
-            if lowered in ("false", "0", "no", "off"):
-                return False
-            raise ValueError
-        if inner is int:
-            number = float(text)  # accepts 1e4 and 2000.0 but not 2.5
-            if not number.is_integer():
-                raise ValueError
-            return int(number)
-        if inner is float:
-            return float(text)
-        return text
-    except ValueError:
-        hint = " (or null)" if optional else ""
-        raise UserError(f"{flag} expects {_TYPE_WORDS[inner]}{hint}, got '{text}'") from None
+def resolve_alias(section_cls: type, name: str, value: Any) -> Any:
+    """Return the canonical spelling of a value with aliases (e.g. dtype 'bf16' -> 'bfloat16')."""
+    aliases = next(f for f in dataclasses.fields(section_cls) if f.name == name).metadata.get("aliases", {})
+    return aliases.get(value, value)
 
 
 def _unknown_key_message(what: str, key: str, known: list[str], where: str, prefix: str = "") -> str:
@@ -242,14 +208,15 @@ def config_from_dict(settings: dict, where: str = "the config") -> Config:
             raise UserError(_unknown_key_message("section", section_name, list(SECTIONS), where))
         if not isinstance(values, dict):
             raise UserError(f"section '{section_name}' in {where} must be a JSON object")
-        types_ = _field_types(SECTIONS[section_name])
+        types_ = field_types(SECTIONS[section_name])
         checked = {}
         for key, value in values.items():
             if key not in types_:
                 raise UserError(
                     _unknown_key_message("key", key, list(types_), where, f"{section_name}.")
                 )
-            checked[key] = _check_value(f"{section_name}.{key}", types_[key], value)
+            value = _check_value(f"{section_name}.{key}", types_[key], value)
+            checked[key] = resolve_alias(SECTIONS[section_name], key, value)
         sections[section_name] = SECTIONS[section_name](**checked)
     return Config(**sections)
 
@@ -286,14 +253,18 @@ def validate(cfg: Config) -> None:
     non_negative = {
         "training.warmup_steps": t.warmup_steps, "training.weight_decay": t.weight_decay,
         "training.grad_clip": t.grad_clip, "training.checkpoint_interval": t.checkpoint_interval,
-        "training.min_lr": t.min_lr,
+        "training.min_lr": t.min_lr, "training.keep_last": t.keep_last,
     }
     for name, value in non_negative.items():
         if value < 0:
             raise UserError(f"{name} must be zero or more, got {value}")
-    for name, value in {"training.lr": t.lr, "training.epochs": t.epochs,
-                        "training.lr_decay_steps": t.lr_decay_steps,
-                        "model.vocab_size": m.vocab_size}.items():
+    optional_positive = {
+        "training.lr": t.lr, "training.epochs": t.epochs, "training.lr_decay_steps": t.lr_decay_steps,
+        "model.vocab_size": m.vocab_size, "training.max_time_s": t.max_time_s,
+        "training.budget_usd": t.budget_usd, "system.usd_per_hour": s.usd_per_hour,
+        "training.max_bad_steps": t.max_bad_steps,
+    }
+    for name, value in optional_positive.items():
         if value is not None and value <= 0:
             raise UserError(f"{name} must be positive, got {value}")
     if not all(math.isfinite(v) for v in (t.lr, t.min_lr, t.weight_decay, t.grad_clip)):
@@ -303,6 +274,9 @@ def validate(cfg: Config) -> None:
             f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head}); "
             f"try n_head {_nearest_divisor(m.n_embd, m.n_head)}"
         )
+    if t.budget_usd is not None and s.usd_per_hour is None:
+        raise UserError("--budget needs the machine's price: set system.usd_per_hour "
+                        "(e.g. --system.usd_per_hour 2.49)")
     if t.min_lr > t.lr:
         raise UserError(f"training.min_lr ({t.min_lr}) must not exceed training.lr ({t.lr})")
     if not 0.0 <= m.dropout < 1.0:
@@ -331,36 +305,6 @@ def _check_choices(section: Any) -> None:
             raise UserError(
                 f"{section_name}.{f.name} must be one of {', '.join(choices)}; got '{value}'"
             )
-
-
-# ---------------------------------------------------------------- command line
-
-
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """Add `--section.field` for every field, and the short flags; unset flags stay absent."""
-    group = parser.add_argument_group("config overrides (any field: --section.field VALUE)")
-    short_for = {long: short for short, long in SHORT_FLAGS.items()}
-    for section_name, section_cls in SECTIONS.items():
-        for f in dataclasses.fields(section_cls):
-            long = f"{section_name}.{f.name}"
-            flags = [f"--{long}"] + ([f"--{short_for[long]}"] if long in short_for else [])
-            choices = f.metadata.get("choices")
-            help_text = f.metadata["help"] + (f" ({'|'.join(choices)})" if choices else "")
-            group.add_argument(*flags, dest=long, metavar="VALUE", default=argparse.SUPPRESS,
-                               help=help_text)
-
-
-def overrides_from_args(args: argparse.Namespace) -> dict:
-    """Return the config flags the user gave, as nested dicts of typed values."""
-    overrides: dict[str, dict] = {}
-    for section_name, section_cls in SECTIONS.items():
-        types_ = _field_types(section_cls)
-        for name, tp in types_.items():
-            long = f"{section_name}.{name}"
-            if hasattr(args, long):
-                text = getattr(args, long)
-                overrides.setdefault(section_name, {})[name] = parse_flag_value(f"--{long}", tp, text)
-    return overrides
 
 
 def resolve_config(config_path: str | None, overrides: dict, base: dict | None = None) -> Config:

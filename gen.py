@@ -8,7 +8,8 @@ from typing import Sequence
 import torch
 
 from checkpoint import find_checkpoint, load_checkpoint, model_config_from_checkpoint
-from errors import CliParser, UserError, run_cli
+from cli import CliParser, run_cli
+from errors import UserError
 from model import GPT
 from tokenizer import tokenizer_from_dict
 from utils import autocast_context, resolve_system

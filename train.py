@@ -9,14 +9,15 @@ from typing import Optional, Sequence
 
 import torch
 
-from checkpoint import check_same_architecture, find_checkpoint, load_checkpoint
-from config import (Config, __version__, add_config_flags, format_config, overrides_from_args,
-                    resolve_config, save_config, tokens_per_step)
+from checkpoint import (check_same_architecture, find_checkpoint, load_checkpoint, load_latest_valid,
+                        rolling_checkpoints)
+from cli import CliParser, add_config_flags, overrides_from_args, run_cli
+from config import Config, __version__, format_config, resolve_config, save_config, tokens_per_step
 from data_loader import PreparedData, check_enough_tokens, prepare_data, shakespeare_is_local
-from errors import CliParser, UserError, run_cli
+from errors import UserError
 from model import GPT
 from trainer import RunResult, Trainer, total_steps
-from utils import DeviceInfo, configure_tf32, resolve_system, seed_everything
+from utils import DeviceInfo, configure_tf32, process_start_time, resolve_system, seed_everything
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,16 +53,22 @@ def resolve_run_config(args: argparse.Namespace) -> tuple[Config, Optional[dict]
     if args.load_model_only:
         raise UserError("--resume and --load_model_only exclude each other; use one")
     if args.resume:
-        path = find_checkpoint(args.resume)
-        checkpoint = load_checkpoint(path)
+        checkpoint, path = load_resumable(Path(args.resume))
         overrides.setdefault("training", {}).setdefault("out_dir", str(path.parent))
         base = None if args.config else checkpoint["config"]
         return resolve_config(args.config, overrides, base), checkpoint, path
     cfg = resolve_config(args.config, overrides)
-    path = Path(cfg.training.out_dir) / "ckpt.pt"
+    checkpoint, path = load_latest_valid(Path(cfg.training.out_dir))
+    return cfg, checkpoint, path
+
+
+def load_resumable(path: Path) -> tuple[dict, Path]:
+    """Return the checkpoint named (which must verify), or the newest valid one in a run directory."""
+    if path.is_dir():
+        return load_latest_valid(path)
     if not path.is_file():
-        raise UserError(f"nothing to resume: {path} does not exist; train without --resume first")
-    return cfg, load_checkpoint(path), path
+        raise UserError(f"checkpoint {path} does not exist")
+    return load_checkpoint(path), path
 
 
 def fill_vocab_size(cfg: Config, vocab_size: int) -> Config:
@@ -108,22 +115,39 @@ def prepare_out_dir(out_dir: Path, resumed_from: Optional[Path], overwrite: bool
         raise UserError(
             f"cannot write to out_dir {out_dir} ({error.strerror}); pick another --out_dir"
         ) from None
-    earlier = [p for p in (out_dir / "ckpt.pt", out_dir / "best.pt") if p.exists()]
+    for leftover in out_dir.glob(".*.partial-*"):  # from a run killed while saving; never valid
+        leftover.unlink()
+    earlier = [out_dir / "ckpt.pt", out_dir / "best.pt", *rolling_checkpoints(out_dir)]
+    earlier = [p for p in earlier if p.exists()]
     continuing_here = resumed_from is not None and resumed_from.parent.resolve() == out_dir.resolve()
     if earlier and not continuing_here:
         if not overwrite:
             raise UserError(f"{out_dir} already holds a checkpoint of an earlier run; continue it with "
                             "--resume, replace it with --overwrite, or choose another --out_dir")
-        for path in earlier:  # a stale best.pt would otherwise outlive the new run
+        for path in earlier:  # stale checkpoints would otherwise outlive the new run
             path.unlink()
 
 
-def print_summary(result: RunResult, out_dir: Path) -> None:
-    losses = result.losses
+def print_summary(result: RunResult, trainer: Trainer) -> None:
+    """Say how the run ended, honestly: finished, stopped early, target reached or missed."""
+    losses, t = result.losses, trainer.cfg.training
     best = (f"best val loss {losses.best_val:.4f} at step {losses.best_val_step}"
             if losses.best_val_step else "no evaluation yet")
-    print(f"trained to step {result.steps} in {result.seconds:.1f} s; {best}; "
-          f"checkpoints in {out_dir}", flush=True)
+    ending = {
+        "finished": f"trained to step {result.steps}",
+        "signal": f"stopped at step {result.steps} of {trainer.max_steps} by a signal",
+        "target": f"reached --target_val_loss {t.target_val_loss} at step {result.steps}",
+        "time": (f"stopped at step {result.steps} of {trainer.max_steps} to stay within "
+                 f"{trainer.time_limit.reason if trainer.time_limit else 'the time limit'}"),
+    }[result.stop_reason]
+    print(f"{ending} in {result.seconds:.1f} s; {best}; checkpoint {trainer.out_dir / 'ckpt.pt'}",
+          flush=True)
+    if result.skipped_steps:
+        print(f"{result.skipped_steps} updates were skipped for a non-finite loss or gradient")
+    if t.target_val_loss is not None and losses.best_val > t.target_val_loss:
+        print(f"did not reach --target_val_loss {t.target_val_loss} (best {losses.best_val:.4f})")
+    if result.stop_reason in ("signal", "time"):
+        print("continue with --resume", flush=True)
 
 
 def local_data(cfg: Config) -> Optional[PreparedData]:
@@ -155,13 +179,13 @@ def build_trainer(args: argparse.Namespace, cfg: Config, checkpoint: Optional[di
         check_compatible(start_from, cfg, data, checkpoint_path or Path(args.load_model_only))
     prepare_out_dir(Path(cfg.training.out_dir), checkpoint_path, args.overwrite)
 
-    trainer = Trainer(cfg, data, system)
+    trainer = Trainer(cfg, data, system, process_start_time())
     if checkpoint is not None:
         trainer.resume(checkpoint)
-        print(f"resuming from {checkpoint_path} at step {trainer.step}")
+        print(f"resuming from {checkpoint_path} at step {trainer.step}", flush=True)
     elif start_from is not None:
         trainer.load_weights(start_from)
-        print(f"starting from the weights of {args.load_model_only}")
+        print(f"starting from the weights of {args.load_model_only}", flush=True)
     return trainer
 
 
@@ -187,7 +211,7 @@ def main(argv: Sequence[str]) -> int:
           f"({len(data.train):,} train / {len(data.val):,} val tokens) on {system.describe()}; "
           f"{trainer.tokens_per_step:,} tokens per step", flush=True)
     result = trainer.train()
-    print_summary(result, trainer.out_dir)
+    print_summary(result, trainer)
     # The shell's convention for a run ended by a signal: 130 for SIGINT, 143 for SIGTERM.
     return 128 + result.stopped_by_signal if result.stopped_by_signal else 0
 

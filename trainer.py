@@ -3,9 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import signal
-import sys
-import threading
 import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -14,9 +11,11 @@ from typing import Iterable, Optional
 
 import torch
 
-from checkpoint import copy_checkpoint, save_checkpoint
+from checkpoint import LATEST, copy_checkpoint, keep_rolling_copy, save_checkpoint
 from config import Config, TrainingConfig, config_to_dict, tokens_per_step
 from data_loader import PreparedData, get_batch
+from errors import UserError
+from guards import StepTimer, StopSignals, TimeLimit
 from model import GPT
 from utils import DeviceInfo, autocast_context
 
@@ -49,7 +48,9 @@ class RunResult:
     steps: int
     seconds: float
     losses: LossRecord
+    stop_reason: str  # "finished", "signal", "target" or "time"
     stopped_by_signal: Optional[int] = None  # the signal number when interrupted
+    skipped_steps: int = 0  # updates skipped for a non-finite loss or gradient
 
 
 def learning_rate(step: int, t: TrainingConfig, max_steps: int) -> float:
@@ -102,51 +103,36 @@ def accumulate_gradients(
 
 
 def optimizer_step(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, grad_clip: float
-) -> None:
-    """Clip the gradients (if asked), apply the update and clear the gradients."""
-    if grad_clip > 0:
-        scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    scaler.step(optimizer)
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    grad_clip: float,
+    loss: torch.Tensor,
+) -> bool:
+    """Clip the gradients, apply the update unless the loss or gradients are not finite,
+    and clear the gradients; return whether the update was applied."""
+    scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+    max_norm = grad_clip if grad_clip > 0 else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    # With fp16 the scaler itself skips steps whose gradients overflowed and lowers the scale;
+    # otherwise a non-finite gradient norm means the update would poison the weights.
+    gradients_ok = torch.isfinite(grad_norm) | scaler.is_enabled()
+    applied = bool(torch.isfinite(loss) & gradients_ok)  # the step's one host-device sync
+    if applied:
+        scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
+    return applied
 
 
-class StopSignals:
-    """Turn the first SIGINT/SIGTERM into a request to stop after the current step.
-
-    A second signal raises KeyboardInterrupt at once; the last checkpoint stays as it was,
-    because checkpoints are only ever replaced whole.
-    """
-
-    def __init__(self) -> None:
-        self.received: Optional[int] = None
-        self._previous: dict[int, object] = {}
-
-    def _handle(self, signum: int, frame: object) -> None:
-        if self.received is not None:
-            raise KeyboardInterrupt
-        self.received = signum
-        name = signal.Signals(signum).name
-        print(f"\n{name} received: stopping after this step to save a checkpoint "
-              "(press Ctrl+C again to quit at once)", file=sys.stderr, flush=True)
-
-    def __enter__(self) -> "StopSignals":
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+def weights_are_finite(model: torch.nn.Module) -> bool:
+    return bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all())
 
 
 class Trainer:
     """Owns the model, optimizer and data sampling of one run, and the loop that drives them."""
 
-    def __init__(self, cfg: Config, data: PreparedData, system: DeviceInfo):
+    def __init__(self, cfg: Config, data: PreparedData, system: DeviceInfo, process_start: float):
         self.cfg, self.data, self.system = cfg, data, system
         self.out_dir = Path(cfg.training.out_dir)
         t = cfg.training
@@ -159,9 +145,15 @@ class Trainer:
         self.data_rng = torch.Generator().manual_seed(cfg.system.seed)
         self.tokens_per_step = tokens_per_step(cfg)
         self.max_steps = total_steps(t, len(data.train), self.tokens_per_step)
+        self.time_limit = TimeLimit.from_config(t, cfg.system, process_start)
+        # a first guess at the save time: weights and two Adam moments at about 100 MB/s
+        self.timer = StepTimer(save_guess_s=0.1 + 12 * self.model.num_params() / 100e6)
         self.step = 0
         self.saved_step = -1  # the step ckpt.pt holds, so a stop right after a save skips a copy
         self.losses = LossRecord()
+        self.bad_steps_in_a_row = 0
+        self.skipped_steps = 0
+        self.target_reached = False
 
     # ------------------------------------------------------------ checkpoints
 
@@ -191,7 +183,7 @@ class Trainer:
         self._apply_config_hyperparameters()
         if checkpoint["scaler"]:
             self.scaler.load_state_dict(checkpoint["scaler"])
-        self.step = checkpoint["step"]
+        self.step = self.saved_step = checkpoint["step"]
         self.losses = LossRecord(**checkpoint["losses"])
         rng = checkpoint["rng"]
         torch.set_rng_state(rng["torch"])
@@ -205,9 +197,20 @@ class Trainer:
         for group, decay in zip(self.optimizer.param_groups, (t.weight_decay, 0.0)):
             group["betas"], group["weight_decay"] = (t.beta1, t.beta2), decay
 
+    def _last_checkpoint(self) -> str:
+        if self.saved_step < 0:
+            return "no checkpoint was saved yet"
+        return f"resume from {self.out_dir / LATEST} (step {self.saved_step})"
+
     def save_latest(self) -> Path:
-        """Write ckpt.pt, the checkpoint a --resume continues from."""
-        path = save_checkpoint(self.state_dict(), self.out_dir / "ckpt.pt")
+        """Write ckpt.pt (what --resume continues from) and its rolling ckpt-<step>.pt copy."""
+        if not weights_are_finite(self.model):
+            raise UserError(f"the weights are no longer finite at step {self.step}, so they were not "
+                            f"saved; {self._last_checkpoint()}; try a lower --lr")
+        started = time.perf_counter()
+        path = save_checkpoint(self.state_dict(), self.out_dir / LATEST)
+        keep_rolling_copy(path, self.step, self.cfg.training.keep_last)
+        self.timer.save_s = time.perf_counter() - started
         self.saved_step = self.step
         return path
 
@@ -219,7 +222,10 @@ class Trainer:
                          generator, self.system.device)
 
     def train_step(self) -> torch.Tensor:
-        """Run one optimizer step over grad_accum_steps micro-batches; return the mean loss."""
+        """Run one optimizer step over grad_accum_steps micro-batches; return the mean loss.
+
+        A non-finite loss or gradient skips the update; too many in a row stop the run.
+        """
         t = self.cfg.training
         lr = learning_rate(self.step, t, self.max_steps)
         for group in self.optimizer.param_groups:
@@ -227,7 +233,19 @@ class Trainer:
         micro_batches = (self._batch("train", self.data_rng) for _ in range(t.grad_accum_steps))
         loss = accumulate_gradients(self.forward_model, micro_batches, t.grad_accum_steps,
                                     self.autocast, self.scaler)
-        optimizer_step(self.model, self.optimizer, self.scaler, t.grad_clip)
+        if optimizer_step(self.model, self.optimizer, self.scaler, t.grad_clip, loss):
+            self.bad_steps_in_a_row = 0
+        else:
+            self.bad_steps_in_a_row += 1
+            self.skipped_steps += 1
+            print(f"step {self.step + 1}: loss {loss.item()} is not finite; update skipped "
+                  f"({self.bad_steps_in_a_row} in a row)", flush=True)
+            if self.bad_steps_in_a_row >= t.max_bad_steps:
+                raise UserError(
+                    f"the loss was not finite for {t.max_bad_steps} steps in a row (to step "
+                    f"{self.step + 1}), so the run stopped; {self._last_checkpoint()}; try a lower "
+                    f"--lr (now {t.lr:g}) or another --precision (now "
+                    f"{str(self.system.dtype).removeprefix('torch.')})")
         return loss
 
     @torch.no_grad()
@@ -249,32 +267,61 @@ class Trainer:
 
     # ------------------------------------------------------------ the loop
 
+    def _evaluates_at(self, step: int) -> bool:
+        return step % self.cfg.training.eval_interval == 0 or step == self.max_steps
+
+    def _out_of_time(self) -> bool:
+        if self.time_limit is None:
+            return False
+        needed = self.timer.needed_for_next(self._evaluates_at(self.step + 1))
+        return self.time_limit.leaves_no_room(needed)
+
     def train(self) -> RunResult:
-        """Train from the current step to max_steps, or until a stop signal; save as we go."""
+        """Train from the current step until max_steps, a target, a time limit or a signal."""
+        try:
+            return self._train()
+        except torch.cuda.OutOfMemoryError:
+            t = self.cfg.training
+            raise UserError(
+                f"CUDA ran out of memory with batch_size {t.batch_size}, block_size "
+                f"{self.cfg.model.block_size}, grad_accum_steps {t.grad_accum_steps}: lower "
+                "--batch_size and raise training.grad_accum_steps as much (same tokens per step), "
+                "or lower model.block_size") from None
+
+    def _train(self) -> RunResult:
         t = self.cfg.training
         started = time.perf_counter()
         window_start, window_steps = started, 0
+        reason = "finished"
         self.forward_model.train()
         with StopSignals() as stop:
-            while self.step < self.max_steps and stop.received is None:
+            while self.step < self.max_steps:
+                if stop.received is not None:
+                    reason = "signal"
+                elif self.target_reached:
+                    reason = "target"
+                elif self._out_of_time():
+                    reason = "time"
+                if reason != "finished":
+                    break
+                step_start = time.perf_counter()
                 loss = self.train_step()
                 self.step += 1
+                self.timer.record_step(time.perf_counter() - step_start)
                 window_steps += 1
                 if self.step % t.log_interval == 0 or self.step == self.max_steps:
                     elapsed = time.perf_counter() - window_start
                     self._log_step(loss.item(), elapsed / window_steps)
                     window_start, window_steps = time.perf_counter(), 0
-                if self.step % t.eval_interval == 0 or self.step == self.max_steps:
+                if self._evaluates_at(self.step):
                     self._evaluate_and_save()
                     window_start, window_steps = time.perf_counter(), 0
                 elif t.checkpoint_interval and self.step % t.checkpoint_interval == 0:
                     self.save_latest()
-            if stop.received is not None:
-                if self.saved_step != self.step:
-                    self.save_latest()
-                print(f"stopped at step {self.step}; checkpoint saved to {self.out_dir / 'ckpt.pt'}; "
-                      "continue with --resume", flush=True)
-        return RunResult(self.step, time.perf_counter() - started, self.losses, stop.received)
+            if self.saved_step != self.step:
+                self.save_latest()
+        return RunResult(self.step, time.perf_counter() - started, self.losses, reason,
+                         stop.received, self.skipped_steps)
 
     def _log_step(self, loss: float, seconds_per_step: float) -> None:
         tokens_per_s = self.tokens_per_step / seconds_per_step
@@ -283,7 +330,9 @@ class Trainer:
               f"{seconds_per_step * 1000:.1f} ms/step  {tokens_per_s:,.0f} tok/s", flush=True)
 
     def _evaluate_and_save(self) -> None:
+        started = time.perf_counter()
         losses = self.evaluate()
+        self.timer.eval_s = time.perf_counter() - started
         improved = self.losses.update(self.step, losses["train"], losses["val"])
         path = self.save_latest()
         saved = [str(path)]
@@ -291,3 +340,5 @@ class Trainer:
             saved.append(str(copy_checkpoint(path, self.out_dir / "best.pt")))
         print(f"step {self.step:>6}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
               f"{' (best)' if improved else ''}; saved {', '.join(saved)}", flush=True)
+        target = self.cfg.training.target_val_loss
+        self.target_reached = target is not None and losses["val"] <= target

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable
 
 import numpy as np
+import psutil
 import torch
 
 from errors import UserError
@@ -95,6 +96,11 @@ def configure_tf32(allow: bool) -> None:
     """Let float32 matmuls and convolutions use TF32 tensor cores on CUDA (or forbid it)."""
     torch.set_float32_matmul_precision("high" if allow else "highest")
     torch.backends.cudnn.allow_tf32 = allow
+
+
+def process_start_time() -> float:
+    """Return when this process started (time.time() seconds), so time limits count imports too."""
+    return psutil.Process().create_time()
 
 
 def seed_everything(seed: int) -> None:

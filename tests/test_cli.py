@@ -1,7 +1,6 @@
 """The commands as a user runs them: train, resume, Ctrl+C, generate, and every bad input."""
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import pytest
 import gen
 import train
 from checkpoint import load_checkpoint
-from errors import run_cli
+from cli import run_cli
 from tests.conftest import REPO_ROOT
 
 TINY = str(REPO_ROOT / "configs" / "tiny.json")
@@ -95,91 +94,6 @@ def test_gen_controls(trained_run, capsys):
     text = generate(capsys, str(trained_run / "ckpt.pt"), "--prompt", "KING:", "--max_new_tokens", "12",
                     "--device", "cpu")
     assert text.startswith("KING:") and len(text) == len("KING:") + 12 + 1
-
-
-def user_error(capsys, main, *args: str) -> str:
-    """Run a command expecting a user error; return its one line."""
-    assert run_cli(main, list(args)) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
-    return err
-
-
-def test_bad_config_files(workdir, capsys):
-    assert "does not exist" in user_error(capsys, train.main, "--config", "nope.json")
-    Path("broken.json").write_text('{"model": {"n_layer": 4,}}')
-    assert "not valid JSON" in user_error(capsys, train.main, "--config", "broken.json")
-    Path("typo.json").write_text(json.dumps({"training": {"learning_rate": 0.1}}))
-    assert "unknown key 'training.learning_rate'" in user_error(capsys, train.main, "--config", "typo.json")
-
-
-def test_bad_flags(workdir, capsys):
-    assert "did you mean --lr?" in user_error(capsys, train.main, "--config", TINY, "--lrr", "0.1")
-    assert "--training.lr expects a number, got 'fast'" in user_error(capsys, train.main, "--config", TINY,
-                                                             "--lr", "fast")
-    assert "training.batch_size must be positive" in user_error(capsys, train.main, "--config", TINY,
-                                                                "--batch_size", "0")
-    assert "system.device must be one of auto, cpu, cuda, mps" in user_error(capsys, train.main,
-                                                                             "--device", "tpu")
-
-
-def test_bad_data(workdir, capsys, tmp_path):
-    assert "unknown dataset 'shakspeare'" in user_error(capsys, train.main, "--config", TINY,
-                                                         "--dataset", "shakspeare")
-    (tmp_path / "empty.txt").write_text("")
-    assert "is empty" in user_error(capsys, train.main, "--config", TINY,
-                                    "--dataset", str(tmp_path / "empty.txt"))
-    (tmp_path / "short.txt").write_text("To be, or not to be." * 10)
-    assert "fewer than block_size + 1" in user_error(capsys, train.main, "--config", TINY,
-                                                     "--dataset", str(tmp_path / "short.txt"))
-
-
-def test_nothing_to_resume(workdir, capsys, tiny_config_file):
-    message = user_error(capsys, train.main, "--config", str(tiny_config_file), "--resume")
-    assert "nothing to resume: models/tiny_test/ckpt.pt does not exist" in message
-    assert "does not exist" in user_error(capsys, train.main, "--resume", "models/elsewhere/ckpt.pt")
-
-
-def test_unwritable_out_dir(workdir, capsys, tiny_config_file):
-    Path("a_file").write_text("")
-    message = user_error(capsys, train.main, "--config", str(tiny_config_file), "--out_dir", "a_file/run")
-    assert "cannot write to out_dir a_file/run" in message
-
-
-def test_errors_never_touch_a_good_checkpoint(trained_run, capsys, tiny_config_file):
-    ckpt = trained_run / "ckpt.pt"
-    before = ckpt.read_bytes()
-    config = ["--config", str(tiny_config_file)]
-    message = user_error(capsys, train.main, *config)  # a new run over an old one
-    assert "already holds a checkpoint" in message and "--resume" in message
-    message = user_error(capsys, train.main, *config, "--resume", "--model.n_layer", "3")
-    assert "another architecture: it has model.n_layer=2 but the config says 3" in message
-    message = user_error(capsys, train.main, *config, "--resume", "--dataset", TINY)
-    assert "another vocabulary" in message
-    assert ckpt.read_bytes() == before
-
-
-def test_corrupt_and_foreign_checkpoints(trained_run, capsys, tiny_config_file):
-    damaged = trained_run / "damaged.pt"
-    damaged.write_bytes((trained_run / "ckpt.pt").read_bytes()[:5000])
-    for main, args in ((train.main, ["--config", str(tiny_config_file), "--resume", str(damaged)]),
-                       (gen.main, [str(damaged)])):
-        assert "is corrupt or not a checkpoint" in user_error(capsys, main, *args)
-    foreign = trained_run / "foreign.pt"
-    import torch
-    torch.save({"weights": torch.zeros(3)}, foreign)
-    assert "not a checkpoint written by this trainer" in user_error(capsys, gen.main, str(foreign))
-
-
-def test_gen_bad_input(trained_run, capsys):
-    assert "does not exist" in user_error(capsys, gen.main, "models/none.pt")
-    assert "no checkpoint (best.pt or ckpt.pt)" in user_error(capsys, gen.main, ".")
-    assert "not in this model's vocabulary" in user_error(capsys, gen.main, str(trained_run),
-                                                          "--prompt", "ü")
-    assert "--temperature must be zero or more" in user_error(capsys, gen.main, str(trained_run),
-                                                              "--temperature", "-1")
-    assert "--num_samples must be at least 1" in user_error(capsys, gen.main, str(trained_run),
-                                                            "--num_samples", "0")
 
 
 def test_debug_shows_the_traceback(workdir):

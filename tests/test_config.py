@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 import train
-from config import (SECTIONS, Config, config_from_dict, deep_merge, load_config_file, parse_flag_value,
+from cli import parse_flag_value
+from config import (SECTIONS, Config, config_from_dict, deep_merge, load_config_file,
                     resolve_config, validate)
 from errors import UserError
 from tests.conftest import REPO_ROOT
@@ -170,3 +171,18 @@ def test_readme_documents_every_config_field():
     for section_name, section_cls in SECTIONS.items():
         for f in dataclasses.fields(section_cls):
             assert f"`{section_name}.{f.name}`" in readme, f"README lacks {section_name}.{f.name}"
+
+
+def test_precision_flag_and_dtype_aliases(tmp_path):
+    assert train.resolve_run_config(args_for(["--precision", "fp32"]))[0].system.dtype == "float32"
+    assert train.resolve_run_config(args_for(["--precision", "bf16"]))[0].system.dtype == "bfloat16"
+    path = write(tmp_path / "p.json", {"system": {"dtype": "fp16"}, "model": {"flash_attention": False}})
+    cfg = resolve_config(str(path), {})
+    assert cfg.system.dtype == "float16" and cfg.model.flash_attention is False
+
+
+def test_guard_rail_flags(tmp_path):
+    cfg = train.resolve_run_config(args_for(["--max_time", "1h30m", "--target_val_loss", "1.47",
+                                             "--budget", "3", "--system.usd_per_hour", "2.5"]))[0]
+    assert cfg.training.max_time_s == 5400.0 and cfg.training.target_val_loss == 1.47
+    assert cfg.training.budget_usd == 3.0 and cfg.system.usd_per_hour == 2.5

@@ -100,9 +100,9 @@ def test_overfits_one_batch():
     x, y = torch.randint(0, 20, (4, 16)), torch.randint(0, 20, (4, 16))
     losses = []
     for _ in range(50):
-        losses.append(accumulate_gradients(model, [(x, y)], 1, torch.autocast("cpu", enabled=False),
-                                           scaler).item())
-        optimizer_step(model, optimizer, scaler, grad_clip=1.0)
+        loss = accumulate_gradients(model, [(x, y)], 1, torch.autocast("cpu", enabled=False), scaler)
+        assert optimizer_step(model, optimizer, scaler, grad_clip=1.0, loss=loss)
+        losses.append(loss.item())
     assert losses[-1] < losses[0] / 2
 
 
@@ -129,3 +129,17 @@ def test_sampling_is_repeatable_with_a_seed_and_respects_top_k():
     assert sample(7) != sample(8)
     logits = model(prompt)[0][0, -1]
     assert set(sample(3, top_k=1)[:1]) == {logits.argmax().item()}
+
+
+def test_plain_attention_matches_the_fused_kernel():
+    fused = build(n_layer=2, n_embd=32, n_head=4, block_size=8)
+    plain = build(n_layer=2, n_embd=32, n_head=4, block_size=8, flash_attention=False)
+    plain.load_state_dict(fused.state_dict())
+    idx = torch.randint(0, 11, (3, 8))
+    logits_fused, loss_fused = fused(idx, idx)
+    logits_plain, loss_plain = plain(idx, idx)
+    assert torch.allclose(logits_fused, logits_plain, atol=1e-5)
+    loss_fused.backward()
+    loss_plain.backward()
+    for a, b in zip(fused.parameters(), plain.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-5)

@@ -33,8 +33,8 @@ def test_accumulated_micro_batches_equal_one_big_batch():
     assert torch.allclose(loss_big, loss_small, atol=1e-6)
     for p_big, p_small in zip(big.parameters(), small.parameters()):
         assert torch.allclose(p_big.grad, p_small.grad, atol=1e-6)
-    for model, optimizer in zip((big, small), optimizers):
-        optimizer_step(model, optimizer, scaler, grad_clip=1.0)
+    for model, optimizer, loss in zip((big, small), optimizers, (loss_big, loss_small)):
+        assert optimizer_step(model, optimizer, scaler, grad_clip=1.0, loss=loss)
     for p_big, p_small in zip(big.parameters(), small.parameters()):
         assert torch.allclose(p_big, p_small, atol=1e-6)
 

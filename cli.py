@@ -1,0 +1,129 @@
+"""The command-line surface the commands share: config flags, one-line errors, exit codes.
+
+Every config field gets a `--section.field VALUE` flag, typed from the dataclass; the fields
+people change most also get a short flag. Only the flags a user types override the config.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import sys
+from typing import Any, Callable, Mapping, NoReturn, Sequence
+
+from config import SECTIONS, TYPE_WORDS, field_types, unwrap_optional
+from errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
+
+# Short flags for the fields people change most: `--lr 3e-4` means `--training.lr 3e-4`.
+SHORT_FLAGS: dict[str, str] = {
+    "device": "system.device",
+    "seed": "system.seed",
+    "dataset": "data.dataset",
+    "out_dir": "training.out_dir",
+    "max_steps": "training.max_steps",
+    "epochs": "training.epochs",
+    "batch_size": "training.batch_size",
+    "lr": "training.lr",
+    "eval_interval": "training.eval_interval",
+    "eval_iters": "training.eval_iters",
+    "log_interval": "training.log_interval",
+    "checkpoint_interval": "training.checkpoint_interval",
+    "target_val_loss": "training.target_val_loss",
+    "max_time": "training.max_time_s",
+    "budget": "training.budget_usd",
+    "precision": "system.dtype",
+}
+
+
+class CliParser(argparse.ArgumentParser):
+    """An ArgumentParser whose mistakes are one-line UserErrors with a suggestion."""
+
+    def error(self, message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments:"):
+            unknown = message.split(":", 1)[1].split()[0]
+            typed = unknown.split("=")[0]
+            flags = [f for action in self._actions for f in action.option_strings]
+            close = [f for f in flags if f.startswith(typed)] or difflib.get_close_matches(
+                typed, flags, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]}?" if close else "; see --help for the flags"
+            raise UserError(f"unknown flag {unknown}{hint}")
+        raise UserError(f"{message}; see --help")
+
+
+def run_cli(main: Callable[[Sequence[str]], int], argv: Sequence[str] | None = None) -> int:
+    """Run a command's main(argv) and turn a UserError into one line on stderr and exit 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        return main(argv)
+    except UserError as error:
+        if debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def parse_flag_value(flag: str, tp: Any, text: str, metadata: Mapping[str, Any] = {}) -> Any:
+    """Convert the text of a command-line value to the field's type, or raise UserError.
+
+    A field may bring its own parser (durations such as 1h30m) and aliases (bf16 for bfloat16).
+    """
+    inner, optional = unwrap_optional(tp)
+    lowered = text.strip().lower()
+    if optional and lowered in ("null", "none", "auto"):
+        return None
+    try:
+        if "parse" in metadata:
+            return metadata["parse"](text)
+        if inner is bool:
+            if lowered in ("true", "1", "yes", "on"):
+                return True
+            if lowered in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if inner is int:
+            number = float(text)  # accepts 1e4 and 2000.0 but not 2.5
+            if not number.is_integer():
+                raise ValueError
+            return int(number)
+        if inner is float:
+            return float(text)
+        return metadata.get("aliases", {}).get(text, text)
+    except ValueError:
+        hint = " (or null)" if optional else ""
+        expected = metadata.get("format", TYPE_WORDS[inner])
+        raise UserError(f"{flag} expects {expected}{hint}, got '{text}'") from None
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """Add `--section.field` for every field, and the short flags; unset flags stay absent."""
+    group = parser.add_argument_group("config overrides (any field: --section.field VALUE)")
+    short_for = {long: short for short, long in SHORT_FLAGS.items()}
+    for section_name, section_cls in SECTIONS.items():
+        for f in dataclasses.fields(section_cls):
+            long = f"{section_name}.{f.name}"
+            flags = [f"--{long}"] + ([f"--{short_for[long]}"] if long in short_for else [])
+            choices = f.metadata.get("choices")
+            help_text = f.metadata["help"] + (f" ({'|'.join(choices)})" if choices else "")
+            group.add_argument(*flags, dest=long, metavar="VALUE", default=argparse.SUPPRESS,
+                               help=help_text)
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict:
+    """Return the config flags the user gave, as nested dicts of typed values."""
+    overrides: dict[str, dict] = {}
+    for section_name, section_cls in SECTIONS.items():
+        types_ = field_types(section_cls)
+        for f in dataclasses.fields(section_cls):
+            long = f"{section_name}.{f.name}"
+            if hasattr(args, long):
+                value = parse_flag_value(f"--{long}", types_[f.name], getattr(args, long), f.metadata)
+                overrides.setdefault(section_name, {})[f.name] = value
+    return overrides
+
+

@@ -1,0 +1,103 @@
+"""Reasons to stop a run early and cleanly: signals, a wall-time limit, a dollar budget.
+
+Each guard only answers "should the loop stop now?"; the loop finishes its step, saves a
+checkpoint and says why it stopped.
+"""
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+from config import SystemConfig, TrainingConfig
+
+
+class StopSignals:
+    """Turn the first SIGINT/SIGTERM into a request to stop after the current step.
+
+    A second signal raises KeyboardInterrupt at once; the last checkpoint stays as it was,
+    because checkpoints are only ever replaced whole.
+    """
+
+    def __init__(self) -> None:
+        self.received: Optional[int] = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+        name = signal.Signals(signum).name
+        print(f"\n{name} received: stopping after this step to save a checkpoint "
+              "(press Ctrl+C again to quit at once)", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def format_duration(seconds: float) -> str:
+    """Return '1h30m', '45m10s' or '12s' for a number of seconds."""
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    parts = [f"{hours}h" if hours else "", f"{minutes}m" if minutes else "", f"{secs}s" if secs else ""]
+    return "".join(parts) or "0s"
+
+
+@dataclass
+class TimeLimit:
+    """A wall-clock deadline, counted from the start of the process, and what set it."""
+
+    deadline: float  # time.time() at which the run must have stopped and saved
+    reason: str
+
+    @classmethod
+    def from_config(cls, t: TrainingConfig, s: SystemConfig, process_start: float) -> Optional["TimeLimit"]:
+        """Return the tighter of --max_time and --budget / usd_per_hour, or None if neither is set."""
+        limits = []
+        if t.max_time_s is not None:
+            limits.append((t.max_time_s, f"--max_time {format_duration(t.max_time_s)}"))
+        if t.budget_usd is not None and s.usd_per_hour:
+            seconds = t.budget_usd / s.usd_per_hour * 3600
+            limits.append((seconds, f"--budget ${t.budget_usd:.2f} at ${s.usd_per_hour:.2f}/h "
+                                    f"({format_duration(seconds)})"))
+        if not limits:
+            return None
+        seconds, reason = min(limits)
+        return cls(process_start + seconds, reason)
+
+    def leaves_no_room(self, needed_s: float, now: Optional[float] = None) -> bool:
+        """Return whether `needed_s` more seconds (a step, maybe an evaluation, a save) would pass it."""
+        return (time.time() if now is None else now) + needed_s > self.deadline
+
+
+class StepTimer:
+    """A running estimate of how long a step, an evaluation and a save take."""
+
+    def __init__(self, save_guess_s: float) -> None:
+        self.step_s = 0.0
+        self.eval_s = 0.0
+        self.save_s = save_guess_s  # until a save has been timed
+        self._steps_seen = 0
+
+    def record_step(self, seconds: float) -> None:
+        """Fold in one step's duration; the first step (compilation, warm-up) is left out."""
+        self._steps_seen += 1
+        if self._steps_seen == 1:
+            return
+        # an exponential average follows drift without jumping at every slow step
+        self.step_s = seconds if self._steps_seen == 2 else 0.9 * self.step_s + 0.1 * seconds
+
+    def needed_for_next(self, evaluates: bool) -> float:
+        """Seconds the next step needs, with its evaluation, plus a save and a safety step."""
+        return 2 * self.step_s + (self.eval_s if evaluates else 0.0) + self.save_s

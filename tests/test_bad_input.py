@@ -1,0 +1,164 @@
+"""Every mistake a user can make ends in one clear line, exit status 2, and no file changed."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import checkpoint
+import gen
+import train
+from cli import run_cli
+from tests.conftest import TINY_SETTINGS
+
+CONFIG = "tiny_test.json"
+CKPT = "models/tiny_test/ckpt.pt"
+
+
+class Evil:
+    """Unpickling this would create a file; a safe loader must refuse it."""
+
+    def __reduce__(self):
+        return (open, ("bad/PWNED", "w"))
+
+
+def bad_files(corpus: Path) -> dict[str, bytes]:
+    good = (Path("models/tiny_test/ckpt.pt")).read_bytes()
+    return {
+        "broken.json": b'{"model": {"n_layer": 4,}}',
+        "list.json": b"[1, 2]",
+        "typo_key.json": json.dumps({"training": {"learning_rate": 0.1}}).encode(),
+        "typo_section.json": json.dumps({"trainig": {"lr": 0.1}}).encode(),
+        "wrong_type.json": json.dumps({"training": {"lr": "fast"}}).encode(),
+        "cycle_a.json": json.dumps({"extends": "cycle_b.json"}).encode(),
+        "cycle_b.json": json.dumps({"extends": "cycle_a.json"}).encode(),
+        "orphan.json": json.dumps({"extends": "missing_parent.json"}).encode(),
+        "heads.json": json.dumps({"extends": f"../{CONFIG}", "model": {"n_head": 3}}).encode(),
+        "empty.txt": b"",
+        "short.txt": b"To be, or not to be." * 3,
+        "latin1.txt": "Ça va très bien, merci".encode("latin-1") * 20,
+        "truncated.pt": good[: len(good) // 3],
+        "empty.pt": b"",
+        "random.pt": os.urandom(4096),
+        "a_file": b"",
+    }
+
+
+@pytest.fixture(scope="module")
+def trained_template(tmp_path_factory, small_corpus_file) -> Path:
+    """A folder holding a config, a finished tiny run and the bad files, made once."""
+    root = tmp_path_factory.mktemp("template")
+    settings = json.loads(json.dumps(TINY_SETTINGS))
+    settings["data"] = {"dataset": str(small_corpus_file)}
+    (root / CONFIG).write_text(json.dumps(settings))
+    cwd = Path.cwd()
+    os.chdir(root)
+    try:
+        assert train.main(["--config", CONFIG]) == 0
+        (root / "bad").mkdir()
+        for name, content in bad_files(small_corpus_file).items():
+            (root / "bad" / name).write_bytes(content)
+        torch.save({"format": "someone else's", "weights": torch.zeros(3)}, root / "bad/foreign.pt")
+        torch.save({"format": checkpoint.FORMAT, "payload": Evil()}, root / "bad/evil.pt")
+    finally:
+        os.chdir(cwd)
+    return root
+
+
+@pytest.fixture
+def user_dir(trained_template, workdir) -> Path:
+    shutil.copytree(trained_template, workdir, dirs_exist_ok=True)
+    return workdir
+
+
+def fingerprints(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and "cache" not in p.parts}
+
+
+T = ["--config", CONFIG]  # most train.py cases start from the good config
+CASES = [
+    # config files
+    ("train", ["--config", "nope.json"], "config file .*nope.json does not exist"),
+    ("train", ["--config", "bad/broken.json"], "is not valid JSON"),
+    ("train", ["--config", "bad/list.json"], "must hold a JSON object"),
+    ("train", ["--config", "bad/typo_key.json"], "unknown key 'training.learning_rate'"),
+    ("train", ["--config", "bad/typo_section.json"], "did you mean 'training'"),
+    ("train", ["--config", "bad/wrong_type.json"], "training.lr must be a number"),
+    ("train", ["--config", "bad/cycle_a.json"], "extend each other in a cycle"),
+    ("train", ["--config", "bad/orphan.json"], "missing_parent.json does not exist"),
+    ("train", ["--config", "bad/heads.json"], "must be divisible by model.n_head"),
+    # flag values
+    ("train", [*T, "--lr", "-1"], "training.lr must be positive"),
+    ("train", [*T, "--lr", "fast"], "--training.lr expects a number, got 'fast'"),
+    ("train", [*T, "--max_steps", "2.5"], "expects a whole number"),
+    ("train", [*T, "--lrr", "0.1"], "unknown flag --lrr; did you mean --lr"),
+    ("train", [*T, "--device", "tpu"], "system.device must be one of"),
+    ("train", [*T, "--budget", "5"], "set system.usd_per_hour"),
+    ("train", [*T, "--max_time", "soon"], "expects seconds or a duration such as 1h30m"),
+    ("train", [*T, "--model.vocab_size", "10", "--out_dir", "v"], "smaller than the tokenizer's"),
+    ("train", [*T, "--resume", "--load_model_only", CKPT], "exclude each other"),
+    # data
+    ("train", [*T, "--dataset", "shakspeare"], "unknown dataset 'shakspeare'"),
+    ("train", [*T, "--dataset", "bad/empty.txt", "--out_dir", "x"], "is empty"),
+    ("train", [*T, "--dataset", "bad/short.txt", "--out_dir", "x"], "fewer than block_size"),
+    ("train", [*T, "--dataset", "bad/latin1.txt", "--out_dir", "x"], "is not UTF-8 text"),
+    # checkpoints and directories
+    ("train", ["--config", CONFIG, "--out_dir", "models/empty_run", "--resume"], "nothing to resume"),
+    ("train", [*T, "--resume", "bad/truncated.pt"], "is corrupt or not a checkpoint"),
+    ("train", [*T, "--resume", "bad/empty.pt"], "is corrupt or not a checkpoint"),
+    ("train", [*T, "--resume", "bad/random.pt"], "is corrupt or not a checkpoint"),
+    ("train", [*T, "--resume", "bad/foreign.pt"], "not a checkpoint written by this trainer"),
+    ("train", [*T, "--resume", "bad/evil.pt"], "is corrupt or not a checkpoint"),
+    ("train", [*T, "--resume", "--model.n_layer", "3"], "another architecture: it has model.n_layer=2"),
+    ("train", [*T, "--resume", "--dataset", CONFIG], "another vocabulary"),
+    ("train", T, "already holds a checkpoint of an earlier run"),
+    ("train", [*T, "--out_dir", "bad/a_file/run"], "cannot write to out_dir"),
+    ("train", [*T, "--load_model_only", "models/none.pt", "--out_dir", "y"], "does not exist"),
+    # gen.py
+    ("gen", ["models/none.pt"], "checkpoint models/none.pt does not exist"),
+    ("gen", ["bad"], r"no checkpoint \(best.pt or ckpt.pt\) in bad"),
+    ("gen", ["bad/truncated.pt"], "is corrupt or not a checkpoint"),
+    ("gen", ["bad/random.pt"], "is corrupt or not a checkpoint"),
+    ("gen", ["bad/evil.pt"], "is corrupt or not a checkpoint"),
+    ("gen", ["bad/foreign.pt"], "not a checkpoint written by this trainer"),
+    ("gen", [CKPT, "--prompt", "ü"], "'ü' is not in this model's vocabulary"),
+    ("gen", [CKPT, "--prompt", ""], "--prompt is empty"),
+    ("gen", [CKPT, "--temperature", "-1"], "--temperature must be zero or more"),
+    ("gen", [CKPT, "--num_samples", "0"], "--num_samples must be at least 1"),
+    ("gen", [CKPT, "--max_new_tokens", "0"], "--max_new_tokens must be at least 1"),
+    ("gen", [CKPT, "--top_k", "0"], "--top_k must be at least 1"),
+    ("gen", [CKPT, "--temp", "0.5"], "unknown flag --temp; did you mean --temperature"),
+    ("gen", [CKPT, "--num_samples", "many"], "invalid int value: 'many'"),
+]
+if not torch.cuda.is_available():
+    CASES.append(("gen", [CKPT, "--device", "cuda"], "sees no CUDA GPU; use --device cpu"))
+
+
+@pytest.mark.parametrize("command, args, message", CASES, ids=lambda v: v if isinstance(v, str) else None)
+def test_bad_input_is_one_clear_line(user_dir, capsys, command, args, message):
+    before = fingerprints(user_dir)
+    main = train.main if command == "train" else gen.main
+    assert run_cli(main, args) == 2
+    captured = capsys.readouterr()
+    error = captured.err.strip()
+    assert error.startswith("error: ") and "\n" not in error and "Traceback" not in error
+    assert re.search(message, error), error
+    assert fingerprints(user_dir) == before  # no good file changed, nothing half-written left
+    assert not (user_dir / "bad" / "PWNED").exists()  # nothing in a checkpoint ever runs
+
+
+def test_the_table_is_large():
+    assert len(CASES) >= 25
+
+
+def test_the_malicious_payload_is_live(user_dir):
+    """The refusal above means something: an unsafe load of evil.pt does create the file."""
+    torch.load(user_dir / "bad/evil.pt", weights_only=False)
+    assert (user_dir / "bad" / "PWNED").exists()

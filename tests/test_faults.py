@@ -1,0 +1,277 @@
+"""Faults a long run meets: kills, damaged files, a full disk, NaNs, OOM, time limits, signals."""
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import checkpoint
+import train
+from checkpoint import load_checkpoint, load_latest_valid
+from cli import run_cli
+from config import SystemConfig, TrainingConfig, parse_duration
+from errors import UserError
+from guards import StepTimer, TimeLimit, format_duration
+from tests.conftest import REPO_ROOT
+from utils import resolve_system
+
+TINY = str(REPO_ROOT / "configs" / "tiny.json")
+
+
+def run(config_file: Path, *flags: str) -> int:
+    return run_cli(train.main, ["--config", str(config_file), *flags])
+
+
+def build_trainer(config_file: Path, *flags: str):
+    args = train.build_parser().parse_args(["--config", str(config_file), *flags])
+    cfg, checkpoint_, path = train.resolve_run_config(args)
+    return train.build_trainer(args, cfg, checkpoint_, path, resolve_system("cpu", "auto", None))
+
+
+def test_rolling_checkpoints_keep_the_newest(workdir, tiny_config_file):
+    assert run(tiny_config_file, "--eval_interval", "1", "--training.keep_last", "2") == 0
+    names = sorted(p.name for p in (workdir / "models/tiny_test").glob("*.pt"))
+    assert names == ["best.pt", "ckpt-5.pt", "ckpt-6.pt", "ckpt.pt"]
+    assert load_checkpoint(workdir / "models/tiny_test/ckpt-5.pt")["step"] == 5
+    assert run(tiny_config_file, "--eval_interval", "1", "--training.keep_last", "0", "--overwrite") == 0
+    assert sorted(p.name for p in (workdir / "models/tiny_test").glob("*.pt")) == ["best.pt", "ckpt.pt"]
+
+
+def tamper(path: Path) -> None:
+    """Change one weight but keep the file loadable: only the checksum can tell."""
+    raw = torch.load(path, weights_only=True)
+    raw["model"]["wte.weight"][0, 0] += 1.0
+    torch.save(raw, path)
+
+
+def test_resume_skips_damaged_checkpoints_and_says_so(workdir, tiny_config_file, capsys):
+    assert run(tiny_config_file, "--eval_interval", "1") == 0
+    run_dir = workdir / "models/tiny_test"
+    (run_dir / "ckpt.pt").write_bytes((run_dir / "ckpt.pt").read_bytes()[:2000])
+    tamper(run_dir / "ckpt-6.pt")
+    capsys.readouterr()
+    assert run(tiny_config_file, "--resume", "--max_steps", "8", "--eval_interval", "1") == 0
+    out, err = capsys.readouterr()
+    assert "skipping a checkpoint that does not verify: models/tiny_test/ckpt.pt is corrupt" in err
+    assert "ckpt-6.pt is damaged: its tensors do not match their checksum" in err
+    assert "resuming from models/tiny_test/ckpt-5.pt at step 5" in out
+    assert load_checkpoint(run_dir / "ckpt.pt")["step"] == 8
+
+
+class PoisonedLoss(torch.nn.Module):
+    """Wraps the model so that the loss is NaN at chosen (1-based) training steps."""
+
+    def __init__(self, trainer, bad_steps: set[int]):
+        super().__init__()
+        self.model, self.trainer, self.bad_steps = trainer.model, trainer, bad_steps
+
+    def forward(self, x, y):
+        logits, loss = self.model(x, y)
+        if self.model.training and self.trainer.step + 1 in self.bad_steps:
+            loss = loss * float("nan")
+        return logits, loss
+
+
+def test_a_nan_loss_skips_the_update_and_is_counted(workdir, tiny_config_file):
+    trainer = build_trainer(tiny_config_file, "--training.max_bad_steps", "3")
+    trainer.forward_model = PoisonedLoss(trainer, bad_steps={2})
+    changed = []
+    for _ in range(3):
+        before = [p.detach().clone() for p in trainer.model.parameters()]
+        trainer.train_step()
+        trainer.step += 1
+        changed.append(any(not torch.equal(b, p) for b, p in zip(before, trainer.model.parameters())))
+    assert changed == [True, False, True]
+    assert trainer.skipped_steps == 1 and trainer.bad_steps_in_a_row == 0
+
+
+def test_too_many_nan_losses_in_a_row_stop_the_run(workdir, tiny_config_file, capsys):
+    trainer = build_trainer(tiny_config_file, "--training.max_bad_steps", "3", "--max_steps", "20")
+    trainer.forward_model = PoisonedLoss(trainer, bad_steps={2, 7, 8, 9})
+    with pytest.raises(UserError, match=r"not finite for 3 steps in a row \(to step 9\).*resume from "
+                                        r"models/tiny_test/ckpt.pt \(step 6\).*lower --lr"):
+        trainer.train()
+    assert "step 2: loss nan is not finite; update skipped (1 in a row)" in capsys.readouterr().out
+    assert load_checkpoint(workdir / "models/tiny_test/ckpt.pt")["step"] == 6
+    assert trainer.skipped_steps == 4
+
+
+def test_non_finite_weights_are_never_saved(workdir, tiny_config_file):
+    trainer = build_trainer(tiny_config_file)
+    trainer.save_latest()
+    saved = (workdir / "models/tiny_test/ckpt.pt").read_bytes()
+    with torch.no_grad():
+        trainer.model.wte.weight[0, 0] = float("inf")
+    with pytest.raises(UserError, match="no longer finite at step 0, so they were not saved"):
+        trainer.save_latest()
+    assert (workdir / "models/tiny_test/ckpt.pt").read_bytes() == saved
+
+
+def test_a_full_disk_stops_the_run_and_keeps_the_last_checkpoint(workdir, tiny_config_file, capsys,
+                                                                  monkeypatch):
+    real_save = torch.save
+    saves = []
+
+    def save_then_fill_the_disk(obj, file):
+        saves.append(1)
+        if len(saves) > 1:
+            file.write(b"some of the bytes")
+            raise OSError(28, "No space left on device")
+        real_save(obj, file)
+
+    monkeypatch.setattr(checkpoint.torch, "save", save_then_fill_the_disk)
+    assert run(tiny_config_file, "--training.keep_last", "0") == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: could not write checkpoint models/tiny_test/ckpt.pt (No space left on device); "
+                   "the previous one is untouched")
+    monkeypatch.undo()
+    assert load_checkpoint(workdir / "models/tiny_test/ckpt.pt")["step"] == 3
+    assert [p.name for p in (workdir / "models/tiny_test").iterdir()] == ["ckpt.pt", "best.pt"] or sorted(
+        p.name for p in (workdir / "models/tiny_test").iterdir()) == ["best.pt", "ckpt.pt"]
+
+
+def test_out_of_memory_names_the_settings_to_lower(workdir, tiny_config_file, capsys, monkeypatch):
+    def no_memory(self):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train.Trainer, "train_step", no_memory)
+    assert run(tiny_config_file) == 2
+    err = capsys.readouterr().err
+    assert "CUDA ran out of memory with batch_size 4, block_size 16, grad_accum_steps 1" in err
+    assert "--batch_size" in err and "Traceback" not in err
+
+
+def test_target_val_loss_stops_the_run_and_says_so(workdir, tiny_config_file, capsys):
+    assert run(tiny_config_file, "--target_val_loss", "100", "--max_steps", "50") == 0
+    out = capsys.readouterr().out
+    assert "reached --target_val_loss 100.0 at step 3" in out
+    assert load_checkpoint(workdir / "models/tiny_test/ckpt.pt")["step"] == 3
+    assert run(tiny_config_file, "--target_val_loss", "0.01", "--out_dir", "other") == 0
+    assert "did not reach --target_val_loss 0.01 (best " in capsys.readouterr().out
+
+
+def test_max_time_stops_with_a_checkpoint_before_the_deadline(workdir, tiny_config_file, capsys,
+                                                               monkeypatch):
+    # pretend the process started 999.6 s ago, so --max_time 1000 leaves 0.4 s
+    start = time.time() - 999.6
+    monkeypatch.setattr(train, "process_start_time", lambda: start)
+    assert run(tiny_config_file, "--max_time", "1000", "--max_steps", "100000", "--eval_interval", "40") == 0
+    finished = time.time()
+    out = capsys.readouterr().out
+    assert "of 100000 to stay within --max_time 16m40s" in out and "continue with --resume" in out
+    saved = load_checkpoint(workdir / "models/tiny_test/ckpt.pt")
+    assert 0 < saved["step"] < 100000
+    assert finished < start + 1000 + 0.2  # it stopped and saved in time (with slack for the summary)
+
+
+def test_time_limits_from_max_time_and_budget():
+    process_start = 1000.0
+    t = TrainingConfig(max_time_s=3600, budget_usd=2.0)
+    limit = TimeLimit.from_config(t, SystemConfig(usd_per_hour=4.0), process_start)
+    assert limit.deadline == 1000.0 + 1800 and "--budget $2.00 at $4.00/h (30m)" in limit.reason
+    limit = TimeLimit.from_config(t, SystemConfig(usd_per_hour=1.0), process_start)
+    assert limit.deadline == 1000.0 + 3600 and limit.reason == "--max_time 1h"
+    assert TimeLimit.from_config(TrainingConfig(), SystemConfig(), process_start) is None
+    assert limit.leaves_no_room(10, now=4595.0) and not limit.leaves_no_room(4, now=4595.0)
+
+
+def test_durations_and_step_timing():
+    assert [parse_duration(text) for text in ("5400", "90s", "45m", "1h30m", "2h", "1.5h")] == [
+        5400, 90, 2700, 5400, 7200, 5400]
+    for bad in ("", "soon", "1d", "h"):
+        with pytest.raises(ValueError):
+            parse_duration(bad)
+    assert [format_duration(s) for s in (5400, 2710, 12, 0)] == ["1h30m", "45m10s", "12s", "0s"]
+    timer = StepTimer(save_guess_s=2.0)
+    timer.record_step(60.0)  # compiling: left out
+    timer.record_step(1.0)
+    timer.record_step(2.0)
+    assert timer.step_s == pytest.approx(1.1)
+    timer.eval_s = 5.0
+    assert timer.needed_for_next(evaluates=True) == pytest.approx(2.2 + 5.0 + 2.0)
+    assert timer.needed_for_next(evaluates=False) == pytest.approx(2.2 + 2.0)
+
+
+def start_training(workdir: Path, corpus: Path, *flags: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(REPO_ROOT / "train.py"), "--config", TINY, "--dataset", str(corpus),
+         "--device", "cpu", "--eval_iters", "2", "--log_interval", "1", "--max_steps", "100000",
+         "--training.lr_decay_steps", "2000", *flags],
+        cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_line(process: subprocess.Popen, prefix: str) -> str:
+    for line in process.stdout:
+        if line.startswith(prefix):
+            return line
+    raise AssertionError(f"the run ended before printing {prefix!r}: {process.stderr.read()}")
+
+
+def test_sigterm_saves_and_exits_143(workdir, small_corpus_file):
+    process = start_training(workdir, small_corpus_file)
+    wait_for_line(process, "step      2/")
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err
+    assert "SIGTERM received" in err and "by a signal" in out
+    assert load_checkpoint(workdir / "models/tiny/ckpt.pt")["step"] >= 2
+
+
+def test_a_second_ctrl_c_quits_at_once_and_keeps_the_last_good_checkpoint(workdir, small_corpus_file):
+    process = start_training(workdir, small_corpus_file, "--checkpoint_interval", "1")
+    wait_for_line(process, "step      3/")
+    process.send_signal(signal.SIGINT)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    checkpoint_, path = load_latest_valid(workdir / "models/tiny")
+    assert checkpoint_["step"] >= 2
+
+
+def test_sigkill_at_random_moments_never_loses_the_run(workdir, small_corpus_file):
+    """Kill -9 ten times, half of them in the middle of a save; every resume must work."""
+    rng = random.Random(2026)
+    run_dir = workdir / "models/tiny"
+    last_step, killed_while_saving = 0, 0
+    for trial in range(10):
+        resume = ["--resume"] if trial else []
+        leftovers = set(run_dir.glob(".*.partial-*"))  # the trainer clears these when it starts
+        process = start_training(workdir, small_corpus_file, "--checkpoint_interval", "1",
+                                 "--eval_interval", "1000", "--training.keep_last", "2", *resume)
+        if resume:  # it must start from a valid checkpoint no older than the last one seen
+            step = int(wait_for_line(process, "resuming from").rsplit(" ", 1)[1])
+            assert step >= last_step
+        wait_for_line(process, "step ")
+        wait_for_line(process, "step ")  # so the save after the first step is complete
+
+        def saving() -> bool:
+            return bool(set(run_dir.glob(".*.partial-*")) - leftovers)
+
+        if trial % 2 == 0:  # kill while a checkpoint is being written
+            deadline = time.time() + 60
+            while not saving() and time.time() < deadline:
+                time.sleep(0.0005)
+        else:
+            time.sleep(rng.uniform(0.0, 1.5))
+        during_save = saving()
+        killed_while_saving += during_save
+        process.kill()
+        _, err = process.communicate(timeout=60)
+        assert "Traceback" not in err, err
+        last_step = load_latest_valid(run_dir)[0]["step"]  # there is always one that verifies
+        print(f"trial {trial}: SIGKILL {'during a save' if during_save else 'between saves'}; "
+              f"newest valid checkpoint: step {last_step}")  # shown with pytest -s
+    assert killed_while_saving >= 3
+    final = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "train.py"), "--config", TINY, "--dataset", str(small_corpus_file),
+         "--device", "cpu", "--eval_iters", "2", "--max_steps", str(last_step + 3),
+         "--training.lr_decay_steps", "2000", "--resume"],
+        cwd=workdir, capture_output=True, text=True, timeout=120)
+    assert final.returncode == 0, final.stderr
+    assert load_checkpoint(run_dir / "ckpt.pt")["step"] == last_step + 3
