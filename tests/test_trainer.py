@@ -92,13 +92,24 @@ def test_training_writes_loadable_checkpoints(workdir, tiny_config_file, capsys)
     assert best["step"] == checkpoint["losses"]["best_val_step"]
 
 
-def test_resume_continues_exactly_where_it_stopped(workdir, tiny_config_file):
+def step_losses(out: str) -> dict[str, str]:
+    """Return {'4/6': '3.4996', ...}: the loss printed at each step, without the timings."""
+    return {line.split()[1]: line.split()[3] for line in out.splitlines() if line.startswith("step ")
+            and "/" in line.split()[1]}
+
+
+def test_resume_continues_exactly_where_it_stopped(workdir, tiny_config_file, capsys):
     # one go of 6 steps, against 3 steps then a resume to 6; same schedule in both
     schedule = ["--training.lr_decay_steps", "6", "--model.dropout", "0.1"]
     assert run(tiny_config_file, *schedule, "--out_dir", "straight") == 0
+    straight_losses = step_losses(capsys.readouterr().out)
     assert run(tiny_config_file, *schedule, "--out_dir", "split", "--max_steps", "3") == 0
     assert load_checkpoint(workdir / "split/ckpt.pt")["step"] == 3
+    capsys.readouterr()
     assert run(tiny_config_file, *schedule, "--out_dir", "split", "--resume") == 0
+    resumed_losses = step_losses(capsys.readouterr().out)
+    assert list(resumed_losses) == ["4/6", "5/6", "6/6"]
+    assert resumed_losses == {k: v for k, v in straight_losses.items() if k in resumed_losses}
     straight = load_checkpoint(workdir / "straight/ckpt.pt")
     split = load_checkpoint(workdir / "split/ckpt.pt")
     assert split["step"] == straight["step"] == 6
