@@ -79,6 +79,8 @@ class TrainingConfig:
     eval_iters: int = option(200, "batches per split in an evaluation")
     log_interval: int = option(10, "steps between progress lines")
     checkpoint_interval: int = option(0, "steps between extra checkpoints; 0: only at evaluations")
+    plot_milestone_interval: int = option(
+        1000, "keep a copy of loss.png as plots/loss_step<N>.png every this many steps; 0: none")
     keep_last: int = option(3, "rolling ckpt-<step>.pt files kept beside ckpt.pt and best.pt; 0: none")
     max_bad_steps: int = option(10, "non-finite losses in a row that stop the run (each one is skipped)")
     target_val_loss: Optional[float] = option(None, "stop once an evaluation reaches this val loss")
@@ -100,6 +102,10 @@ class SystemConfig:
     allow_tf32: bool = option(True, "TF32 matmuls on CUDA")
     seed: int = option(1337, "seed for Python, numpy and torch")
     usd_per_hour: Optional[float] = option(None, "what the machine costs, for training.budget_usd")
+    peak_tflops: Optional[float] = option(
+        None, "the device's peak TFLOP/s for MFU; null: from a table of common GPUs")
+    deterministic: bool = option(
+        False, "deterministic algorithms where torch has them (slower; CUDA results repeat exactly)")
 
 
 @dataclass
@@ -254,6 +260,7 @@ def validate(cfg: Config) -> None:
         "training.warmup_steps": t.warmup_steps, "training.weight_decay": t.weight_decay,
         "training.grad_clip": t.grad_clip, "training.checkpoint_interval": t.checkpoint_interval,
         "training.min_lr": t.min_lr, "training.keep_last": t.keep_last,
+        "training.plot_milestone_interval": t.plot_milestone_interval,
     }
     for name, value in non_negative.items():
         if value < 0:
@@ -262,7 +269,7 @@ def validate(cfg: Config) -> None:
         "training.lr": t.lr, "training.epochs": t.epochs, "training.lr_decay_steps": t.lr_decay_steps,
         "model.vocab_size": m.vocab_size, "training.max_time_s": t.max_time_s,
         "training.budget_usd": t.budget_usd, "system.usd_per_hour": s.usd_per_hour,
-        "training.max_bad_steps": t.max_bad_steps,
+        "training.max_bad_steps": t.max_bad_steps, "system.peak_tflops": s.peak_tflops,
     }
     for name, value in optional_positive.items():
         if value is not None and value <= 0:

@@ -46,7 +46,9 @@ class StopSignals:
 
 
 def format_duration(seconds: float) -> str:
-    """Return '1h30m', '45m10s' or '12s' for a number of seconds."""
+    """Return '1h30m', '45m10s', '12s' or, under ten seconds, '3.4s'."""
+    if seconds < 10:
+        return f"{seconds:.1f}s"
     seconds = int(round(seconds))
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)

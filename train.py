@@ -16,8 +16,10 @@ from config import Config, __version__, format_config, resolve_config, save_conf
 from data_loader import PreparedData, check_enough_tokens, prepare_data, shakespeare_is_local
 from errors import UserError
 from model import GPT
-from trainer import RunResult, Trainer, total_steps
-from utils import DeviceInfo, configure_tf32, process_start_time, resolve_system, seed_everything
+from monitor import Style, describe_run, format_sections
+from trainer import Trainer, total_steps
+from utils import (DeviceInfo, configure_determinism, configure_tf32, process_start_time, resolve_system,
+                   seed_everything)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,25 +85,17 @@ def fill_vocab_size(cfg: Config, vocab_size: int) -> Config:
 
 def describe_config(cfg: Config, system: DeviceInfo, data: Optional[PreparedData]) -> str:
     """Return the resolved config and the values derived from it, for --show_config."""
-    t = cfg.training
-    lines = [format_config(cfg), "[derived]"]
+    num_params, facts, max_steps = None, None, None
     if data is not None:
         with torch.device("meta"):  # shapes only: no memory, no initialisation
             model = GPT(fill_vocab_size(cfg, data.tokenizer.vocab_size).model)
-        lines.append(f"  parameters       {model.num_params():,} "
-                     f"({model.num_params(include_embeddings=False):,} without embeddings)")
-        steps = f"{total_steps(t, len(data.train), tokens_per_step(cfg)):,}"
-    else:
-        lines.append("  parameters       known once the dataset is downloaded (vocabulary size)")
-        steps = f"{t.max_steps:,}" if t.epochs is None else f"{t.epochs} epochs"
-    lines += [
-        f"  tokens per step  {tokens_per_step(cfg):,} (batch {t.batch_size} x accumulation "
-        f"{t.grad_accum_steps} x context {cfg.model.block_size})",
-        f"  effective batch  {t.batch_size * t.grad_accum_steps} sequences",
-        f"  steps            {steps}",
-        f"  device           {system.describe()}",
-    ]
-    return "\n".join(lines)
+        num_params = (model.num_params(), model.num_params(include_embeddings=False))
+        facts = {"vocab_size": data.tokenizer.vocab_size, "train_tokens": len(data.train),
+                 "val_tokens": len(data.val)}
+        max_steps = total_steps(cfg.training, len(data.train), tokens_per_step(cfg))
+    derived = [(f"{title}: derived", rows) for title, rows in
+               describe_run(cfg, num_params, facts, system, max_steps)]
+    return format_config(cfg) + "\n" + format_sections(derived, Style(enabled=False))
 
 
 def prepare_out_dir(out_dir: Path, resumed_from: Optional[Path], overwrite: bool) -> None:
@@ -128,28 +122,6 @@ def prepare_out_dir(out_dir: Path, resumed_from: Optional[Path], overwrite: bool
             path.unlink()
 
 
-def print_summary(result: RunResult, trainer: Trainer) -> None:
-    """Say how the run ended, honestly: finished, stopped early, target reached or missed."""
-    losses, t = result.losses, trainer.cfg.training
-    best = (f"best val loss {losses.best_val:.4f} at step {losses.best_val_step}"
-            if losses.best_val_step else "no evaluation yet")
-    ending = {
-        "finished": f"trained to step {result.steps}",
-        "signal": f"stopped at step {result.steps} of {trainer.max_steps} by a signal",
-        "target": f"reached --target_val_loss {t.target_val_loss} at step {result.steps}",
-        "time": (f"stopped at step {result.steps} of {trainer.max_steps} to stay within "
-                 f"{trainer.time_limit.reason if trainer.time_limit else 'the time limit'}"),
-    }[result.stop_reason]
-    print(f"{ending} in {result.seconds:.1f} s; {best}; checkpoint {trainer.out_dir / 'ckpt.pt'}",
-          flush=True)
-    if result.skipped_steps:
-        print(f"{result.skipped_steps} updates were skipped for a non-finite loss or gradient")
-    if t.target_val_loss is not None and losses.best_val > t.target_val_loss:
-        print(f"did not reach --target_val_loss {t.target_val_loss} (best {losses.best_val:.4f})")
-    if result.stop_reason in ("signal", "time"):
-        print("continue with --resume", flush=True)
-
-
 def local_data(cfg: Config) -> Optional[PreparedData]:
     """Return the dataset if its text is on disk already; never download for --show_config."""
     if cfg.data.dataset == "shakespeare_char" and not shakespeare_is_local(cfg.data.cache_dir):
@@ -170,6 +142,7 @@ def build_trainer(args: argparse.Namespace, cfg: Config, checkpoint: Optional[di
     """Return a Trainer ready to run: data prepared, weights and state loaded, out_dir checked."""
     seed_everything(cfg.system.seed)
     configure_tf32(cfg.system.allow_tf32)
+    configure_determinism(cfg.system.deterministic)
     data = prepare_data(cfg.data, rebuild=args.no_cache)
     check_enough_tokens(data, cfg.model.block_size)
     cfg = fill_vocab_size(cfg, data.tokenizer.vocab_size)
@@ -181,8 +154,7 @@ def build_trainer(args: argparse.Namespace, cfg: Config, checkpoint: Optional[di
 
     trainer = Trainer(cfg, data, system, process_start_time())
     if checkpoint is not None:
-        trainer.resume(checkpoint)
-        print(f"resuming from {checkpoint_path} at step {trainer.step}", flush=True)
+        trainer.resume(checkpoint, checkpoint_path)  # the summary before training says so
     elif start_from is not None:
         trainer.load_weights(start_from)
         print(f"starting from the weights of {args.load_model_only}", flush=True)
@@ -206,12 +178,7 @@ def main(argv: Sequence[str]) -> int:
         print(f"already trained to step {trainer.step} of {trainer.max_steps}; "
               "raise --max_steps to train further")
         return 0
-    data = trainer.data
-    print(f"training {trainer.model.num_params():,} parameters on {data.source} "
-          f"({len(data.train):,} train / {len(data.val):,} val tokens) on {system.describe()}; "
-          f"{trainer.tokens_per_step:,} tokens per step", flush=True)
     result = trainer.train()
-    print_summary(result, trainer)
     # The shell's convention for a run ended by a signal: 130 for SIGINT, 143 for SIGTERM.
     return 128 + result.stopped_by_signal if result.stopped_by_signal else 0
 

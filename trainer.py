@@ -5,7 +5,6 @@ import dataclasses
 import math
 import time
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -17,40 +16,11 @@ from data_loader import PreparedData, get_batch
 from errors import UserError
 from guards import StepTimer, StopSignals, TimeLimit
 from model import GPT
+from monitor import LogWindow, LossRecord, RunMonitor, RunResult
+from report import environment
 from utils import DeviceInfo, autocast_context
 
 EVAL_SEED = 20240101  # every evaluation scores the same batches, so evaluations compare
-
-
-@dataclass
-class LossRecord:
-    """Best and worst evaluated losses of the run, carried across resumes."""
-
-    best_train: float = math.inf
-    worst_train: float = -math.inf
-    best_val: float = math.inf
-    worst_val: float = -math.inf
-    best_val_step: int = 0
-
-    def update(self, step: int, train_loss: float, val_loss: float) -> bool:
-        """Record an evaluation; return whether the validation loss is a new best."""
-        self.best_train = min(self.best_train, train_loss)
-        self.worst_train = max(self.worst_train, train_loss)
-        self.worst_val = max(self.worst_val, val_loss)
-        if val_loss < self.best_val:
-            self.best_val, self.best_val_step = val_loss, step
-            return True
-        return False
-
-
-@dataclass
-class RunResult:
-    steps: int
-    seconds: float
-    losses: LossRecord
-    stop_reason: str  # "finished", "signal", "target" or "time"
-    stopped_by_signal: Optional[int] = None  # the signal number when interrupted
-    skipped_steps: int = 0  # updates skipped for a non-finite loss or gradient
 
 
 def learning_rate(step: int, t: TrainingConfig, max_steps: int) -> float:
@@ -154,6 +124,26 @@ class Trainer:
         self.bad_steps_in_a_row = 0
         self.skipped_steps = 0
         self.target_reached = False
+        self.elapsed_before_s = 0.0  # training time of earlier sessions of this run
+        self._session_start: Optional[float] = None
+        self.resumed_from: Optional[Path] = None
+        self.environment = environment(system.device)
+        self.monitor = RunMonitor(cfg, system, self._facts(), self.out_dir)
+
+    def _facts(self) -> dict:
+        """The figures the summaries and metrics need, computed once."""
+        return {
+            "num_params": (self.model.num_params(), self.model.num_params(include_embeddings=False)),
+            "flops_per_token": self.model.flops_per_token(),
+            "tokens_per_step": self.tokens_per_step,
+            "max_steps": self.max_steps,
+            "vocab_size": self.data.tokenizer.vocab_size,
+            "train_tokens": len(self.data.train),
+            "val_tokens": len(self.data.val),
+            "char_level": self.data.tokenizer.kind == "char",
+            "environment": self.environment,
+            "time_limit": self.time_limit.reason if self.time_limit else None,
+        }
 
     # ------------------------------------------------------------ checkpoints
 
@@ -171,13 +161,22 @@ class Trainer:
             "tokenizer": self.data.tokenizer.to_dict(),
             "losses": dataclasses.asdict(self.losses),
             "rng": rng,
+            "elapsed_s": self.elapsed_s(),
+            "environment": self.environment,
         }
+
+    def elapsed_s(self) -> float:
+        """Return the run's training time so far, earlier sessions included."""
+        session = time.perf_counter() - self._session_start if self._session_start else 0.0
+        return self.elapsed_before_s + session
 
     def load_weights(self, checkpoint: dict) -> None:
         self.model.load_state_dict(checkpoint["model"])
 
-    def resume(self, checkpoint: dict) -> None:
+    def resume(self, checkpoint: dict, path: Path) -> None:
         """Continue from a checkpoint: weights, optimizer, step, losses and random states."""
+        self.resumed_from = path
+        self.elapsed_before_s = checkpoint["elapsed_s"]
         self.load_weights(checkpoint)
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self._apply_config_hyperparameters()
@@ -221,11 +220,10 @@ class Trainer:
         return get_batch(tokens, self.cfg.training.batch_size, self.cfg.model.block_size,
                          generator, self.system.device)
 
-    def train_step(self) -> torch.Tensor:
-        """Run one optimizer step over grad_accum_steps micro-batches; return the mean loss.
-
-        A non-finite loss or gradient skips the update; too many in a row stop the run.
-        """
+    def train_step(self) -> Optional[torch.Tensor]:
+        """Run one optimizer step over grad_accum_steps micro-batches; return the mean loss,
+        or None when a non-finite loss or gradient made it skip the update (too many in a row
+        stop the run)."""
         t = self.cfg.training
         lr = learning_rate(self.step, t, self.max_steps)
         for group in self.optimizer.param_groups:
@@ -238,14 +236,15 @@ class Trainer:
         else:
             self.bad_steps_in_a_row += 1
             self.skipped_steps += 1
-            print(f"step {self.step + 1}: loss {loss.item()} is not finite; update skipped "
-                  f"({self.bad_steps_in_a_row} in a row)", flush=True)
+            self.monitor.message(f"step {self.step + 1}: loss {loss.item()} is not finite; update "
+                                 f"skipped ({self.bad_steps_in_a_row} in a row)")
             if self.bad_steps_in_a_row >= t.max_bad_steps:
                 raise UserError(
                     f"the loss was not finite for {t.max_bad_steps} steps in a row (to step "
                     f"{self.step + 1}), so the run stopped; {self._last_checkpoint()}; try a lower "
                     f"--lr (now {t.lr:g}) or another --precision (now "
                     f"{str(self.system.dtype).removeprefix('torch.')})")
+            return None
         return loss
 
     @torch.no_grad()
@@ -290,9 +289,11 @@ class Trainer:
 
     def _train(self) -> RunResult:
         t = self.cfg.training
-        started = time.perf_counter()
-        window_start, window_steps = started, 0
+        self._session_start = started = time.perf_counter()
+        start_step, train_seconds = self.step, 0.0
+        window = LogWindow()
         reason = "finished"
+        self.monitor.start(self.step, self.resumed_from)
         self.forward_model.train()
         with StopSignals() as stop:
             while self.step < self.max_steps:
@@ -307,38 +308,36 @@ class Trainer:
                 step_start = time.perf_counter()
                 loss = self.train_step()
                 self.step += 1
-                self.timer.record_step(time.perf_counter() - step_start)
-                window_steps += 1
+                step_seconds = time.perf_counter() - step_start
+                self.timer.record_step(step_seconds)
+                train_seconds += step_seconds
+                window.add(loss)
+                self.monitor.advance()
                 if self.step % t.log_interval == 0 or self.step == self.max_steps:
-                    elapsed = time.perf_counter() - window_start
-                    self._log_step(loss.item(), elapsed / window_steps)
-                    window_start, window_steps = time.perf_counter(), 0
+                    self.monitor.log(self.step, window.mean_loss(), self.optimizer.param_groups[0]["lr"],
+                                     window.seconds_per_step(), self.elapsed_s())
+                    window = LogWindow()
                 if self._evaluates_at(self.step):
                     self._evaluate_and_save()
-                    window_start, window_steps = time.perf_counter(), 0
+                    window.restart_clock()  # evaluation time is not training speed
                 elif t.checkpoint_interval and self.step % t.checkpoint_interval == 0:
                     self.save_latest()
             if self.saved_step != self.step:
                 self.save_latest()
-        return RunResult(self.step, time.perf_counter() - started, self.losses, reason,
-                         stop.received, self.skipped_steps)
-
-    def _log_step(self, loss: float, seconds_per_step: float) -> None:
-        tokens_per_s = self.tokens_per_step / seconds_per_step
-        lr = self.optimizer.param_groups[0]["lr"]
-        print(f"step {self.step:>6}/{self.max_steps}  loss {loss:.4f}  lr {lr:.2e}  "
-              f"{seconds_per_step * 1000:.1f} ms/step  {tokens_per_s:,.0f} tok/s", flush=True)
+        result = RunResult(start_step, self.step, time.perf_counter() - started, train_seconds, self.losses,
+                           reason, stop.received, self.skipped_steps)
+        self.monitor.finish(result, self.elapsed_s())
+        return result
 
     def _evaluate_and_save(self) -> None:
         started = time.perf_counter()
         losses = self.evaluate()
         self.timer.eval_s = time.perf_counter() - started
         improved = self.losses.update(self.step, losses["train"], losses["val"])
-        path = self.save_latest()
-        saved = [str(path)]
+        elapsed_s = self.elapsed_s()  # before the save, so a resumed run's clock never goes back
+        saved = [self.save_latest()]
         if improved:  # the same bytes: copy the file rather than serialize the state again
-            saved.append(str(copy_checkpoint(path, self.out_dir / "best.pt")))
-        print(f"step {self.step:>6}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
-              f"{' (best)' if improved else ''}; saved {', '.join(saved)}", flush=True)
+            saved.append(copy_checkpoint(saved[0], self.out_dir / "best.pt"))
+        self.monitor.evaluation(self.step, losses, improved, saved, elapsed_s)
         target = self.cfg.training.target_val_loss
         self.target_reached = target is not None and losses["val"] <= target

@@ -103,6 +103,15 @@ def process_start_time() -> float:
     return psutil.Process().create_time()
 
 
+def configure_determinism(on: bool) -> None:
+    """Ask torch for deterministic algorithms (warning where an op has none), or let it choose."""
+    if on:
+        # cuBLAS needs a fixed workspace to repeat its results; read when CUDA starts
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on, warn_only=True)
+    torch.backends.cudnn.benchmark = False if on else torch.backends.cudnn.benchmark
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, numpy and torch (every device) so a run can be repeated."""
     random.seed(seed)
@@ -166,3 +175,63 @@ def write_file_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
         _fsync_directory(path.parent)
     finally:
         partial.unlink(missing_ok=True)  # only left over when something failed
+
+
+# ---------------------------------------------------------------- throughput and memory
+
+# Dense peak TFLOP/s from NVIDIA's datasheets and architecture whitepapers (no sparsity):
+# (16-bit tensor cores with fp32 accumulation, TF32 tensor cores, plain fp32). Checked in
+# order, so a name that contains another (A100 contains A10, L40S contains L4) comes first.
+GPU_PEAK_TFLOPS: list[tuple[str, tuple[float, float, float]]] = [
+    ("H200", (989.4, 494.7, 66.9)),
+    ("H100 PCIe", (756.5, 378.0, 51.2)),
+    ("H100", (989.4, 494.7, 66.9)),  # SXM5
+    ("A100", (312.0, 156.0, 19.5)),
+    ("L40S", (362.1, 183.0, 91.6)),
+    ("L4", (121.0, 60.0, 30.3)),
+    ("A10", (125.0, 62.5, 31.2)),
+    ("RTX 4090", (165.2, 82.6, 82.6)),
+    ("RTX 4080", (97.5, 48.7, 48.7)),
+    ("RTX 3090", (71.0, 35.6, 35.6)),
+    ("RTX 3080", (59.5, 29.8, 29.8)),
+    ("V100", (125.0, 15.7, 15.7)),  # no TF32: float32 runs at the plain rate
+    ("T4", (65.0, 8.1, 8.1)),
+]
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype, allow_tf32: bool,
+               override_tflops: float | None = None) -> float | None:
+    """Return the device's peak FLOP/s for this dtype, or None where it is not known (CPU, MPS)."""
+    if override_tflops is not None:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, (half, tf32, fp32) in GPU_PEAK_TFLOPS:
+        if key in name:
+            if dtype in (torch.bfloat16, torch.float16):
+                return half * 1e12
+            return (tf32 if allow_tf32 else fp32) * 1e12
+    return None
+
+
+@dataclass
+class MemoryStats:
+    """Memory in MiB: this process, the whole machine, and (on CUDA) tensors on the GPU."""
+
+    rss_mb: float
+    system_used_mb: float
+    system_total_mb: float
+    cuda_allocated_mb: float | None = None
+    cuda_peak_mb: float | None = None
+
+
+def memory_stats(device: torch.device) -> MemoryStats:
+    mib = 2**20
+    system = psutil.virtual_memory()
+    stats = MemoryStats(psutil.Process().memory_info().rss / mib, (system.total - system.available) / mib,
+                        system.total / mib)
+    if device.type == "cuda":
+        stats.cuda_allocated_mb = torch.cuda.memory_allocated(device) / mib
+        stats.cuda_peak_mb = torch.cuda.max_memory_allocated(device) / mib
+    return stats

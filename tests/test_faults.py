@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -60,7 +61,7 @@ def test_resume_skips_damaged_checkpoints_and_says_so(workdir, tiny_config_file,
     out, err = capsys.readouterr()
     assert "skipping a checkpoint that does not verify: models/tiny_test/ckpt.pt is corrupt" in err
     assert "ckpt-6.pt is damaged: its tensors do not match their checksum" in err
-    assert "resuming from models/tiny_test/ckpt-5.pt at step 5" in out
+    assert re.search(r"resuming from +models/tiny_test/ckpt-5.pt at step 5\n", out)
     assert load_checkpoint(run_dir / "ckpt.pt")["step"] == 8
 
 
@@ -132,8 +133,8 @@ def test_a_full_disk_stops_the_run_and_keeps_the_last_checkpoint(workdir, tiny_c
                    "the previous one is untouched")
     monkeypatch.undo()
     assert load_checkpoint(workdir / "models/tiny_test/ckpt.pt")["step"] == 3
-    assert [p.name for p in (workdir / "models/tiny_test").iterdir()] == ["ckpt.pt", "best.pt"] or sorted(
-        p.name for p in (workdir / "models/tiny_test").iterdir()) == ["best.pt", "ckpt.pt"]
+    leftovers = sorted(p.name for p in (workdir / "models/tiny_test").iterdir() if ".pt" in p.name)
+    assert leftovers == ["best.pt", "ckpt.pt"]  # no half-written file left behind
 
 
 def test_out_of_memory_names_the_settings_to_lower(workdir, tiny_config_file, capsys, monkeypatch):
@@ -150,10 +151,10 @@ def test_out_of_memory_names_the_settings_to_lower(workdir, tiny_config_file, ca
 def test_target_val_loss_stops_the_run_and_says_so(workdir, tiny_config_file, capsys):
     assert run(tiny_config_file, "--target_val_loss", "100", "--max_steps", "50") == 0
     out = capsys.readouterr().out
-    assert "reached --target_val_loss 100.0 at step 3" in out
+    assert re.search(r"ending +reached --target_val_loss 100.0 at step 3\n", out)
     assert load_checkpoint(workdir / "models/tiny_test/ckpt.pt")["step"] == 3
     assert run(tiny_config_file, "--target_val_loss", "0.01", "--out_dir", "other") == 0
-    assert "did not reach --target_val_loss 0.01 (best " in capsys.readouterr().out
+    assert re.search(r"target +not reached: --target_val_loss 0.01, best \d", capsys.readouterr().out)
 
 
 def test_max_time_stops_with_a_checkpoint_before_the_deadline(workdir, tiny_config_file, capsys,
@@ -164,7 +165,8 @@ def test_max_time_stops_with_a_checkpoint_before_the_deadline(workdir, tiny_conf
     assert run(tiny_config_file, "--max_time", "1000", "--max_steps", "100000", "--eval_interval", "40") == 0
     finished = time.time()
     out = capsys.readouterr().out
-    assert "of 100000 to stay within --max_time 16m40s" in out and "continue with --resume" in out
+    assert re.search(r"stopped at step \d+ of 100,000 to stay within --max_time 16m40s; continue with "
+                     r"--resume", out)
     saved = load_checkpoint(workdir / "models/tiny_test/ckpt.pt")
     assert 0 < saved["step"] < 100000
     assert finished < start + 1000 + 0.2  # it stopped and saved in time (with slack for the summary)
@@ -187,7 +189,8 @@ def test_durations_and_step_timing():
     for bad in ("", "soon", "1d", "h"):
         with pytest.raises(ValueError):
             parse_duration(bad)
-    assert [format_duration(s) for s in (5400, 2710, 12, 0)] == ["1h30m", "45m10s", "12s", "0s"]
+    assert [format_duration(s) for s in (5400, 2710, 12, 3.44, 0)] == [
+        "1h30m", "45m10s", "12s", "3.4s", "0.0s"]
     timer = StepTimer(save_guess_s=2.0)
     timer.record_step(60.0)  # compiling: left out
     timer.record_step(1.0)
@@ -245,7 +248,7 @@ def test_sigkill_at_random_moments_never_loses_the_run(workdir, small_corpus_fil
         process = start_training(workdir, small_corpus_file, "--checkpoint_interval", "1",
                                  "--eval_interval", "1000", "--training.keep_last", "2", *resume)
         if resume:  # it must start from a valid checkpoint no older than the last one seen
-            step = int(wait_for_line(process, "resuming from").rsplit(" ", 1)[1])
+            step = int(wait_for_line(process, "  resuming from").rsplit(" ", 1)[1])
             assert step >= last_step
         wait_for_line(process, "step ")
         wait_for_line(process, "step ")  # so the save after the first step is complete

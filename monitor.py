@@ -1,0 +1,363 @@
+"""What a person watching a run sees: the summaries, the progress bar or lines, metrics.csv,
+loss.png and report.md. Nothing here changes what is trained.
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from tqdm import tqdm
+
+from config import Config, config_to_dict
+from guards import format_duration
+from metrics import MetricsLog, read_metrics
+from plotting import draw_loss_plot
+from report import write_report
+from utils import DeviceInfo, memory_stats, notice, peak_flops
+
+
+@dataclass
+class LossRecord:
+    """Evaluated losses of the run: the last, the best and the worst, carried across resumes."""
+
+    best_train: float = math.inf
+    worst_train: float = -math.inf
+    best_val: float = math.inf
+    worst_val: float = -math.inf
+    best_val_step: int = 0
+    final_train: float = math.nan
+    final_val: float = math.nan
+
+    def update(self, step: int, train_loss: float, val_loss: float) -> bool:
+        """Record an evaluation; return whether the validation loss is a new best."""
+        self.final_train, self.final_val = train_loss, val_loss
+        self.best_train = min(self.best_train, train_loss)
+        self.worst_train = max(self.worst_train, train_loss)
+        self.worst_val = max(self.worst_val, val_loss)
+        if val_loss < self.best_val:
+            self.best_val, self.best_val_step = val_loss, step
+            return True
+        return False
+
+
+@dataclass
+class RunResult:
+    start_step: int
+    steps: int
+    seconds: float  # this invocation's training time, evaluations and saves included
+    train_seconds: float  # the part spent in training steps, for throughput
+    losses: LossRecord
+    stop_reason: str  # "finished", "signal", "target" or "time"
+    stopped_by_signal: Optional[int] = None
+    skipped_steps: int = 0
+
+
+@dataclass
+class Style:
+    """Colours for emphasis on a terminal; plain text when NO_COLOR is set or output is redirected."""
+
+    enabled: bool = field(default_factory=lambda: sys.stdout.isatty() and "NO_COLOR" not in os.environ
+                          and os.environ.get("TERM") != "dumb")
+
+    def _wrap(self, code: str, text: str) -> str:
+        return f"\033[{code}m{text}\033[0m" if self.enabled else text
+
+    def bold(self, text: str) -> str:
+        return self._wrap("1", text)
+
+    def good(self, text: str) -> str:
+        return self._wrap("32", text)
+
+    def warn(self, text: str) -> str:
+        return self._wrap("33", text)
+
+
+def describe_run(cfg: Config, num_params: Optional[tuple[int, int]], data_facts: Optional[dict],
+                 system: DeviceInfo, max_steps: Optional[int]) -> list[tuple[str, list[tuple[str, str]]]]:
+    """Return the run's facts grouped as [(section, [(name, value), ...]), ...].
+
+    `num_params` is (with, without embeddings); `data_facts` and `max_steps` are None when the
+    data is not on disk yet (for --show_config before the first download).
+    """
+    m, t = cfg.model, cfg.training
+    tokens_per_step = t.batch_size * t.grad_accum_steps * m.block_size
+    params = (f"{num_params[0]:,} ({num_params[1]:,} without embeddings)" if num_params
+              else "known once the dataset is downloaded (vocabulary size)")
+    model = [("shape", f"{m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, context {m.block_size}"),
+             ("parameters", params)]
+    data = [("source", cfg.data.dataset), ("tokenizer", cfg.data.tokenizer)]
+    if data_facts:
+        data += [("vocabulary", f"{data_facts['vocab_size']:,}"),
+                 ("tokens", f"{data_facts['train_tokens']:,} train / {data_facts['val_tokens']:,} val"),
+                 ("batches per epoch", f"{data_facts['train_tokens'] / tokens_per_step:,.1f}")]
+    steps = f"{max_steps:,}" if max_steps else f"{t.max_steps:,}"
+    if t.epochs is not None:
+        steps += f" ({t.epochs} epochs)"
+    decay_end = t.lr_decay_steps or max_steps or t.max_steps
+    training = [
+        ("steps", steps),
+        ("tokens per step", f"{tokens_per_step:,} = batch {t.batch_size} x accumulation "
+                            f"{t.grad_accum_steps} x context {m.block_size}"),
+        ("total tokens", f"{(max_steps or t.max_steps) * tokens_per_step:,}"),
+        ("lr schedule", f"warmup {t.warmup_steps} steps to {t.lr:g}, cosine to {t.min_lr:g} at step "
+                        f"{decay_end:,}"),
+    ]
+    threads = f", {torch.get_num_threads()} CPU threads" if system.device.type == "cpu" else ""
+    tf32 = f", TF32 {'on' if cfg.system.allow_tf32 else 'off'}" if system.device.type == "cuda" else ""
+    return [("model", model), ("data", data), ("training", training),
+            ("system", [("device", system.describe() + tf32 + threads)])]
+
+
+def format_sections(sections: list[tuple[str, list[tuple[str, str]]]], style: Style) -> str:
+    width = max(len(name) for _, rows in sections for name, _ in rows)
+    lines = []
+    for title, rows in sections:
+        lines.append(style.bold(f"[{title}]"))
+        lines += [f"  {name:<{width}}  {value}" for name, value in rows]
+    return "\n".join(lines)
+
+
+class LogWindow:
+    """The steps since the last progress report: their wall time and mean training loss.
+
+    Losses are summed on the device, so no step waits for the GPU just to be reported.
+    """
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.steps = 0
+        self.loss_sum: Optional[torch.Tensor] = None
+        self.losses = 0
+
+    def add(self, loss: Optional[torch.Tensor]) -> None:
+        """Count a step; `loss` is None for a skipped (non-finite) one."""
+        self.steps += 1
+        if loss is not None:
+            self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
+            self.losses += 1
+
+    def mean_loss(self) -> float:
+        return self.loss_sum.item() / self.losses if self.losses else math.nan
+
+    def seconds_per_step(self) -> float:
+        return (time.perf_counter() - self.started) / max(1, self.steps)
+
+    def restart_clock(self) -> None:
+        self.started, self.steps = time.perf_counter(), 0
+
+
+class Progress:
+    """A tqdm bar when stdout is a terminal; otherwise a plain line every log_interval steps."""
+
+    def __init__(self, total: int, initial: int, interactive: bool):
+        self.bar = (tqdm(total=total, initial=initial, file=sys.stdout, unit="step", dynamic_ncols=True)
+                    if interactive else None)
+
+    def advance(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)  # host-side only; tqdm redraws at most ten times a second
+
+    def report(self, postfix: str, line: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(postfix, refresh=False)
+        else:
+            print(line, flush=True)
+
+    def write(self, line: str) -> None:
+        """Print a line above the bar (or just print it)."""
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stdout)
+        else:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class RunMonitor:
+    """Reports a run as it goes and when it ends; the loop calls it at visible points only."""
+
+    def __init__(self, cfg: Config, system: DeviceInfo, facts: dict, out_dir: Path,
+                 interactive: Optional[bool] = None):
+        """`facts`: num_params (with, without embeddings), flops_per_token, tokens_per_step,
+        max_steps, vocab_size, train_tokens, val_tokens, char_level, environment."""
+        self.cfg, self.system, self.facts, self.out_dir = cfg, system, facts, out_dir
+        self.style = Style()
+        self.interactive = sys.stdout.isatty() if interactive is None else interactive
+        self.peak = peak_flops(system.device, system.dtype, cfg.system.allow_tf32, cfg.system.peak_tflops)
+        self.peak_rss_mb = 0.0
+        self.estimated = False
+        self.plot_failed = False
+        self.progress: Optional[Progress] = None
+        self.start_step = 0
+        self.last_milestone = 0
+
+    # ------------------------------------------------------------ during the run
+
+    def start(self, step: int, resumed_from: Optional[Path]) -> None:
+        """Print the summary before training and open metrics.csv (trimmed back to `step` on resume)."""
+        self.start_step = step
+        interval = self.cfg.training.plot_milestone_interval
+        self.last_milestone = step // interval if interval else 0
+        self.metrics = MetricsLog(self.out_dir / "metrics.csv", step if resumed_from else None)
+        facts = self.facts
+        sections = describe_run(self.cfg, facts["num_params"], facts, self.system, facts["max_steps"])
+        run = [("output", str(self.out_dir))]
+        if resumed_from is not None:
+            run.append(("resuming from", f"{resumed_from} at step {step}"))
+        print(format_sections(sections + [("run", run)], self.style), flush=True)
+        self.progress = Progress(facts["max_steps"], step, self.interactive)
+
+    def advance(self) -> None:
+        self.progress.advance()
+
+    def message(self, line: str) -> None:
+        """Print a line above the bar (or plainly, before the run has started)."""
+        if self.progress is None:
+            print(line, flush=True)
+        else:
+            self.progress.write(line)
+
+    def throughput(self, tokens_per_s: float) -> tuple[Optional[float], float]:
+        """Return (MFU as a fraction, or None where the device's peak is unknown; achieved TFLOP/s)."""
+        flops_per_s = self.facts["flops_per_token"] * tokens_per_s
+        return (flops_per_s / self.peak if self.peak else None), flops_per_s / 1e12
+
+    def _memory_row(self) -> dict:
+        memory = memory_stats(self.system.device)
+        self.peak_rss_mb = max(self.peak_rss_mb, memory.rss_mb)
+        return {"rss_mb": memory.rss_mb, "cuda_allocated_mb": memory.cuda_allocated_mb,
+                "cuda_peak_mb": memory.cuda_peak_mb}
+
+    def log(self, step: int, loss: float, lr: float, seconds_per_step: float, elapsed_s: float) -> None:
+        """Report training progress (`loss`: the mean since the last report) as bar or line,
+        and as a metrics row."""
+        tokens_per_s = self.facts["tokens_per_step"] / seconds_per_step
+        mfu, tflops = self.throughput(tokens_per_s)
+        speed = f"MFU {mfu:.1%}" if mfu is not None else f"{tflops:.2f} TFLOP/s"
+        postfix = f"loss {loss:.4f}, lr {lr:.2e}, {tokens_per_s:,.0f} tok/s, {speed}"
+        line = (f"step {step:>6}/{self.facts['max_steps']}  loss {loss:.4f}  lr {lr:.2e}  "
+                f"{seconds_per_step * 1000:.1f} ms/step  {tokens_per_s:,.0f} tok/s  {speed}")
+        self.metrics.append({"kind": "train", "step": step, "elapsed_s": elapsed_s,
+                             "tokens": step * self.facts["tokens_per_step"], "train_loss": loss, "lr": lr,
+                             "tokens_per_s": tokens_per_s, "mfu": mfu, "tflops": tflops,
+                             **self._memory_row()})
+        self.progress.report(postfix, line)
+        if not self.estimated:
+            self.estimated = True
+            self._print_estimate(step, seconds_per_step)
+
+    def _print_estimate(self, step: int, seconds_per_step: float) -> None:
+        """Print the expected duration once the first steps are timed."""
+        t, max_steps = self.cfg.training, self.facts["max_steps"]
+        remaining = max_steps - step
+        evaluations = len([s for s in range(step + 1, max_steps + 1) if s % t.eval_interval == 0])
+        evaluations += max_steps % t.eval_interval != 0
+        # an evaluation batch is a forward pass only: about a third of a micro-step's work
+        eval_s = 2 * t.eval_iters * seconds_per_step / (3 * t.grad_accum_steps)
+        total = remaining * seconds_per_step + evaluations * eval_s
+        self.message(f"estimated time to step {max_steps:,}: about {format_duration(total)} "
+                     f"({seconds_per_step * 1000:.1f} ms/step, {evaluations} evaluations)")
+
+    def evaluation(self, step: int, losses: dict[str, float], improved: bool, saved: list[Path],
+                   elapsed_s: float) -> None:
+        """Report an evaluation above the bar, add its metrics row, redraw loss.png."""
+        val = losses["val"]
+        best = self.style.good(" (best)") if improved else ""
+        self.message(f"step {step:>6}: train loss {losses['train']:.4f}, val loss {val:.4f}{best}; "
+                     f"saved {', '.join(str(p) for p in saved)}")
+        self.metrics.append({
+            "kind": "eval", "step": step, "elapsed_s": elapsed_s,
+            "tokens": step * self.facts["tokens_per_step"], "train_loss": losses["train"],
+            "val_loss": val, "val_perplexity": math.exp(min(val, 50.0)),
+            "val_bits_per_char": val / math.log(2) if self.facts["char_level"] else None,
+            **self._memory_row()})
+        self._plot(step)
+
+    def _plot(self, step: int) -> None:
+        """Redraw loss.png and keep a milestone copy; a failure is reported once, never raised."""
+        if self.plot_failed:
+            return
+        path = self.out_dir / "loss.png"
+        try:
+            draw_loss_plot([(self.out_dir.name, read_metrics(self.metrics.path))], path)
+            interval = self.cfg.training.plot_milestone_interval
+            if interval and step // interval > self.last_milestone:
+                self.last_milestone = step // interval
+                (self.out_dir / "plots").mkdir(exist_ok=True)
+                shutil.copyfile(path, self.out_dir / "plots" / f"loss_step{step}.png")
+        except Exception as error:  # a plot is never worth a run
+            self.plot_failed = True
+            notice(f"could not draw {path} ({type(error).__name__}: {error}); training goes on "
+                   "without plots; `python plot.py` can draw them from metrics.csv later")
+
+    # ------------------------------------------------------------ at the end
+
+    def finish(self, result: RunResult, elapsed_total_s: float) -> None:
+        """Close the bar, print the summary after training and write report.md."""
+        self.progress.close()
+        self._memory_row()
+        print(format_sections(self._summary_rows(result, elapsed_total_s, self.style), self.style),
+              flush=True)
+        rows = self._summary_rows(result, elapsed_total_s, Style(enabled=False))
+        ending = rows[0][1][0][1]
+        plot = "loss.png" if (self.out_dir / "loss.png").is_file() else None
+        flat = [(f"{section}: {name}", value) for section, items in rows for name, value in items]
+        write_report(self.out_dir / "report.md", f"Run report: {self.out_dir.name} ({ending})", flat,
+                     config_to_dict(self.cfg), self.facts["environment"], plot)
+
+    def _ending(self, result: RunResult, style: Style) -> str:
+        t, max_steps = self.cfg.training, self.facts["max_steps"]
+        if result.stop_reason == "target":
+            return style.good(f"reached --target_val_loss {t.target_val_loss} at step {result.steps:,}")
+        if result.stop_reason == "signal":
+            return style.warn(f"stopped by a signal at step {result.steps:,} of {max_steps:,}; "
+                              "continue with --resume")
+        if result.stop_reason == "time":
+            return style.warn(f"stopped at step {result.steps:,} of {max_steps:,} to stay within "
+                              f"{self.facts['time_limit']}; continue with --resume")
+        return f"finished: trained to step {result.steps:,}"
+
+    def _summary_rows(self, result: RunResult, elapsed_total_s: float, style: Style) -> list:
+        losses, t = result.losses, self.cfg.training
+        steps_run = result.steps - result.start_step
+        tokens_run = steps_run * self.facts["tokens_per_step"]
+        run = [("ending", self._ending(result, style)),
+               ("time", f"{format_duration(result.seconds)} this session, "
+                        f"{format_duration(elapsed_total_s)} in all sessions"),
+               ("steps", f"{result.start_step:,} -> {result.steps:,} ({steps_run:,} this session)"),
+               ("tokens seen", f"{result.steps * self.facts['tokens_per_step']:,}")]
+        if steps_run and result.train_seconds > 0:
+            tokens_per_s = tokens_run / result.train_seconds
+            mfu, tflops = self.throughput(tokens_per_s)
+            speed = f"MFU {mfu:.1%}" if mfu is not None else "MFU n/a (no peak known for this device)"
+            run.append(("throughput", f"{tokens_per_s:,.0f} tokens/s, {tflops:.3f} TFLOP/s, {speed}"))
+        if result.skipped_steps:
+            run.append(("skipped steps", f"{result.skipped_steps} (non-finite loss or gradient)"))
+        if t.target_val_loss is not None and losses.best_val > t.target_val_loss:
+            run.append(("target", style.warn(f"not reached: --target_val_loss {t.target_val_loss}, "
+                                                  f"best {losses.best_val:.4f}")))
+        loss_rows = [("final", f"train {losses.final_train:.4f}, val {losses.final_val:.4f}"),
+                     ("best", f"train {losses.best_train:.4f}, val {losses.best_val:.4f} "
+                              f"(step {losses.best_val_step:,})"),
+                     ("worst", f"train {losses.worst_train:.4f}, val {losses.worst_val:.4f}")]
+        if not math.isfinite(losses.best_val):
+            loss_rows = [("evaluations", "none yet")]
+        memory = memory_stats(self.system.device)
+        memory_rows = [("peak process RSS", f"{self.peak_rss_mb:,.0f} MiB"),
+                       ("system memory", f"{memory.system_used_mb:,.0f} of {memory.system_total_mb:,.0f} "
+                                         "MiB in use")]
+        if memory.cuda_peak_mb is not None:
+            memory_rows.append(("peak CUDA allocated", f"{memory.cuda_peak_mb:,.0f} MiB"))
+        files = [(name, str(self.out_dir / file)) for name, file in (
+            ("checkpoint", "ckpt.pt"), ("metrics", "metrics.csv"), ("plot", "loss.png"),
+            ("report", "report.md"))]
+        return [("run", run), ("losses", loss_rows), ("memory", memory_rows), ("files", files)]
