@@ -12,7 +12,7 @@ from utils import write_file_atomic
 COLUMNS = [
     "kind",  # "train" (a progress report) or "eval"
     "step", "elapsed_s", "tokens", "train_loss", "val_loss", "val_perplexity", "val_bits_per_char",
-    "lr", "tokens_per_s", "mfu", "tflops", "rss_mb", "cuda_allocated_mb", "cuda_peak_mb",
+    "lr", "tokens_per_s", "mfu", "tflops", "rss_mb", "system_used_mb", "cuda_allocated_mb", "cuda_peak_mb",
 ]
 
 

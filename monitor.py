@@ -234,8 +234,8 @@ class RunMonitor:
     def _memory_row(self) -> dict:
         memory = memory_stats(self.system.device)
         self.peak_rss_mb = max(self.peak_rss_mb, memory.rss_mb)
-        return {"rss_mb": memory.rss_mb, "cuda_allocated_mb": memory.cuda_allocated_mb,
-                "cuda_peak_mb": memory.cuda_peak_mb}
+        return {"rss_mb": memory.rss_mb, "system_used_mb": memory.system_used_mb,
+                "cuda_allocated_mb": memory.cuda_allocated_mb, "cuda_peak_mb": memory.cuda_peak_mb}
 
     def log(self, step: int, loss: float, lr: float, seconds_per_step: float, elapsed_s: float) -> None:
         """Report training progress (`loss`: the mean since the last report) as bar or line,
