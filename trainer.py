@@ -236,12 +236,14 @@ class Trainer:
         else:
             self.bad_steps_in_a_row += 1
             self.skipped_steps += 1
-            self.monitor.message(f"step {self.step + 1}: loss {loss.item()} is not finite; update "
-                                 f"skipped ({self.bad_steps_in_a_row} in a row)")
+            loss_value = loss.item()
+            what = "gradient" if math.isfinite(loss_value) else "loss"
+            self.monitor.message(f"step {self.step + 1}: the {what} is not finite (loss {loss_value:.4f}); "
+                                 f"update skipped ({self.bad_steps_in_a_row} in a row)")
             if self.bad_steps_in_a_row >= t.max_bad_steps:
                 raise UserError(
-                    f"the loss was not finite for {t.max_bad_steps} steps in a row (to step "
-                    f"{self.step + 1}), so the run stopped; {self._last_checkpoint()}; try a lower "
+                    f"the loss or its gradient was not finite for {t.max_bad_steps} steps in a row (to "
+                    f"step {self.step + 1}), so the run stopped; {self._last_checkpoint()}; try a lower "
                     f"--lr (now {t.lr:g}) or another --precision (now "
                     f"{str(self.system.dtype).removeprefix('torch.')})")
             return None

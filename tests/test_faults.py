@@ -98,7 +98,7 @@ def test_too_many_nan_losses_in_a_row_stop_the_run(workdir, tiny_config_file, ca
     with pytest.raises(UserError, match=r"not finite for 3 steps in a row \(to step 9\).*resume from "
                                         r"models/tiny_test/ckpt.pt \(step 6\).*lower --lr"):
         trainer.train()
-    assert "step 2: loss nan is not finite; update skipped (1 in a row)" in capsys.readouterr().out
+    assert "step 2: the loss is not finite (loss nan); update skipped (1 in a row)" in capsys.readouterr().out
     assert load_checkpoint(workdir / "models/tiny_test/ckpt.pt")["step"] == 6
     assert trainer.skipped_steps == 4
 
@@ -278,3 +278,15 @@ def test_sigkill_at_random_moments_never_loses_the_run(workdir, small_corpus_fil
         cwd=workdir, capture_output=True, text=True, timeout=120)
     assert final.returncode == 0, final.stderr
     assert load_checkpoint(run_dir / "ckpt.pt")["step"] == last_step + 3
+
+
+def test_a_diverging_run_skips_non_finite_gradients(workdir, tiny_config_file, capsys):
+    """A learning rate far too high: the weights blow up and the gradients stop being finite."""
+    trainer = build_trainer(tiny_config_file, "--lr", "1e5", "--training.min_lr", "0",
+                            "--training.warmup_steps", "0")
+    for _ in range(4):
+        trainer.train_step()
+        trainer.step += 1
+    assert trainer.skipped_steps >= 1
+    assert "the gradient is not finite" in capsys.readouterr().out
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
