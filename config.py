@@ -77,6 +77,8 @@ class TrainingConfig:
     grad_clip: float = option(1.0, "max gradient norm; 0 turns clipping off")
     eval_interval: int = option(250, "steps between evaluations")
     eval_iters: int = option(200, "batches per split in an evaluation")
+    eval_full_val: bool = option(
+        False, "score the whole validation split (non-overlapping windows) instead of eval_iters batches")
     log_interval: int = option(10, "steps between progress lines")
     checkpoint_interval: int = option(0, "steps between extra checkpoints; 0: only at evaluations")
     plot_milestone_interval: int = option(
@@ -323,6 +325,16 @@ def resolve_config(config_path: str | None, overrides: dict, base: dict | None =
         name = Path(config_path).stem if config_path else "default"
         cfg.training.out_dir = str(Path("models") / name)
     validate(cfg)
+    return cfg
+
+
+def fill_vocab_size(cfg: Config, vocab_size: int) -> Config:
+    """Return the config with model.vocab_size taken from the tokenizer when not set."""
+    if cfg.model.vocab_size is None:
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab_size))
+    if cfg.model.vocab_size < vocab_size:
+        raise UserError(f"model.vocab_size {cfg.model.vocab_size} is smaller than the tokenizer's "
+                        f"{vocab_size}; set it to null or at least {vocab_size}")
     return cfg
 
 

@@ -13,6 +13,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -169,6 +170,18 @@ def prepare_data(data_cfg: DataConfig, rebuild: bool = False) -> PreparedData:
     )
 
 
+def synthetic_data(vocab_size: int, n_tokens: int = 2_000_000, seed: int = 0) -> PreparedData:
+    """Return random token ids in memory (90/10 split), for throughput benchmarks that need
+    no corpus; the tokenizer maps each id to its own character so checkpoints stay valid."""
+    generator = np.random.default_rng(seed)
+    dtype = np.uint16 if vocab_size <= 2**16 else np.uint32
+    ids = generator.integers(0, vocab_size, n_tokens, dtype=dtype)
+    n_train = int(n_tokens * 0.9)
+    tokenizer = CharTokenizer("".join(chr(i) for i in range(vocab_size)))
+    return PreparedData(ids[:n_train], ids[n_train:], tokenizer, f"synthetic ({vocab_size} symbols)",
+                        Path("."))
+
+
 def check_enough_tokens(data: PreparedData, block_size: int) -> None:
     """Raise UserError unless both splits hold at least one window of block_size + 1 tokens."""
     for split, tokens in (("train", data.train), ("validation", data.val)):
@@ -199,3 +212,18 @@ def get_batch(
         return (x.pin_memory().to(device, non_blocking=True),
                 y.pin_memory().to(device, non_blocking=True))
     return x.to(device), y.to(device)
+
+
+def split_windows(
+    tokens: np.ndarray, batch_size: int, block_size: int, device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield batches of non-overlapping windows covering the split once (the tail shorter
+    than a window is left out), for a loss over the whole split rather than a sample."""
+    n_windows = (len(tokens) - 1) // block_size
+    for first in range(0, n_windows, batch_size):
+        count = min(batch_size, n_windows - first)
+        span = np.asarray(tokens[first * block_size : (first + count) * block_size + 1], dtype=np.int64)
+        flat = torch.from_numpy(span)
+        x = flat[:-1].view(count, block_size)
+        y = flat[1:].view(count, block_size)
+        yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)

@@ -199,6 +199,10 @@ class RunMonitor:
         self.progress: Optional[Progress] = None
         self.start_step = 0
         self.last_milestone = 0
+        # what bench.py reads after a run: seconds per step of each report window, and
+        # (step, wall-clock time when done, val loss) of each evaluation
+        self.window_seconds: list[float] = []
+        self.evaluations: list[tuple[int, float, float]] = []
 
     # ------------------------------------------------------------ during the run
 
@@ -240,6 +244,7 @@ class RunMonitor:
     def log(self, step: int, loss: float, lr: float, seconds_per_step: float, elapsed_s: float) -> None:
         """Report training progress (`loss`: the mean since the last report) as bar or line,
         and as a metrics row."""
+        self.window_seconds.append(seconds_per_step)
         tokens_per_s = self.facts["tokens_per_step"] / seconds_per_step
         mfu, tflops = self.throughput(tokens_per_s)
         speed = f"MFU {mfu:.1%}" if mfu is not None else f"{tflops:.2f} TFLOP/s"
@@ -271,6 +276,7 @@ class RunMonitor:
                    elapsed_s: float) -> None:
         """Report an evaluation above the bar, add its metrics row, redraw loss.png."""
         val = losses["val"]
+        self.evaluations.append((step, time.time(), val))
         best = self.style.good(" (best)") if improved else ""
         self.message(f"step {step:>6}: train loss {losses['train']:.4f}, val loss {val:.4f}{best}; "
                      f"saved {', '.join(str(p) for p in saved)}")

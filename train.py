@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -12,14 +11,14 @@ import torch
 from checkpoint import (check_same_architecture, find_checkpoint, load_checkpoint, load_latest_valid,
                         rolling_checkpoints)
 from cli import CliParser, add_config_flags, overrides_from_args, run_cli
-from config import Config, __version__, format_config, resolve_config, save_config, tokens_per_step
+from config import (Config, __version__, fill_vocab_size, format_config, resolve_config, save_config,
+                    tokens_per_step)
 from data_loader import PreparedData, check_enough_tokens, prepare_data, shakespeare_is_local
 from errors import UserError
 from model import GPT
 from monitor import Style, describe_run, format_sections
 from trainer import Trainer, total_steps
-from utils import (DeviceInfo, configure_determinism, configure_tf32, process_start_time, resolve_system,
-                   seed_everything)
+from utils import DeviceInfo, configure_torch, process_start_time, resolve_system
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,16 +70,6 @@ def load_resumable(path: Path) -> tuple[dict, Path]:
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
     return load_checkpoint(path), path
-
-
-def fill_vocab_size(cfg: Config, vocab_size: int) -> Config:
-    """Return the config with model.vocab_size taken from the tokenizer when not set."""
-    if cfg.model.vocab_size is None:
-        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab_size))
-    if cfg.model.vocab_size < vocab_size:
-        raise UserError(f"model.vocab_size {cfg.model.vocab_size} is smaller than the tokenizer's "
-                        f"{vocab_size}; set it to null or at least {vocab_size}")
-    return cfg
 
 
 def describe_config(cfg: Config, system: DeviceInfo, data: Optional[PreparedData]) -> str:
@@ -140,9 +129,7 @@ def check_compatible(checkpoint: dict, cfg: Config, data: PreparedData, path: Pa
 def build_trainer(args: argparse.Namespace, cfg: Config, checkpoint: Optional[dict],
                   checkpoint_path: Optional[Path], system: DeviceInfo) -> Trainer:
     """Return a Trainer ready to run: data prepared, weights and state loaded, out_dir checked."""
-    seed_everything(cfg.system.seed)
-    configure_tf32(cfg.system.allow_tf32)
-    configure_determinism(cfg.system.deterministic)
+    configure_torch(cfg.system)
     data = prepare_data(cfg.data, rebuild=args.no_cache)
     check_enough_tokens(data, cfg.model.block_size)
     cfg = fill_vocab_size(cfg, data.tokenizer.vocab_size)

@@ -6,13 +6,13 @@ import math
 import time
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 import torch
 
 from checkpoint import LATEST, copy_checkpoint, keep_rolling_copy, save_checkpoint
 from config import Config, TrainingConfig, config_to_dict, tokens_per_step
-from data_loader import PreparedData, get_batch
+from data_loader import PreparedData, get_batch, split_windows
 from errors import UserError
 from guards import StepTimer, StopSignals, TimeLimit
 from model import GPT
@@ -249,20 +249,32 @@ class Trainer:
             return None
         return loss
 
+    def _eval_batches(self, split: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches an evaluation scores: the same random ones every time, or, for the
+        validation split with eval_full_val, every token of it once."""
+        t = self.cfg.training
+        if split == "val" and t.eval_full_val:
+            yield from split_windows(self.data.val, t.batch_size, self.cfg.model.block_size,
+                                     self.system.device)
+            return
+        generator = torch.Generator().manual_seed(EVAL_SEED)
+        for _ in range(t.eval_iters):
+            yield self._batch(split, generator)
+
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Return the mean loss over eval_iters batches of each split (the same batches each time)."""
+        """Return the mean loss per token on each split, over the batches of _eval_batches."""
         self.forward_model.eval()
         losses = {}
         for split in ("train", "val"):
-            generator = torch.Generator().manual_seed(EVAL_SEED)
             total = torch.zeros((), device=self.system.device)
-            for _ in range(self.cfg.training.eval_iters):
-                x, y = self._batch(split, generator)
+            sequences = 0
+            for x, y in self._eval_batches(split):
                 with self.autocast:
                     _, loss = self.forward_model(x, y)
-                total += loss.float()
-            losses[split] = total.item() / self.cfg.training.eval_iters
+                total += loss.float() * len(x)  # every window has block_size tokens
+                sequences += len(x)
+            losses[split] = total.item() / sequences
         self.forward_model.train()
         return losses
 

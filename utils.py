@@ -14,6 +14,7 @@ import numpy as np
 import psutil
 import torch
 
+from config import SystemConfig
 from errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -110,6 +111,13 @@ def configure_determinism(on: bool) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(on, warn_only=True)
     torch.backends.cudnn.benchmark = False if on else torch.backends.cudnn.benchmark
+
+
+def configure_torch(system: SystemConfig) -> None:
+    """Apply the system section's seed, TF32 and determinism settings to torch."""
+    seed_everything(system.seed)
+    configure_tf32(system.allow_tf32)
+    configure_determinism(system.deterministic)
 
 
 def seed_everything(seed: int) -> None:

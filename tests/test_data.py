@@ -147,3 +147,13 @@ def test_batches_are_windows_with_shifted_targets():
     assert torch.equal(x, again)
     # every window fits: the last start is len - block_size - 1
     assert int(x.max()) + 1 < 1000
+
+
+def test_split_windows_cover_the_split_once():
+    tokens = np.arange(103, dtype=np.uint16)
+    batches = list(data_loader.split_windows(tokens, batch_size=4, block_size=10, device=torch.device("cpu")))
+    assert [len(x) for x, _ in batches] == [4, 4, 2]  # (103 - 1) // 10 = 10 windows
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    assert torch.equal(x.flatten(), torch.arange(100))
+    assert torch.equal(y.flatten(), torch.arange(1, 101))

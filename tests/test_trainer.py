@@ -151,3 +151,16 @@ def test_finished_run_is_not_trained_further(workdir, tiny_config_file, capsys):
     run(tiny_config_file)
     assert run(tiny_config_file, "--resume") == 0
     assert "already trained to step 6 of 6" in capsys.readouterr().out
+
+
+def test_full_validation_split_loss(workdir, tiny_config_file):
+    args = train.build_parser().parse_args(["--config", str(tiny_config_file), "--training.eval_full_val",
+                                            "true"])
+    cfg, _, _ = train.resolve_run_config(args)
+    trainer = train.build_trainer(args, cfg, None, None, resolve_system("cpu", "auto", None))
+    val = torch.from_numpy(trainer.data.val.astype("int64"))
+    T = cfg.model.block_size
+    n = (len(val) - 1) // T
+    with torch.no_grad():
+        _, expected = trainer.model.eval()(val[: n * T].view(n, T), val[1 : n * T + 1].view(n, T))
+    assert trainer.evaluate()["val"] == pytest.approx(expected.item(), rel=1e-5)

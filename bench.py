@@ -1,0 +1,171 @@
+"""Measure a real training run and print one JSON line of figures.
+
+    python bench.py --config configs/cpu_shakespeare_char.json --target_val_loss 1.88
+    python bench.py --config configs/gpt2_124m.json --synthetic --steps 50
+    python bench.py --config configs/gpt2_124m.json --synthetic --max_batch
+
+Validation loss here is always the mean over the whole validation split, so figures compare
+across runs and configs. The run's summaries go to stderr; stdout carries only the JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from cli import CliParser, add_config_flags, overrides_from_args, run_cli
+from config import Config, deep_merge, fill_vocab_size, resolve_config
+from data_loader import check_enough_tokens, prepare_data, synthetic_data
+from errors import UserError
+from model import GPT
+from monitor import RunMonitor
+from trainer import Trainer, accumulate_gradients, make_optimizer, optimizer_step
+from utils import autocast_context, configure_torch, memory_stats, process_start_time, resolve_system
+
+WARMUP_WINDOWS = 2  # report windows left out of the step time: compilation and warm-up
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = CliParser(description="Benchmark a training config.", allow_abbrev=False)
+    parser.add_argument("--config", required=True, help="JSON config file")
+    parser.add_argument("--steps", type=int, help="train this many steps (default: the config's)")
+    parser.add_argument("--synthetic", action="store_true",
+                        help="random tokens instead of the dataset (needs model.vocab_size)")
+    parser.add_argument("--max_batch", action="store_true",
+                        help="find the largest micro-batch that fits in GPU memory, and stop")
+    parser.add_argument("--keep", action="store_true", help="keep the run directory (default: deleted)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    add_config_flags(parser)
+    return parser
+
+
+def bench_config(args: argparse.Namespace, out_dir: Path) -> Config:
+    """Return the config with the benchmark's settings: whole-split evaluation, its own out_dir."""
+    fixed = {"training": {"eval_full_val": True, "out_dir": str(out_dir)}}
+    if args.steps is not None:
+        fixed["training"]["max_steps"] = args.steps
+    cfg = resolve_config(args.config, deep_merge(overrides_from_args(args), fixed))
+    if args.synthetic and cfg.model.vocab_size is None:
+        raise UserError("--synthetic needs model.vocab_size (e.g. --model.vocab_size 50304)")
+    return cfg
+
+
+def figures(trainer: Trainer, monitor: RunMonitor, process_start: float) -> dict:
+    """Return the benchmark's JSON record from a finished run."""
+    windows = monitor.window_seconds
+    steady = windows[WARMUP_WINDOWS:] or windows[1:] or windows
+    seconds_per_step = statistics.median(steady) if steady else None
+    tokens_per_s = trainer.tokens_per_step / seconds_per_step if seconds_per_step else None
+    mfu, tflops = monitor.throughput(tokens_per_s) if tokens_per_s else (None, None)
+    target = trainer.cfg.training.target_val_loss
+    reached = [when for _, when, val in monitor.evaluations if target is not None and val <= target]
+    memory = memory_stats(trainer.system.device)
+    peak_mb = memory.cuda_peak_mb if memory.cuda_peak_mb is not None else monitor.peak_rss_mb
+    return {
+        "device": monitor.facts["environment"]["device"],
+        "dtype": str(trainer.system.dtype).removeprefix("torch."),
+        "compile": trainer.system.compile,
+        "params": trainer.model.num_params(),
+        "tokens_per_step": trainer.tokens_per_step,
+        "steps": trainer.step,
+        "median_ms_per_step": round(seconds_per_step * 1000, 2) if seconds_per_step else None,
+        "tokens_per_s": round(tokens_per_s) if tokens_per_s else None,
+        "mfu": round(mfu, 4) if mfu is not None else None,
+        "tflops": round(tflops, 3) if tflops is not None else None,
+        "peak_memory_mb": round(peak_mb),
+        "target_val_loss": target,
+        "seconds_to_target": round(reached[0] - process_start, 2) if reached else None,
+        "final_val_loss": round(monitor.evaluations[-1][2], 4) if monitor.evaluations else None,
+        "best_val_loss": round(min(v for _, _, v in monitor.evaluations), 4) if monitor.evaluations else None,
+        "val_loss_over": "the whole validation split",
+    }
+
+
+def find_max_batch(fits: Callable[[int], bool], limit: int = 1 << 16) -> int:
+    """Return the largest batch size b <= limit with fits(b), assuming fits is monotone:
+    double until a failure, then bisect between the last success and the first failure."""
+    if not fits(1):
+        return 0
+    good, bad = 1, None
+    while bad is None and good < limit:
+        trial = min(good * 2, limit)
+        if fits(trial):
+            good = trial
+        else:
+            bad = trial
+    if bad is None:
+        return good
+    while bad - good > 1:
+        middle = (good + bad) // 2
+        good, bad = (middle, bad) if fits(middle) else (good, middle)
+    return good
+
+
+def max_batch(cfg: Config, data_vocab: int) -> dict:
+    """Search the largest micro-batch for which a full training step fits in GPU memory."""
+    system = resolve_system(cfg.system.device, cfg.system.dtype, False)
+    if system.device.type != "cuda":
+        raise UserError("--max_batch searches GPU memory; run it with a CUDA device")
+    model = GPT(fill_vocab_size(cfg, data_vocab).model).to(system.device)
+    optimizer = make_optimizer(model, cfg.training, system.device)
+    scaler = torch.amp.GradScaler("cuda", enabled=system.dtype == torch.float16)
+    autocast = autocast_context(system.device, system.dtype)
+    T = cfg.model.block_size
+
+    def fits(batch: int) -> bool:
+        x = torch.randint(0, data_vocab, (batch, T), device=system.device)
+        try:
+            loss = accumulate_gradients(model, [(x, x)], 1, autocast, scaler)
+            optimizer_step(model, optimizer, scaler, cfg.training.grad_clip, loss)
+            torch.cuda.synchronize()
+            return True
+        except torch.cuda.OutOfMemoryError:
+            return False
+        finally:
+            optimizer.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+
+    best = find_max_batch(fits)
+    torch.cuda.reset_peak_memory_stats()
+    fits(best)
+    return {"device": torch.cuda.get_device_name(system.device), "block_size": T, "max_batch": best,
+            "peak_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20),
+            "total_memory_mb": round(torch.cuda.get_device_properties(system.device).total_memory / 2**20)}
+
+
+def main(argv: Sequence[str]) -> int:
+    args = build_parser().parse_args(argv)
+    process_start = process_start_time()
+    out_dir = Path(tempfile.mkdtemp(prefix="bench-"))
+    try:
+        cfg = bench_config(args, out_dir)
+        configure_torch(cfg.system)
+        data = synthetic_data(cfg.model.vocab_size) if args.synthetic else prepare_data(cfg.data)
+        if args.max_batch:
+            print(json.dumps(max_batch(cfg, data.tokenizer.vocab_size)))
+            return 0
+        check_enough_tokens(data, cfg.model.block_size)
+        cfg = fill_vocab_size(cfg, data.tokenizer.vocab_size)
+        system = resolve_system(cfg.system.device, cfg.system.dtype, cfg.system.compile)
+        with contextlib.redirect_stdout(sys.stderr):  # stdout is for the JSON line alone
+            trainer = Trainer(cfg, data, system, process_start)
+            trainer.train()
+        print(json.dumps(figures(trainer, trainer.monitor, process_start)))
+    finally:
+        if args.keep:
+            print(f"run directory kept: {out_dir}", file=sys.stderr)
+        else:
+            shutil.rmtree(out_dir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,51 @@
+"""bench.py: the JSON record of a real (tiny) run, synthetic data, the max-batch search."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import bench
+from cli import run_cli
+
+
+def test_bench_prints_one_json_line(workdir, tiny_config_file, capsys):
+    assert run_cli(bench.main, ["--config", str(tiny_config_file), "--steps", "6", "--log_interval", "1",
+                                "--target_val_loss", "100"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1
+    record = json.loads(out[0])
+    for key in ("device", "dtype", "compile", "params", "tokens_per_step", "median_ms_per_step",
+                "tokens_per_s", "mfu", "tflops", "peak_memory_mb", "seconds_to_target", "final_val_loss"):
+        assert key in record, key
+    assert record["device"] == "cpu" and record["tokens_per_step"] == 64 and record["mfu"] is None
+    assert record["steps"] == 3  # the target (100) is reached at the first evaluation
+    assert record["seconds_to_target"] > 0 and record["final_val_loss"] < 100
+    assert not list(workdir.glob("models/*"))  # the run directory was temporary
+
+
+def test_bench_on_synthetic_tokens(workdir, tiny_config_file, capsys):
+    assert run_cli(bench.main, ["--config", str(tiny_config_file), "--synthetic", "--model.vocab_size", "64",
+                                "--steps", "4", "--log_interval", "1"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["steps"] == 4 and record["seconds_to_target"] is None
+    assert record["final_val_loss"] == pytest.approx(4.16, abs=0.15)  # random tokens: about ln 64
+
+
+def test_bench_errors(workdir, tiny_config_file, capsys):
+    assert run_cli(bench.main, ["--config", str(tiny_config_file), "--synthetic"]) == 2
+    assert "--synthetic needs model.vocab_size" in capsys.readouterr().err
+    assert run_cli(bench.main, ["--config", str(tiny_config_file), "--max_batch"]) == 2
+    assert "--max_batch searches GPU memory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("largest", [0, 1, 2, 3, 7, 48, 1000, 1 << 16])
+def test_max_batch_search_finds_the_edge(largest):
+    tried = []
+
+    def fits(batch: int) -> bool:
+        tried.append(batch)
+        return batch <= largest
+
+    assert bench.find_max_batch(fits) == largest
+    assert len(tried) <= 2 * 17 + 1  # doubling then bisection, not a scan
