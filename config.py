@@ -50,6 +50,11 @@ class ModelConfig:
     bias: bool = option(False, "biases in linear layers and LayerNorms")
     flash_attention: bool = option(
         True, "fused attention (scaled_dot_product_attention); false: plain matmul-softmax-matmul")
+    position: str = option("learned", "position encoding: learned embeddings (GPT-2) or rotary (RoPE)",
+                           choices=("learned", "rope"))
+    norm: str = option("layernorm", "normalisation layer", choices=("layernorm", "rmsnorm"))
+    mlp: str = option("gelu", "MLP: GELU (GPT-2), ReLU squared, or SwiGLU (LLaMA)",
+                      choices=("gelu", "relu2", "swiglu"))
 
 
 @dataclass

@@ -1,5 +1,6 @@
-"""The GPT: token and position embeddings, pre-LayerNorm transformer blocks, a tied LM head.
+"""The GPT: token and position embeddings, pre-norm transformer blocks, a tied LM head.
 
+GPT-2 by default; config switches give rotary positions (RoPE), RMSNorm and other MLPs.
 Shapes in comments: B batch, T time (tokens), C channels (n_embd), nh heads, hs head size.
 """
 from __future__ import annotations
@@ -13,6 +14,35 @@ from torch.nn import functional as F
 
 from config import ModelConfig
 
+Rotary = tuple[torch.Tensor, torch.Tensor]  # cos and sin tables, (T, hs/2) each
+
+
+def rotary_tables(length: int, head_size: int, base: float = 10000.0) -> Rotary:
+    """Return RoPE's cos and sin for positions 0..length-1 (Su et al. 2021, RoFormer)."""
+    inverse_frequencies = base ** (-torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inverse_frequencies)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, rotary: Rotary) -> torch.Tensor:
+    """Rotate pairs (x_i, x_{i+hs/2}) of each head by their position's angles: (B, nh, T, hs)."""
+    cos, sin = (table[: x.size(-2)].to(x.dtype) for table in rotary)
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((first * cos - second * sin, first * sin + second * cos), dim=-1)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.n_embd)
+    return nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+
+
+def mlp_hidden_size(cfg: ModelConfig) -> int:
+    """4 x n_embd, or for SwiGLU (three matrices instead of two) 8/3 of it, to a multiple of 32."""
+    if cfg.mlp == "swiglu":
+        return 32 * math.ceil(8 * cfg.n_embd / 3 / 32)
+    return 4 * cfg.n_embd
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -25,11 +55,13 @@ class CausalSelfAttention(nn.Module):
         self.attn_dropout = nn.Dropout(cfg.dropout)  # used by the plain path; SDPA drops itself
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotary: Optional[Rotary] = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, T, C) -> (B, nh, T, hs)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if rotary is not None:
+            q, k = apply_rotary(q, rotary), apply_rotary(k, rotary)
         if self.flash:
             y = F.scaled_dot_product_attention(
                 q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
@@ -44,29 +76,41 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
+    """GELU (GPT-2), ReLU squared (Primer, So et al. 2021) or SwiGLU (Shazeer 2020; LLaMA)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
-        self.gelu = nn.GELU()
-        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.kind = cfg.mlp
+        hidden = mlp_hidden_size(cfg)
+        gates = 2 if cfg.mlp == "swiglu" else 1  # SwiGLU's gate and value in one matrix
+        self.c_fc = nn.Linear(cfg.n_embd, gates * hidden, bias=cfg.bias)
+        self.c_proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        h = self.c_fc(x)
+        if self.kind == "swiglu":
+            gate, value = h.chunk(2, dim=-1)
+            h = F.silu(gate) * value
+        elif self.kind == "relu2":
+            h = F.relu(h).square()
+        else:
+            h = F.gelu(h)
+        return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm residual block: x + attn(ln(x)), then x + mlp(ln(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln_1 = make_norm(cfg)
         self.attn = CausalSelfAttention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln_2 = make_norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, rotary: Optional[Rotary] = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rotary)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -77,10 +121,14 @@ class GPT(nn.Module):
             raise ValueError("ModelConfig.vocab_size must be set (from the tokenizer) to build a GPT")
         self.config = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)  # token embeddings
-        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)  # learned position embeddings
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.position == "learned" else None
+        if cfg.position == "rope":  # rebuilt from the config, so kept out of the state dict
+            cos, sin = rotary_tables(cfg.block_size, cfg.n_embd // cfg.n_head)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln_f = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied input and output embeddings
         self._init_weights()
@@ -106,21 +154,29 @@ class GPT(nn.Module):
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
-        pos = torch.arange(T, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        x = self.wte(idx)  # (B, T, C)
+        rotary = None
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(T, device=idx.device))
+        else:
+            rotary = (self.rope_cos, self.rope_sin)
+        x = self.drop(x)
         for block in self.blocks:
-            x = block(x)
+            x = block(x, rotary)
         logits = self.lm_head(self.ln_f(x))  # (B, T, vocab)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
+    def _position_params(self) -> int:
+        return self.wpe.weight.numel() if self.wpe is not None else 0
+
     def num_params(self, include_embeddings: bool = True) -> int:
         """Return the parameter count; the tied head is counted once, as the token embedding."""
         total = sum(p.numel() for p in self.parameters())
         if not include_embeddings:
-            total -= self.wte.weight.numel() + self.wpe.weight.numel()
+            total -= self.wte.weight.numel() + self._position_params()
         return total
 
     def flops_per_token(self, seq_len: Optional[int] = None) -> int:
@@ -130,7 +186,7 @@ class GPT(nn.Module):
         12 * n_layer * n_embd * T for the attention scores and their weighted sums.
         """
         T = seq_len or self.config.block_size
-        matmul_params = self.num_params() - self.wpe.weight.numel()
+        matmul_params = self.num_params() - self._position_params()
         return 6 * matmul_params + 12 * self.config.n_layer * self.config.n_embd * T
 
     @torch.no_grad()

@@ -36,6 +36,37 @@ def test_loss_is_cross_entropy_of_the_logits():
     assert torch.allclose(loss, expected)
 
 
+VARIANTS = [dict(position=p, norm=n, mlp=m) for p in ("learned", "rope") for n in ("layernorm", "rmsnorm")
+            for m in ("gelu", "relu2", "swiglu")]
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(v.values()))
+def test_every_architecture_variant_is_causal_with_gradients_everywhere(variant):
+    model = build(**variant).eval()
+    idx = torch.randint(0, 11, (2, 8))
+    changed = idx.clone()
+    changed[:, 5:] = (changed[:, 5:] + 1) % 11
+    before, loss = model(idx, idx)
+    assert before.shape == (2, 8, 11) and torch.isfinite(loss)
+    assert torch.allclose(before[:, :5], model(changed)[0][:, :5], atol=1e-6)
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_rope_makes_attention_depend_on_relative_position():
+    """With rotary positions the same token pair scores the same wherever it stands."""
+    from model import apply_rotary, rotary_tables
+
+    rotary = rotary_tables(16, 8)
+    q = torch.randn(1, 1, 1, 8).expand(1, 1, 16, 8)
+    k = torch.randn(1, 1, 1, 8).expand(1, 1, 16, 8)
+    rq, rk = apply_rotary(q, rotary), apply_rotary(k, rotary)
+    scores = (rq @ rk.transpose(-2, -1))[0, 0]  # (16, 16)
+    assert torch.allclose(scores[5, 3], scores[12, 10], atol=1e-5)  # both 2 apart
+    assert not torch.allclose(scores[5, 3], scores[5, 1], atol=1e-3)
+    assert torch.allclose(rq.norm(dim=-1), q.norm(dim=-1), atol=1e-5)  # a rotation keeps lengths
+
+
 def test_later_tokens_never_change_earlier_logits():
     model = build().eval()
     idx = torch.randint(0, 11, (2, 8))
@@ -71,6 +102,17 @@ def test_parameter_count_matches_the_formula(bias):
     assert model.flops_per_token() == 6 * (expected - T * C) + 12 * L * C * T
 
 
+def test_parameter_count_of_the_llama_like_variant():
+    model = build(bias=False, n_layer=3, n_embd=24, n_head=4, block_size=10, vocab_size=50,
+                  position="rope", norm="rmsnorm", mlp="swiglu")
+    V, C, L, hidden = 50, 24, 3, 64  # 8 * 24 / 3 = 64, already a multiple of 32
+    per_block = 4 * C * C + 3 * C * hidden + 2 * C  # attention, SwiGLU, two RMSNorm gains
+    expected = V * C + L * per_block + C  # no position embeddings with RoPE
+    assert model.num_params() == expected
+    assert model.num_params(include_embeddings=False) == expected - V * C
+    assert model.flops_per_token() == 6 * expected + 12 * L * C * 10
+
+
 def test_gpt2_initialisation_scales_residual_projections():
     model = build(n_layer=8, n_embd=64, n_head=4)
     assert model.lm_head.weight is model.wte.weight
@@ -92,8 +134,10 @@ def test_gradcheck_on_a_tiny_float64_model():
     assert torch.autograd.gradcheck(loss_of, params, eps=1e-6, atol=1e-5)
 
 
-def test_overfits_one_batch():
-    model = build(n_layer=2, n_embd=32, n_head=2, block_size=16, vocab_size=20)
+@pytest.mark.parametrize("variant", [{}, dict(position="rope", norm="rmsnorm", mlp="swiglu")],
+                         ids=["gpt2", "llama-like"])
+def test_overfits_one_batch(variant):
+    model = build(n_layer=2, n_embd=32, n_head=2, block_size=16, vocab_size=20, **variant)
     optimizer = make_optimizer(model, TrainingConfig(lr=1e-2, weight_decay=0.0), torch.device("cpu"))
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     torch.manual_seed(0)
