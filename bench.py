@@ -27,7 +27,8 @@ from data_loader import check_enough_tokens, prepare_data, synthetic_data
 from errors import UserError
 from model import GPT
 from monitor import RunMonitor
-from trainer import Trainer, accumulate_gradients, make_optimizer, optimizer_step
+from optim import make_optimizer
+from trainer import Trainer, accumulate_gradients, optimizer_step
 from utils import autocast_context, configure_torch, memory_stats, process_start_time, resolve_system
 
 WARMUP_WINDOWS = 2  # report windows left out of the step time: compilation and warm-up

@@ -76,7 +76,11 @@ class TrainingConfig:
     min_lr: float = option(1e-4, "learning rate at the end of the cosine decay")
     warmup_steps: int = option(100, "steps of linear warmup")
     lr_decay_steps: Optional[int] = option(None, "step where the cosine reaches min_lr; null: the last")
-    weight_decay: float = option(0.1, "AdamW weight decay, on matrices only")
+    optimizer: str = option("adamw", "adamw, or muon for the hidden matrices with AdamW for the rest",
+                            choices=("adamw", "muon"))
+    muon_lr: float = option(0.02, "Muon's peak learning rate (the schedule scales it like lr)")
+    muon_momentum: float = option(0.95, "Muon's momentum")
+    weight_decay: float = option(0.1, "AdamW weight decay, on matrices only (Muon's matrices: none)")
     beta1: float = option(0.9, "AdamW beta1")
     beta2: float = option(0.99, "AdamW beta2")
     grad_clip: float = option(1.0, "max gradient norm; 0 turns clipping off")
@@ -273,7 +277,8 @@ def validate(cfg: Config) -> None:
         if value < 0:
             raise UserError(f"{name} must be zero or more, got {value}")
     optional_positive = {
-        "training.lr": t.lr, "training.epochs": t.epochs, "training.lr_decay_steps": t.lr_decay_steps,
+        "training.lr": t.lr, "training.epochs": t.epochs, "training.muon_lr": t.muon_lr,
+        "training.lr_decay_steps": t.lr_decay_steps,
         "model.vocab_size": m.vocab_size, "training.max_time_s": t.max_time_s,
         "training.budget_usd": t.budget_usd, "system.usd_per_hour": s.usd_per_hour,
         "training.max_bad_steps": t.max_bad_steps, "system.peak_tflops": s.peak_tflops,
@@ -297,7 +302,7 @@ def validate(cfg: Config) -> None:
         raise UserError(f"model.dropout must be in [0, 1), got {m.dropout}")
     if not 0.0 < d.val_fraction < 1.0:
         raise UserError(f"data.val_fraction must be between 0 and 1, got {d.val_fraction}")
-    for name, value in (("beta1", t.beta1), ("beta2", t.beta2)):
+    for name, value in (("beta1", t.beta1), ("beta2", t.beta2), ("muon_momentum", t.muon_momentum)):
         if not 0.0 <= value < 1.0:
             raise UserError(f"training.{name} must be in [0, 1), got {value}")
     if not d.dataset.strip():

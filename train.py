@@ -8,11 +8,23 @@ from typing import Optional, Sequence
 
 import torch
 
-from checkpoint import (check_same_architecture, find_checkpoint, load_checkpoint, load_latest_valid,
-                        rolling_checkpoints)
+from checkpoint import (
+    check_same_architecture,
+    find_checkpoint,
+    load_checkpoint,
+    load_latest_valid,
+    rolling_checkpoints,
+)
 from cli import CliParser, add_config_flags, overrides_from_args, run_cli
-from config import (Config, __version__, fill_vocab_size, format_config, resolve_config, save_config,
-                    tokens_per_step)
+from config import (
+    Config,
+    __version__,
+    fill_vocab_size,
+    format_config,
+    resolve_config,
+    save_config,
+    tokens_per_step,
+)
 from data_loader import PreparedData, check_enough_tokens, prepare_data, shakespeare_is_local
 from errors import UserError
 from model import GPT

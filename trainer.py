@@ -17,6 +17,7 @@ from errors import UserError
 from guards import StepTimer, StopSignals, TimeLimit
 from model import GPT
 from monitor import LogWindow, LossRecord, RunMonitor, RunResult
+from optim import make_optimizer, set_learning_rates
 from report import environment
 from utils import DeviceInfo, autocast_context
 
@@ -37,17 +38,6 @@ def total_steps(t: TrainingConfig, train_tokens: int, tokens_per_step: int) -> i
     if t.epochs is None:
         return t.max_steps
     return max(1, math.ceil(t.epochs * train_tokens / tokens_per_step))
-
-
-def make_optimizer(model: torch.nn.Module, t: TrainingConfig, device: torch.device) -> torch.optim.AdamW:
-    """Return AdamW with weight decay on matrices only (not on biases and LayerNorm gains)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": t.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    fused = device.type == "cuda"  # one kernel for all parameters instead of one per tensor
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=fused)
 
 
 def accumulate_gradients(
@@ -109,6 +99,9 @@ class Trainer:
         self.model = GPT(cfg.model).to(system.device)
         self.forward_model = torch.compile(self.model) if system.compile else self.model
         self.optimizer = make_optimizer(self.model, t, system.device)
+        # the config, not a checkpoint, decides hyperparameters: kept to re-apply after a resume
+        self.group_settings = [{k: v for k, v in g.items() if k != "params"}
+                               for g in self.optimizer.param_groups]
         fp16 = system.dtype == torch.float16
         self.scaler = torch.amp.GradScaler(system.device.type, enabled=fp16)
         self.autocast = autocast_context(system.device, system.dtype)
@@ -119,6 +112,7 @@ class Trainer:
         # a first guess at the save time: weights and two Adam moments at about 100 MB/s
         self.timer = StepTimer(save_guess_s=0.1 + 12 * self.model.num_params() / 100e6)
         self.step = 0
+        self.lr = t.lr  # the schedule's current learning rate (Muon's moves in proportion)
         self.saved_step = -1  # the step ckpt.pt holds, so a stop right after a save skips a copy
         self.losses = LossRecord()
         self.bad_steps_in_a_row = 0
@@ -191,10 +185,9 @@ class Trainer:
             torch.cuda.set_rng_state_all(rng["cuda"])
 
     def _apply_config_hyperparameters(self) -> None:
-        """Let the current config, not the checkpoint, decide betas and weight decay."""
-        t = self.cfg.training
-        for group, decay in zip(self.optimizer.param_groups, (t.weight_decay, 0.0)):
-            group["betas"], group["weight_decay"] = (t.beta1, t.beta2), decay
+        """Let the current config, not the checkpoint, decide learning rates, betas and decay."""
+        for group, settings in zip(self.optimizer.param_groups, self.group_settings):
+            group.update(settings)
 
     def _last_checkpoint(self) -> str:
         if self.saved_step < 0:
@@ -225,9 +218,8 @@ class Trainer:
         or None when a non-finite loss or gradient made it skip the update (too many in a row
         stop the run)."""
         t = self.cfg.training
-        lr = learning_rate(self.step, t, self.max_steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        self.lr = learning_rate(self.step, t, self.max_steps)
+        set_learning_rates(self.optimizer, self.lr / t.lr)
         micro_batches = (self._batch("train", self.data_rng) for _ in range(t.grad_accum_steps))
         loss = accumulate_gradients(self.forward_model, micro_batches, t.grad_accum_steps,
                                     self.autocast, self.scaler)
@@ -328,7 +320,7 @@ class Trainer:
                 window.add(loss)
                 self.monitor.advance()
                 if self.step % t.log_interval == 0 or self.step == self.max_steps:
-                    self.monitor.log(self.step, window.mean_loss(), self.optimizer.param_groups[0]["lr"],
+                    self.monitor.log(self.step, window.mean_loss(), self.lr,
                                      window.seconds_per_step(), self.elapsed_s())
                     window = LogWindow()
                 if self._evaluates_at(self.step):

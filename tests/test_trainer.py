@@ -10,9 +10,9 @@ import train
 from checkpoint import load_checkpoint
 from config import TrainingConfig
 from model import GPT
+from optim import make_optimizer
 from tests.conftest import tiny_model_config
-from trainer import (LossRecord, accumulate_gradients, learning_rate, make_optimizer,
-                     optimizer_step, total_steps)
+from trainer import LossRecord, accumulate_gradients, learning_rate, optimizer_step, total_steps
 from utils import resolve_system
 
 

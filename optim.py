@@ -1,0 +1,113 @@
+"""Optimizers: AdamW, or Muon for the hidden weight matrices with AdamW for everything else.
+
+Muon (Jordan et al. 2024, "Muon: an optimizer for hidden layers in neural networks") takes
+SGD-momentum's update for a weight matrix and replaces it by the nearest semi-orthogonal
+matrix, found with a few Newton-Schulz iterations; embeddings, the head and the 1-D gains and
+biases keep AdamW. Every group carries `initial_lr`, and the schedule scales each group's
+learning rate by the same factor.
+"""
+from __future__ import annotations
+
+import torch
+
+from config import TrainingConfig
+
+# The quintic Newton-Schulz coefficients from the Muon write-up: they push every singular
+# value of a matrix scaled to norm <= 1 towards 1 within a handful of steps.
+NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)
+
+
+def orthogonalize(matrix: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """Return an approximately semi-orthogonal matrix with the row/column space of `matrix`."""
+    a, b, c = NEWTON_SCHULZ
+    work_dtype = torch.bfloat16 if matrix.is_cuda else torch.float32  # bf16 tensor cores on GPUs
+    x = matrix.to(work_dtype)
+    tall = x.size(0) > x.size(1)
+    if tall:  # iterate on the smaller Gram matrix
+        x = x.T
+    x = x / (x.norm() + 1e-7)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return (x.T if tall else x).to(matrix.dtype)
+
+
+def uses_muon(name: str, param: torch.nn.Parameter) -> bool:
+    """Muon takes the 2-D weights inside the transformer blocks; the rest stays with AdamW."""
+    return param.dim() == 2 and name.startswith("blocks.")
+
+
+class MuonWithAdamW(torch.optim.Optimizer):
+    """Muon for groups with `muon: True`, AdamW (decoupled weight decay) for the others."""
+
+    def __init__(self, groups: list[dict], betas: tuple[float, float] = (0.9, 0.95),
+                 eps: float = 1e-8, momentum: float = 0.95):
+        super().__init__(groups, dict(betas=betas, eps=eps, momentum=momentum, weight_decay=0.0,
+                                      muon=False))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                if group["muon"]:
+                    self._muon_update(param, group)
+                else:
+                    self._adamw_update(param, group)
+        return None
+
+    def _muon_update(self, param: torch.Tensor, group: dict) -> None:
+        state = self.state[param]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(param)
+        buffer = state["momentum_buffer"]
+        buffer.mul_(group["momentum"]).add_(param.grad)
+        nesterov = param.grad.add(buffer, alpha=group["momentum"])
+        # the orthogonal update has unit spectral norm; a tall matrix gets a larger step so
+        # that its per-element size matches a square one's
+        scale = max(1.0, param.size(0) / param.size(1)) ** 0.5
+        param.mul_(1 - group["lr"] * group["weight_decay"])
+        param.add_(orthogonalize(nesterov), alpha=-group["lr"] * scale)
+
+    def _adamw_update(self, param: torch.Tensor, group: dict) -> None:
+        state = self.state[param]
+        if "step" not in state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(param)
+            state["exp_avg_sq"] = torch.zeros_like(param)
+        beta1, beta2 = group["betas"]
+        state["step"] += 1
+        state["exp_avg"].lerp_(param.grad, 1 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(param.grad, param.grad, value=1 - beta2)
+        bias1 = 1 - beta1 ** state["step"]
+        bias2 = 1 - beta2 ** state["step"]
+        denominator = (state["exp_avg_sq"] / bias2).sqrt_().add_(group["eps"])
+        param.mul_(1 - group["lr"] * group["weight_decay"])
+        param.addcdiv_(state["exp_avg"], denominator, value=-group["lr"] / bias1)
+
+
+def make_optimizer(model: torch.nn.Module, t: TrainingConfig, device: torch.device) -> torch.optim.Optimizer:
+    """Return the configured optimizer; weight decay only on matrices, never on gains and biases."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    matrices = [p for _, p in named if p.dim() >= 2]
+    others = [p for _, p in named if p.dim() < 2]
+    if t.optimizer == "adamw":
+        groups = [{"params": matrices, "weight_decay": t.weight_decay, "initial_lr": t.lr},
+                  {"params": others, "weight_decay": 0.0, "initial_lr": t.lr}]
+        fused = device.type == "cuda"  # one kernel for all parameters instead of one per tensor
+        return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=fused)
+    hidden = [p for n, p in named if uses_muon(n, p)]
+    embeddings = [p for n, p in named if p.dim() >= 2 and not uses_muon(n, p)]
+    groups = [
+        {"params": hidden, "muon": True, "lr": t.muon_lr, "initial_lr": t.muon_lr},  # no decay
+        {"params": embeddings, "lr": t.lr, "initial_lr": t.lr, "weight_decay": t.weight_decay},
+        {"params": others, "lr": t.lr, "initial_lr": t.lr, "weight_decay": 0.0},
+    ]
+    return MuonWithAdamW(groups, betas=(t.beta1, t.beta2), momentum=t.muon_momentum)
+
+
+def set_learning_rates(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    """Scale every group's initial learning rate by the schedule's current factor."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * factor
