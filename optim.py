@@ -18,18 +18,20 @@ NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)
 
 
 def orthogonalize(matrix: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    """Return an approximately semi-orthogonal matrix with the row/column space of `matrix`."""
+    """Return approximately semi-orthogonal matrices with the row/column spaces of `matrix`
+    (one matrix, or a stack of same-shaped ones: (..., rows, columns))."""
     a, b, c = NEWTON_SCHULZ
-    work_dtype = torch.bfloat16 if matrix.is_cuda else torch.float32  # bf16 tensor cores on GPUs
-    x = matrix.to(work_dtype)
-    tall = x.size(0) > x.size(1)
+    # bfloat16 as in Muon's reference: the iteration tolerates it, and on this project's CPU
+    # machine it halves the cost (a 4x128 model: about 26 ms -> 12 ms per step)
+    x = matrix.to(torch.bfloat16)
+    tall = x.size(-2) > x.size(-1)
     if tall:  # iterate on the smaller Gram matrix
-        x = x.T
-    x = x / (x.norm() + 1e-7)
+        x = x.transpose(-2, -1)
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
     for _ in range(steps):
-        gram = x @ x.T
+        gram = x @ x.transpose(-2, -1)
         x = a * x + (b * gram + c * gram @ gram) @ x
-    return (x.T if tall else x).to(matrix.dtype)
+    return (x.transpose(-2, -1) if tall else x).to(matrix.dtype)
 
 
 def uses_muon(name: str, param: torch.nn.Parameter) -> bool:
@@ -48,27 +50,35 @@ class MuonWithAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                if group["muon"]:
-                    self._muon_update(param, group)
-                else:
+            with_grads = [p for p in group["params"] if p.grad is not None]
+            if group["muon"]:
+                self._muon_update(with_grads, group)
+            else:
+                for param in with_grads:
                     self._adamw_update(param, group)
         return None
 
-    def _muon_update(self, param: torch.Tensor, group: dict) -> None:
+    def _nesterov_momentum(self, param: torch.Tensor, momentum: float) -> torch.Tensor:
         state = self.state[param]
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(param)
         buffer = state["momentum_buffer"]
-        buffer.mul_(group["momentum"]).add_(param.grad)
-        nesterov = param.grad.add(buffer, alpha=group["momentum"])
-        # the orthogonal update has unit spectral norm; a tall matrix gets a larger step so
-        # that its per-element size matches a square one's
-        scale = max(1.0, param.size(0) / param.size(1)) ** 0.5
-        param.mul_(1 - group["lr"] * group["weight_decay"])
-        param.add_(orthogonalize(nesterov), alpha=-group["lr"] * scale)
+        buffer.mul_(momentum).add_(param.grad)
+        return param.grad.add(buffer, alpha=momentum)
+
+    def _muon_update(self, params: list[torch.Tensor], group: dict) -> None:
+        by_shape: dict[torch.Size, list[torch.Tensor]] = {}
+        for param in params:
+            by_shape.setdefault(param.shape, []).append(param)
+        for shape, same in by_shape.items():  # one batched orthogonalisation per shape
+            updates = orthogonalize(torch.stack([self._nesterov_momentum(p, group["momentum"])
+                                                 for p in same]))
+            # the orthogonal update has unit spectral norm; a tall matrix gets a larger step
+            # so that its per-element size matches a square one's
+            scale = max(1.0, shape[0] / shape[1]) ** 0.5
+            for param, update in zip(same, updates):
+                param.mul_(1 - group["lr"] * group["weight_decay"])
+                param.add_(update, alpha=-group["lr"] * scale)
 
     def _adamw_update(self, param: torch.Tensor, group: dict) -> None:
         state = self.state[param]

@@ -27,6 +27,8 @@ def test_orthogonalize_flattens_the_spectrum(shape):
     skewed = matrix @ torch.diag(torch.logspace(-2, 1, shape[1]))
     before, after = torch.linalg.svdvals(skewed), torch.linalg.svdvals(orthogonalize(skewed))
     assert after.max() / after.min() < (before.max() / before.min()) / 10
+    stacked = orthogonalize(torch.stack([matrix, skewed]))  # a stack: each on its own
+    assert torch.allclose(stacked[0], result, atol=1e-6) and torch.allclose(stacked[1], orthogonalize(skewed))
 
 
 def test_muon_takes_the_block_matrices_and_adamw_the_rest():
