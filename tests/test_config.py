@@ -33,9 +33,15 @@ def test_every_shipped_config_loads_and_validates(path):
 
 
 def test_shipped_configs_hold_the_documented_recipes():
+    laptop = resolve_config(str(REPO_ROOT / "configs/nanogpt_laptop.json"), {})
+    assert (laptop.model.n_layer, laptop.model.n_head, laptop.model.n_embd, laptop.model.block_size) == (
+        4, 4, 128, 64)
+    assert (laptop.training.batch_size, laptop.training.max_steps, laptop.model.dropout) == (12, 2000, 0.0)
+    assert (laptop.training.lr, laptop.training.optimizer, laptop.model.position) == (
+        1e-3, "adamw", "learned")
     cpu = resolve_config(str(REPO_ROOT / "configs/cpu_shakespeare_char.json"), {})
-    assert (cpu.model.n_layer, cpu.model.n_head, cpu.model.n_embd, cpu.model.block_size) == (4, 4, 128, 64)
-    assert (cpu.training.batch_size, cpu.training.max_steps, cpu.model.dropout) == (12, 2000, 0.0)
+    assert (cpu.model.n_layer, cpu.model.n_embd, cpu.model.block_size) == (4, 128, 64)
+    assert (cpu.training.optimizer, cpu.model.position, cpu.training.eval_full_val) == ("muon", "rope", True)
     gpu = resolve_config(str(REPO_ROOT / "configs/shakespeare_char.json"), {})
     assert (gpu.model.n_layer, gpu.model.n_head, gpu.model.n_embd, gpu.model.block_size) == (6, 6, 384, 256)
     assert (gpu.training.batch_size, gpu.training.max_steps, gpu.model.dropout) == (64, 5000, 0.2)
