@@ -188,3 +188,14 @@ def test_plain_attention_matches_the_fused_kernel():
     loss_plain.backward()
     for a, b in zip(fused.parameters(), plain.parameters()):
         assert torch.allclose(a.grad, b.grad, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", [{}, dict(position="rope", norm="rmsnorm", mlp="relu2")],
+                         ids=["gpt2", "cpu-recipe"])
+def test_the_training_forward_compiles_without_graph_breaks(variant):
+    """torch.compile gets one whole graph: dynamo's explain finds no break (tracing only)."""
+    model = build(**variant)
+    idx = torch.randint(0, 11, (2, 8))
+    explanation = torch._dynamo.explain(model)(idx, idx)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
