@@ -135,11 +135,13 @@ def test_gradcheck_on_a_tiny_float64_model():
     assert torch.autograd.gradcheck(loss_of, params, eps=1e-6, atol=1e-5)
 
 
-@pytest.mark.parametrize("variant", [{}, dict(position="rope", norm="rmsnorm", mlp="swiglu")],
-                         ids=["gpt2", "llama-like"])
-def test_overfits_one_batch(variant):
+@pytest.mark.parametrize("variant, optimizer_name", [
+    ({}, "adamw"), (dict(position="rope", norm="rmsnorm", mlp="swiglu"), "adamw"), ({}, "muon")],
+    ids=["gpt2-adamw", "llama-like-adamw", "gpt2-muon"])
+def test_overfits_one_batch(variant, optimizer_name):
     model = build(n_layer=2, n_embd=32, n_head=2, block_size=16, vocab_size=20, **variant)
-    optimizer = make_optimizer(model, TrainingConfig(lr=1e-2, weight_decay=0.0), torch.device("cpu"))
+    settings = TrainingConfig(lr=1e-2, weight_decay=0.0, optimizer=optimizer_name)
+    optimizer = make_optimizer(model, settings, torch.device("cpu"))
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     torch.manual_seed(0)
     x, y = torch.randint(0, 20, (4, 16)), torch.randint(0, 20, (4, 16))
