@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--save_config", metavar="PATH", help="write the resolved config as JSON and exit")
     parser.add_argument("--version", action="version", version=f"gpt-trainer {__version__}")
     parser.add_argument("--resume", nargs="?", const="", metavar="PATH",
-                        help="continue a run: its directory's ckpt.pt, or the checkpoint named")
+                        help="continue a run: the newest checkpoint that verifies, or the one named")
     parser.add_argument("--load_model_only", metavar="PATH",
                         help="start from another checkpoint's weights (fresh optimizer, step 0)")
     parser.add_argument("--overwrite", action="store_true",
