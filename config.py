@@ -75,7 +75,11 @@ class TrainingConfig:
     lr: float = option(1e-3, "peak learning rate")
     min_lr: float = option(1e-4, "learning rate at the end of the cosine decay")
     warmup_steps: int = option(100, "steps of linear warmup")
-    lr_decay_steps: Optional[int] = option(None, "step where the cosine reaches min_lr; null: the last")
+    lr_decay_steps: Optional[int] = option(None, "step where the decay reaches min_lr; null: the last")
+    schedule: str = option(
+        "cosine", "after warmup: cosine decay, or wsd (stable at lr, then a linear cooldown over "
+        "the last cooldown_fraction of the steps)", choices=("cosine", "wsd"))
+    cooldown_fraction: float = option(0.2, "for schedule wsd: the share of steps spent decaying")
     optimizer: str = option("adamw", "adamw, or muon for the hidden matrices with AdamW for the rest",
                             choices=("adamw", "muon"))
     muon_lr: float = option(0.02, "Muon's peak learning rate (the schedule scales it like lr)")
@@ -300,6 +304,8 @@ def validate(cfg: Config) -> None:
         raise UserError(f"training.min_lr ({t.min_lr}) must not exceed training.lr ({t.lr})")
     if not 0.0 <= m.dropout < 1.0:
         raise UserError(f"model.dropout must be in [0, 1), got {m.dropout}")
+    if not 0.0 < t.cooldown_fraction <= 1.0:
+        raise UserError(f"training.cooldown_fraction must be in (0, 1], got {t.cooldown_fraction}")
     if not 0.0 < d.val_fraction < 1.0:
         raise UserError(f"data.val_fraction must be between 0 and 1, got {d.val_fraction}")
     for name, value in (("beta1", t.beta1), ("beta2", t.beta2), ("muon_momentum", t.muon_momentum)):

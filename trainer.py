@@ -25,11 +25,16 @@ EVAL_SEED = 20240101  # every evaluation scores the same batches, so evaluations
 
 
 def learning_rate(step: int, t: TrainingConfig, max_steps: int) -> float:
-    """Return the learning rate at `step`: linear warmup, then cosine decay to min_lr."""
+    """Return the learning rate at `step`: linear warmup, then a cosine decay to min_lr, or
+    (schedule wsd) a stable phase at lr and a linear cooldown to min_lr at the end."""
     if step < t.warmup_steps:
         return t.lr * (step + 1) / t.warmup_steps
-    decay_steps = t.lr_decay_steps or max_steps
-    progress = min(1.0, (step - t.warmup_steps) / max(1, decay_steps - t.warmup_steps))
+    decay_end = t.lr_decay_steps or max_steps
+    if t.schedule == "wsd":
+        decay_start = decay_end - t.cooldown_fraction * (decay_end - t.warmup_steps)
+        progress = min(1.0, max(0.0, (step - decay_start) / max(1.0, decay_end - decay_start)))
+        return t.lr + progress * (t.min_lr - t.lr)
+    progress = min(1.0, (step - t.warmup_steps) / max(1, decay_end - t.warmup_steps))
     return t.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (t.lr - t.min_lr)
 
 

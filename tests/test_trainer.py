@@ -59,6 +59,15 @@ def test_learning_rate_warms_up_then_decays_to_min_lr():
     assert learning_rate(500, t, max_steps=100) == pytest.approx(1e-4)
 
 
+def test_warmup_stable_decay_schedule():
+    t = TrainingConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, schedule="wsd", cooldown_fraction=0.2)
+    lrs = [learning_rate(step, t, max_steps=110) for step in range(111)]
+    assert lrs[9] == pytest.approx(1e-3) and lrs[50] == pytest.approx(1e-3) and lrs[90] == pytest.approx(1e-3)
+    assert lrs[100] == pytest.approx(5.5e-4)  # half way down the last 20 steps
+    assert lrs[110] == pytest.approx(1e-4)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
 def test_epochs_set_the_number_of_steps():
     assert total_steps(TrainingConfig(max_steps=7), 10_000, 100) == 7
     assert total_steps(TrainingConfig(epochs=2.5), 10_000, 300) == 84
