@@ -55,6 +55,10 @@ class ModelConfig:
     norm: str = option("layernorm", "normalisation layer", choices=("layernorm", "rmsnorm"))
     mlp: str = option("gelu", "MLP: GELU (GPT-2), ReLU squared, or SwiGLU (LLaMA)",
                       choices=("gelu", "relu2", "swiglu"))
+    qk_norm: bool = option(False, "RMS-normalise queries and keys per head before attention")
+    tie_embeddings: bool = option(True, "share the token embedding with the output head")
+    zero_init_projections: bool = option(
+        False, "start the residual output projections at zero (each block begins as the identity)")
 
 
 @dataclass

@@ -50,6 +50,7 @@ class CausalSelfAttention(nn.Module):
         self.n_head = cfg.n_head
         self.dropout = cfg.dropout
         self.flash = cfg.flash_attention
+        self.qk_norm = cfg.qk_norm
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v at once
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.attn_dropout = nn.Dropout(cfg.dropout)  # used by the plain path; SDPA drops itself
@@ -60,6 +61,8 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, T, C) -> (B, nh, T, hs)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if self.qk_norm:  # bounded attention logits tolerate higher learning rates
+            q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
         if rotary is not None:
             q, k = apply_rotary(q, rotary), apply_rotary(k, rotary)
         if self.flash:
@@ -130,7 +133,8 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # tied input and output embeddings
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight  # one matrix for input and output
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -145,7 +149,10 @@ class GPT(nn.Module):
         residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
         for name, param in self.named_parameters():
             if name.endswith("c_proj.weight"):
-                nn.init.normal_(param, mean=0.0, std=residual_std)
+                if self.config.zero_init_projections:
+                    nn.init.zeros_(param)
+                else:
+                    nn.init.normal_(param, mean=0.0, std=residual_std)
 
     def forward(
         self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None
@@ -173,7 +180,7 @@ class GPT(nn.Module):
         return self.wpe.weight.numel() if self.wpe is not None else 0
 
     def num_params(self, include_embeddings: bool = True) -> int:
-        """Return the parameter count; the tied head is counted once, as the token embedding."""
+        """Return the parameter count; a tied head is counted once, as the token embedding."""
         total = sum(p.numel() for p in self.parameters())
         if not include_embeddings:
             total -= self.wte.weight.numel() + self._position_params()
@@ -186,7 +193,8 @@ class GPT(nn.Module):
         12 * n_layer * n_embd * T for the attention scores and their weighted sums.
         """
         T = seq_len or self.config.block_size
-        matmul_params = self.num_params() - self._position_params()
+        lookup_only = 0 if self.config.tie_embeddings else self.wte.weight.numel()  # no matmul
+        matmul_params = self.num_params() - self._position_params() - lookup_only
         return 6 * matmul_params + 12 * self.config.n_layer * self.config.n_embd * T
 
     @torch.no_grad()

@@ -54,6 +54,26 @@ def test_every_architecture_variant_is_causal_with_gradients_everywhere(variant)
     assert all(p.grad is not None for p in model.parameters())
 
 
+@pytest.mark.parametrize("option", [dict(qk_norm=True), dict(tie_embeddings=False),
+                                    dict(zero_init_projections=True)], ids=lambda o: next(iter(o)))
+def test_recipe_options_are_causal_with_gradients_everywhere(option):
+    test_every_architecture_variant_is_causal_with_gradients_everywhere(option)
+
+
+def test_untied_head_and_zero_initialised_projections():
+    tied, untied = build(), build(tie_embeddings=False)
+    assert untied.lm_head.weight is not untied.wte.weight
+    assert untied.num_params() == tied.num_params() + 11 * 16  # a second vocab x n_embd matrix
+    assert untied.flops_per_token() == tied.flops_per_token()  # the new matrix only replaces a lookup
+    zero = build(zero_init_projections=True)
+    assert all(torch.all(b.attn.c_proj.weight == 0) and torch.all(b.mlp.c_proj.weight == 0)
+               for b in zero.blocks)
+    idx = torch.randint(0, 11, (2, 8))
+    logits = zero.eval()(idx)[0]  # every block starts as the identity
+    direct = zero.lm_head(zero.ln_f(zero.wte(idx) + zero.wpe(torch.arange(8))))
+    assert torch.allclose(logits, direct, atol=1e-6)
+
+
 def test_rope_makes_attention_depend_on_relative_position():
     """With rotary positions the same token pair scores the same wherever it stands."""
     from model import apply_rotary, rotary_tables
