@@ -71,7 +71,7 @@ def figures(trainer: Trainer, monitor: RunMonitor, process_start: float) -> dict
     memory = memory_stats(trainer.system.device)
     peak_mb = memory.cuda_peak_mb if memory.cuda_peak_mb is not None else monitor.peak_rss_mb
     return {
-        "device": monitor.facts["environment"]["device"],
+        "device": monitor.facts.environment["device"],
         "dtype": str(trainer.system.dtype).removeprefix("torch."),
         "compile": trainer.system.compile,
         "params": trainer.model.num_params(),

@@ -15,12 +15,12 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-from config import Config, config_to_dict
+from config import Config, TrainingConfig, config_to_dict, tokens_per_step
 from guards import format_duration
 from metrics import MetricsLog, read_metrics
 from plotting import draw_loss_plot
 from report import write_report
-from utils import DeviceInfo, memory_stats, notice, peak_flops
+from utils import DeviceInfo, MemoryStats, memory_stats, notice, peak_flops
 
 
 @dataclass
@@ -79,35 +79,55 @@ class Style:
         return self._wrap("33", text)
 
 
-def describe_run(cfg: Config, num_params: Optional[tuple[int, int]], data_facts: Optional[dict],
-                 system: DeviceInfo, max_steps: Optional[int]) -> list[tuple[str, list[tuple[str, str]]]]:
+@dataclass
+class RunFacts:
+    """Figures about a run that the summaries and metrics need, computed once."""
+
+    params: int
+    params_without_embeddings: int
+    vocab_size: int
+    train_tokens: int
+    val_tokens: int
+    max_steps: int
+    flops_per_token: int = 0
+    char_level: bool = True
+    environment: dict[str, str] = field(default_factory=dict)
+    time_limit: Optional[str] = None  # what sets the run's deadline, if anything does
+
+
+def describe_schedule(t: TrainingConfig, max_steps: int) -> str:
+    decay_end = t.lr_decay_steps or max_steps
+    warmup = f"warmup {t.warmup_steps} steps to {t.lr:g}"
+    if t.schedule == "wsd":
+        return f"{warmup}, stable, linear cooldown over the last {t.cooldown_fraction:.0%} to {t.min_lr:g}"
+    return f"{warmup}, cosine to {t.min_lr:g} at step {decay_end:,}"
+
+
+def describe_run(cfg: Config, system: DeviceInfo,
+                 facts: Optional[RunFacts]) -> list[tuple[str, list[tuple[str, str]]]]:
     """Return the run's facts grouped as [(section, [(name, value), ...]), ...].
 
-    `num_params` is (with, without embeddings); `data_facts` and `max_steps` are None when the
-    data is not on disk yet (for --show_config before the first download).
+    `facts` is None when the data is not on disk yet (--show_config before the first download).
     """
     m, t = cfg.model, cfg.training
-    tokens_per_step = t.batch_size * t.grad_accum_steps * m.block_size
-    params = (f"{num_params[0]:,} ({num_params[1]:,} without embeddings)" if num_params
+    step_tokens = tokens_per_step(cfg)
+    params = (f"{facts.params:,} ({facts.params_without_embeddings:,} without embeddings)" if facts
               else "known once the dataset is downloaded (vocabulary size)")
     model = [("shape", f"{m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, context {m.block_size}"),
              ("parameters", params)]
     data = [("source", cfg.data.dataset), ("tokenizer", cfg.data.tokenizer)]
-    if data_facts:
-        data += [("vocabulary", f"{data_facts['vocab_size']:,}"),
-                 ("tokens", f"{data_facts['train_tokens']:,} train / {data_facts['val_tokens']:,} val"),
-                 ("batches per epoch", f"{data_facts['train_tokens'] / tokens_per_step:,.1f}")]
-    steps = f"{max_steps:,}" if max_steps else f"{t.max_steps:,}"
-    if t.epochs is not None:
-        steps += f" ({t.epochs} epochs)"
-    decay_end = t.lr_decay_steps or max_steps or t.max_steps
+    if facts:
+        data += [("vocabulary", f"{facts.vocab_size:,}"),
+                 ("tokens", f"{facts.train_tokens:,} train / {facts.val_tokens:,} val"),
+                 ("batches per epoch", f"{facts.train_tokens / step_tokens:,.1f}")]
+    max_steps = facts.max_steps if facts else t.max_steps
+    steps = f"{max_steps:,}" + (f" ({t.epochs} epochs)" if t.epochs is not None else "")
     training = [
         ("steps", steps),
-        ("tokens per step", f"{tokens_per_step:,} = batch {t.batch_size} x accumulation "
+        ("tokens per step", f"{step_tokens:,} = batch {t.batch_size} x accumulation "
                             f"{t.grad_accum_steps} x context {m.block_size}"),
-        ("total tokens", f"{(max_steps or t.max_steps) * tokens_per_step:,}"),
-        ("lr schedule", f"warmup {t.warmup_steps} steps to {t.lr:g}, cosine to {t.min_lr:g} at step "
-                        f"{decay_end:,}"),
+        ("total tokens", f"{max_steps * step_tokens:,}"),
+        ("lr schedule", describe_schedule(t, max_steps)),
     ]
     threads = f", {torch.get_num_threads()} CPU threads" if system.device.type == "cpu" else ""
     tf32 = f", TF32 {'on' if cfg.system.allow_tf32 else 'off'}" if system.device.type == "cuda" else ""
@@ -185,11 +205,10 @@ class Progress:
 class RunMonitor:
     """Reports a run as it goes and when it ends; the loop calls it at visible points only."""
 
-    def __init__(self, cfg: Config, system: DeviceInfo, facts: dict, out_dir: Path,
+    def __init__(self, cfg: Config, system: DeviceInfo, facts: RunFacts, out_dir: Path,
                  interactive: Optional[bool] = None):
-        """`facts`: num_params (with, without embeddings), flops_per_token, tokens_per_step,
-        max_steps, vocab_size, train_tokens, val_tokens, char_level, environment."""
         self.cfg, self.system, self.facts, self.out_dir = cfg, system, facts, out_dir
+        self.tokens_per_step = tokens_per_step(cfg)
         self.style = Style()
         self.interactive = sys.stdout.isatty() if interactive is None else interactive
         self.peak = peak_flops(system.device, system.dtype, cfg.system.allow_tf32, cfg.system.peak_tflops)
@@ -212,13 +231,12 @@ class RunMonitor:
         interval = self.cfg.training.plot_milestone_interval
         self.last_milestone = step // interval if interval else 0
         self.metrics = MetricsLog(self.out_dir / "metrics.csv", step if resumed_from else None)
-        facts = self.facts
-        sections = describe_run(self.cfg, facts["num_params"], facts, self.system, facts["max_steps"])
+        sections = describe_run(self.cfg, self.system, self.facts)
         run = [("output", str(self.out_dir))]
         if resumed_from is not None:
             run.append(("resuming from", f"{resumed_from} at step {step}"))
         print(format_sections(sections + [("run", run)], self.style), flush=True)
-        self.progress = Progress(facts["max_steps"], step, self.interactive)
+        self.progress = Progress(self.facts.max_steps, step, self.interactive)
 
     def advance(self) -> None:
         self.progress.advance()
@@ -232,12 +250,16 @@ class RunMonitor:
 
     def throughput(self, tokens_per_s: float) -> tuple[Optional[float], float]:
         """Return (MFU as a fraction, or None where the device's peak is unknown; achieved TFLOP/s)."""
-        flops_per_s = self.facts["flops_per_token"] * tokens_per_s
+        flops_per_s = self.facts.flops_per_token * tokens_per_s
         return (flops_per_s / self.peak if self.peak else None), flops_per_s / 1e12
 
-    def _memory_row(self) -> dict:
+    def _sample_memory(self) -> MemoryStats:
         memory = memory_stats(self.system.device)
         self.peak_rss_mb = max(self.peak_rss_mb, memory.rss_mb)
+        return memory
+
+    def _memory_row(self) -> dict:
+        memory = self._sample_memory()
         return {"rss_mb": memory.rss_mb, "system_used_mb": memory.system_used_mb,
                 "cuda_allocated_mb": memory.cuda_allocated_mb, "cuda_peak_mb": memory.cuda_peak_mb}
 
@@ -245,14 +267,14 @@ class RunMonitor:
         """Report training progress (`loss`: the mean since the last report) as bar or line,
         and as a metrics row."""
         self.window_seconds.append(seconds_per_step)
-        tokens_per_s = self.facts["tokens_per_step"] / seconds_per_step
+        tokens_per_s = self.tokens_per_step / seconds_per_step
         mfu, tflops = self.throughput(tokens_per_s)
         speed = f"MFU {mfu:.1%}" if mfu is not None else f"{tflops:.2f} TFLOP/s"
         postfix = f"loss {loss:.4f}, lr {lr:.2e}, {tokens_per_s:,.0f} tok/s, {speed}"
-        line = (f"step {step:>6}/{self.facts['max_steps']}  loss {loss:.4f}  lr {lr:.2e}  "
+        line = (f"step {step:>6}/{self.facts.max_steps}  loss {loss:.4f}  lr {lr:.2e}  "
                 f"{seconds_per_step * 1000:.1f} ms/step  {tokens_per_s:,.0f} tok/s  {speed}")
         self.metrics.append({"kind": "train", "step": step, "elapsed_s": elapsed_s,
-                             "tokens": step * self.facts["tokens_per_step"], "train_loss": loss, "lr": lr,
+                             "tokens": step * self.tokens_per_step, "train_loss": loss, "lr": lr,
                              "tokens_per_s": tokens_per_s, "mfu": mfu, "tflops": tflops,
                              **self._memory_row()})
         self.progress.report(postfix, line)
@@ -262,7 +284,7 @@ class RunMonitor:
 
     def _print_estimate(self, step: int, seconds_per_step: float) -> None:
         """Print the expected duration once the first steps are timed."""
-        t, max_steps = self.cfg.training, self.facts["max_steps"]
+        t, max_steps = self.cfg.training, self.facts.max_steps
         remaining = max_steps - step
         evaluations = len([s for s in range(step + 1, max_steps + 1) if s % t.eval_interval == 0])
         evaluations += max_steps % t.eval_interval != 0
@@ -282,9 +304,9 @@ class RunMonitor:
                      f"saved {', '.join(str(p) for p in saved)}")
         self.metrics.append({
             "kind": "eval", "step": step, "elapsed_s": elapsed_s,
-            "tokens": step * self.facts["tokens_per_step"], "train_loss": losses["train"],
+            "tokens": step * self.tokens_per_step, "train_loss": losses["train"],
             "val_loss": val, "val_perplexity": math.exp(min(val, 50.0)),
-            "val_bits_per_char": val / math.log(2) if self.facts["char_level"] else None,
+            "val_bits_per_char": val / math.log(2) if self.facts.char_level else None,
             **self._memory_row()})
         self._plot(step)
 
@@ -310,18 +332,18 @@ class RunMonitor:
     def finish(self, result: RunResult, elapsed_total_s: float) -> None:
         """Close the bar, print the summary after training and write report.md."""
         self.progress.close()
-        self._memory_row()
-        print(format_sections(self._summary_rows(result, elapsed_total_s, self.style), self.style),
+        memory = self._sample_memory()
+        print(format_sections(self._summary_rows(result, elapsed_total_s, memory, self.style), self.style),
               flush=True)
-        rows = self._summary_rows(result, elapsed_total_s, Style(enabled=False))
+        rows = self._summary_rows(result, elapsed_total_s, memory, Style(enabled=False))
         ending = rows[0][1][0][1]
         plot = "loss.png" if (self.out_dir / "loss.png").is_file() else None
         flat = [(f"{section}: {name}", value) for section, items in rows for name, value in items]
         write_report(self.out_dir / "report.md", f"Run report: {self.out_dir.name} ({ending})", flat,
-                     config_to_dict(self.cfg), self.facts["environment"], plot)
+                     config_to_dict(self.cfg), self.facts.environment, plot)
 
     def _ending(self, result: RunResult, style: Style) -> str:
-        t, max_steps = self.cfg.training, self.facts["max_steps"]
+        t, max_steps = self.cfg.training, self.facts.max_steps
         if result.stop_reason == "target":
             return style.good(f"reached --target_val_loss {t.target_val_loss} at step {result.steps:,}")
         if result.stop_reason == "signal":
@@ -329,18 +351,19 @@ class RunMonitor:
                               "continue with --resume")
         if result.stop_reason == "time":
             return style.warn(f"stopped at step {result.steps:,} of {max_steps:,} to stay within "
-                              f"{self.facts['time_limit']}; continue with --resume")
+                              f"{self.facts.time_limit}; continue with --resume")
         return f"finished: trained to step {result.steps:,}"
 
-    def _summary_rows(self, result: RunResult, elapsed_total_s: float, style: Style) -> list:
+    def _summary_rows(self, result: RunResult, elapsed_total_s: float, memory: MemoryStats,
+                      style: Style) -> list:
         losses, t = result.losses, self.cfg.training
         steps_run = result.steps - result.start_step
-        tokens_run = steps_run * self.facts["tokens_per_step"]
+        tokens_run = steps_run * self.tokens_per_step
         run = [("ending", self._ending(result, style)),
                ("time", f"{format_duration(result.seconds)} this session, "
                         f"{format_duration(elapsed_total_s)} in all sessions"),
                ("steps", f"{result.start_step:,} -> {result.steps:,} ({steps_run:,} this session)"),
-               ("tokens seen", f"{result.steps * self.facts['tokens_per_step']:,}")]
+               ("tokens seen", f"{result.steps * self.tokens_per_step:,}")]
         if steps_run and result.train_seconds > 0:
             tokens_per_s = tokens_run / result.train_seconds
             mfu, tflops = self.throughput(tokens_per_s)
@@ -357,7 +380,6 @@ class RunMonitor:
                      ("worst", f"train {losses.worst_train:.4f}, val {losses.worst_val:.4f}")]
         if not math.isfinite(losses.best_val):
             loss_rows = [("evaluations", "none yet")]
-        memory = memory_stats(self.system.device)
         memory_rows = [("peak process RSS", f"{self.peak_rss_mb:,.0f} MiB"),
                        ("system memory", f"{memory.system_used_mb:,.0f} of {memory.system_total_mb:,.0f} "
                                          "MiB in use")]

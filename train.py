@@ -28,7 +28,7 @@ from config import (
 from data_loader import PreparedData, check_enough_tokens, prepare_data, shakespeare_is_local
 from errors import UserError
 from model import GPT
-from monitor import Style, describe_run, format_sections
+from monitor import RunFacts, Style, describe_run, format_sections
 from trainer import Trainer, total_steps
 from utils import DeviceInfo, configure_torch, process_start_time, resolve_system
 
@@ -86,16 +86,16 @@ def load_resumable(path: Path) -> tuple[dict, Path]:
 
 def describe_config(cfg: Config, system: DeviceInfo, data: Optional[PreparedData]) -> str:
     """Return the resolved config and the values derived from it, for --show_config."""
-    num_params, facts, max_steps = None, None, None
+    facts = None
     if data is not None:
         with torch.device("meta"):  # shapes only: no memory, no initialisation
             model = GPT(fill_vocab_size(cfg, data.tokenizer.vocab_size).model)
-        num_params = (model.num_params(), model.num_params(include_embeddings=False))
-        facts = {"vocab_size": data.tokenizer.vocab_size, "train_tokens": len(data.train),
-                 "val_tokens": len(data.val)}
-        max_steps = total_steps(cfg.training, len(data.train), tokens_per_step(cfg))
-    derived = [(f"{title}: derived", rows) for title, rows in
-               describe_run(cfg, num_params, facts, system, max_steps)]
+        facts = RunFacts(params=model.num_params(),
+                         params_without_embeddings=model.num_params(include_embeddings=False),
+                         vocab_size=data.tokenizer.vocab_size, train_tokens=len(data.train),
+                         val_tokens=len(data.val),
+                         max_steps=total_steps(cfg.training, len(data.train), tokens_per_step(cfg)))
+    derived = [(f"{title}: derived", rows) for title, rows in describe_run(cfg, system, facts)]
     return format_config(cfg) + "\n" + format_sections(derived, Style(enabled=False))
 
 

@@ -16,7 +16,7 @@ from data_loader import PreparedData, get_batch, split_windows
 from errors import UserError
 from guards import StepTimer, StopSignals, TimeLimit
 from model import GPT
-from monitor import LogWindow, LossRecord, RunMonitor, RunResult
+from monitor import LogWindow, LossRecord, RunFacts, RunMonitor, RunResult
 from optim import make_optimizer, set_learning_rates
 from report import environment
 from utils import DeviceInfo, autocast_context
@@ -129,20 +129,19 @@ class Trainer:
         self.environment = environment(system.device)
         self.monitor = RunMonitor(cfg, system, self._facts(), self.out_dir)
 
-    def _facts(self) -> dict:
-        """The figures the summaries and metrics need, computed once."""
-        return {
-            "num_params": (self.model.num_params(), self.model.num_params(include_embeddings=False)),
-            "flops_per_token": self.model.flops_per_token(),
-            "tokens_per_step": self.tokens_per_step,
-            "max_steps": self.max_steps,
-            "vocab_size": self.data.tokenizer.vocab_size,
-            "train_tokens": len(self.data.train),
-            "val_tokens": len(self.data.val),
-            "char_level": self.data.tokenizer.kind == "char",
-            "environment": self.environment,
-            "time_limit": self.time_limit.reason if self.time_limit else None,
-        }
+    def _facts(self) -> RunFacts:
+        return RunFacts(
+            params=self.model.num_params(),
+            params_without_embeddings=self.model.num_params(include_embeddings=False),
+            vocab_size=self.data.tokenizer.vocab_size,
+            train_tokens=len(self.data.train),
+            val_tokens=len(self.data.val),
+            max_steps=self.max_steps,
+            flops_per_token=self.model.flops_per_token(),
+            char_level=self.data.tokenizer.kind == "char",
+            environment=self.environment,
+            time_limit=self.time_limit.reason if self.time_limit else None,
+        )
 
     # ------------------------------------------------------------ checkpoints
 

@@ -185,14 +185,17 @@ def test_mfu_matches_a_hand_computation():
     assert model.num_params() == params
     flops_per_token = 6 * (params - 16 * 32) + 12 * 2 * 32 * 16
     assert model.flops_per_token() == flops_per_token == 6 * 26_336 + 12_288
-    watcher = monitor.RunMonitor(cfg, DeviceInfo(torch.device("cpu"), torch.float32, False),
-                                 {"flops_per_token": model.flops_per_token()}, Path("."))
+    cpu = DeviceInfo(torch.device("cpu"), torch.float32, False)
+
+    def facts(flops_per_token: int) -> monitor.RunFacts:
+        return monitor.RunFacts(params, 0, 50, 1000, 100, 10, flops_per_token=flops_per_token)
+
+    watcher = monitor.RunMonitor(cfg, cpu, facts(model.flops_per_token()), Path("."))
     mfu, tflops = watcher.throughput(tokens_per_s=2_000_000)
     assert tflops == pytest.approx(flops_per_token * 2e6 / 1e12)
     assert mfu == pytest.approx(flops_per_token * 2e6 / 1e12)  # peak 1 TFLOP/s
     cfg.system.peak_tflops = None
-    assert monitor.RunMonitor(cfg, DeviceInfo(torch.device("cpu"), torch.float32, False),
-                              {"flops_per_token": 1}, Path(".")).throughput(1e6)[0] is None
+    assert monitor.RunMonitor(cfg, cpu, facts(1), Path(".")).throughput(1e6)[0] is None
 
 
 @pytest.mark.parametrize("name, dtype, tf32, expected", [
@@ -219,3 +222,12 @@ def test_deterministic_switch(workdir, tiny_config_file):
         assert torch.are_deterministic_algorithms_enabled()
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+def test_the_summary_names_the_schedule_in_use():
+    t = Config().training
+    t.warmup_steps, t.lr, t.min_lr = 30, 3e-3, 3e-4
+    assert monitor.describe_schedule(t, 300) == "warmup 30 steps to 0.003, cosine to 0.0003 at step 300"
+    t.schedule, t.cooldown_fraction = "wsd", 0.3
+    assert monitor.describe_schedule(t, 300) == (
+        "warmup 30 steps to 0.003, stable, linear cooldown over the last 30% to 0.0003")
