@@ -19,8 +19,10 @@ from utils import notice, write_file_atomic
 
 FORMAT = "gpt-trainer checkpoint"
 FORMAT_VERSION = 1
-# Fields that change the shapes of the weights; dropout may change between runs.
-ARCHITECTURE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
+# Fields that change the weights' shapes or what they compute; dropout, the attention kernel
+# and the initialisation may change between runs.
+ARCHITECTURE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias", "position",
+                       "norm", "mlp", "qk_norm", "tie_embeddings")
 LATEST = "ckpt.pt"
 ROLLING = re.compile(r"ckpt-(\d+)\.pt")  # ckpt-<step>.pt, the newest keep_last of them
 
@@ -137,6 +139,13 @@ def load_checkpoint(path: str | Path) -> dict:
         raise UserError(f"{path} is damaged: its tensors do not match their checksum; "
                         "use another checkpoint, e.g. an earlier ckpt-<step>.pt")
     return checkpoint
+
+
+def load_resumable(path: Path) -> tuple[dict, Path]:
+    """Return the checkpoint named (which must verify), or the newest valid one in a run directory."""
+    if path.is_dir():
+        return load_latest_valid(path)
+    return load_checkpoint(path), path
 
 
 def load_latest_valid(run_dir: Path) -> tuple[dict, Path]:

@@ -13,6 +13,7 @@ from checkpoint import (
     find_checkpoint,
     load_checkpoint,
     load_latest_valid,
+    load_resumable,
     rolling_checkpoints,
 )
 from cli import CliParser, add_config_flags, overrides_from_args, run_cli
@@ -73,15 +74,6 @@ def resolve_run_config(args: argparse.Namespace) -> tuple[Config, Optional[dict]
     cfg = resolve_config(args.config, overrides)
     checkpoint, path = load_latest_valid(Path(cfg.training.out_dir))
     return cfg, checkpoint, path
-
-
-def load_resumable(path: Path) -> tuple[dict, Path]:
-    """Return the checkpoint named (which must verify), or the newest valid one in a run directory."""
-    if path.is_dir():
-        return load_latest_valid(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist")
-    return load_checkpoint(path), path
 
 
 def describe_config(cfg: Config, system: DeviceInfo, data: Optional[PreparedData]) -> str:
