@@ -106,11 +106,11 @@ def process_start_time() -> float:
 
 def configure_determinism(on: bool) -> None:
     """Ask torch for deterministic algorithms (warning where an op has none), or let it choose."""
+    torch.use_deterministic_algorithms(on, warn_only=True)
     if on:
         # cuBLAS needs a fixed workspace to repeat its results; read when CUDA starts
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(on, warn_only=True)
-    torch.backends.cudnn.benchmark = False if on else torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = False  # autotuning may pick different kernels per run
 
 
 def configure_torch(system: SystemConfig) -> None:
