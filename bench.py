@@ -74,6 +74,8 @@ def figures(trainer: Trainer, monitor: RunMonitor, process_start: float) -> dict
         "device": monitor.facts.environment["device"],
         "dtype": str(trainer.system.dtype).removeprefix("torch."),
         "compile": trainer.system.compile,
+        "compile_mode": trainer.cfg.system.compile_mode if trainer.system.compile else None,
+        "data_on_device": isinstance(trainer.data.train, torch.Tensor),
         "params": trainer.model.num_params(),
         "tokens_per_step": trainer.tokens_per_step,
         "steps": trainer.step,
@@ -116,7 +118,7 @@ def max_batch(cfg: Config, data_vocab: int) -> dict:
     if system.device.type != "cuda":
         raise UserError("--max_batch searches GPU memory; run it with a CUDA device")
     model = GPT(fill_vocab_size(cfg, data_vocab).model).to(system.device)
-    optimizer = make_optimizer(model, cfg.training, system.device)
+    optimizer = make_optimizer(model, cfg.training, system.device, system.dtype)
     scaler = torch.amp.GradScaler("cuda", enabled=system.dtype == torch.float16)
     autocast = autocast_context(system.device, system.dtype)
     T = cfg.model.block_size

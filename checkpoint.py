@@ -22,7 +22,7 @@ FORMAT_VERSION = 1
 # Fields that change the weights' shapes or what they compute; dropout, the attention kernel
 # and the initialisation may change between runs.
 ARCHITECTURE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias", "position",
-                       "norm", "mlp", "qk_norm", "tie_embeddings")
+                       "norm", "mlp", "qk_norm", "tie_embeddings", "n_kv_head")
 LATEST = "ckpt.pt"
 ROLLING = re.compile(r"ckpt-(\d+)\.pt")  # ckpt-<step>.pt, the newest keep_last of them
 

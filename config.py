@@ -53,12 +53,17 @@ class ModelConfig:
     position: str = option("learned", "position encoding: learned embeddings (GPT-2) or rotary (RoPE)",
                            choices=("learned", "rope"))
     norm: str = option("layernorm", "normalisation layer", choices=("layernorm", "rmsnorm"))
-    mlp: str = option("gelu", "MLP: GELU (GPT-2), ReLU squared, or SwiGLU (LLaMA)",
-                      choices=("gelu", "relu2", "swiglu"))
+    mlp: str = option("gelu", "MLP: GELU (GPT-2), ReLU squared, SwiGLU (LLaMA) or GeGLU (Gemma)",
+                      choices=("gelu", "relu2", "swiglu", "geglu"))
+    n_kv_head: Optional[int] = option(
+        None, "key/value heads (grouped-query attention; must divide n_head); null: n_head")
     qk_norm: bool = option(False, "RMS-normalise queries and keys per head before attention")
     tie_embeddings: bool = option(True, "share the token embedding with the output head")
     zero_init_projections: bool = option(
         False, "start the residual output projections at zero (each block begins as the identity)")
+    loss_chunk_size: int = option(
+        0, "compute the output head and loss this many positions at a time, recomputed in the "
+        "backward pass, so the tokens x vocabulary logits never exist whole; 0: all at once")
 
 
 @dataclass
@@ -102,6 +107,11 @@ class TrainingConfig:
         1000, "keep a copy of loss.png as plots/loss_step<N>.png every this many steps; 0: none")
     keep_last: int = option(3, "rolling ckpt-<step>.pt files kept beside ckpt.pt and best.pt; 0: none")
     max_bad_steps: int = option(10, "non-finite losses in a row that stop the run (each one is skipped)")
+    nonfinite_check: str = option(
+        "step", "step: check each step's loss and gradient on the host and skip a bad update "
+        "exactly (one host-device sync a step); log: drop a bad step's gradients on the device "
+        "and count it at the next progress report (no sync; the optimizer's momentum still moves)",
+        choices=("step", "log"))
     target_val_loss: Optional[float] = option(None, "stop once an evaluation reaches this val loss")
     max_time_s: Optional[float] = option(
         None, "stop with a checkpoint before this much wall time (seconds, or 1h30m on the command line)",
@@ -115,9 +125,16 @@ class TrainingConfig:
 class SystemConfig:
     device: str = option("auto", "where to train", choices=("auto", "cpu", "cuda", "mps"))
     dtype: str = option(
-        "auto", "compute dtype; auto: bfloat16 on CUDA where supported, else float16; float32 elsewhere",
+        "auto", "compute dtype; auto: bfloat16 on CUDA where supported, else float16; bfloat16 on CPUs with "
+        "AVX-512 BF16 or AMX; float32 elsewhere",
         choices=("auto", "float32", "bfloat16", "float16"), aliases=DTYPE_ALIASES)
     compile: Optional[bool] = option(None, "torch.compile the model; null: on for CUDA, off elsewhere")
+    compile_mode: str = option(
+        "default", "torch.compile mode; reduce-overhead replays CUDA graphs (fewer kernel launches)",
+        choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
+    data_on_device: Optional[bool] = option(
+        None, "keep the token splits in device memory and cut batches there; null: on CUDA when "
+        "they fit in 2 GiB")
     allow_tf32: bool = option(True, "TF32 matmuls on CUDA")
     seed: int = option(1337, "seed for Python, numpy and torch")
     usd_per_hour: Optional[float] = option(None, "what the machine costs, for training.budget_usd")
@@ -272,6 +289,8 @@ def validate(cfg: Config) -> None:
         "training.eval_interval": t.eval_interval, "training.eval_iters": t.eval_iters,
         "training.log_interval": t.log_interval,
     }
+    if m.n_kv_head is not None:
+        positive["model.n_kv_head"] = m.n_kv_head
     for name, value in positive.items():
         if value <= 0:
             raise UserError(f"{name} must be positive, got {value}")
@@ -280,6 +299,7 @@ def validate(cfg: Config) -> None:
         "training.grad_clip": t.grad_clip, "training.checkpoint_interval": t.checkpoint_interval,
         "training.min_lr": t.min_lr, "training.keep_last": t.keep_last,
         "training.plot_milestone_interval": t.plot_milestone_interval,
+        "model.loss_chunk_size": m.loss_chunk_size,
     }
     for name, value in non_negative.items():
         if value < 0:
@@ -301,6 +321,9 @@ def validate(cfg: Config) -> None:
             f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head}); "
             f"try n_head {_nearest_divisor(m.n_embd, m.n_head)}"
         )
+    if m.n_kv_head is not None and m.n_head % m.n_kv_head != 0:
+        raise UserError(f"model.n_kv_head ({m.n_kv_head}) must divide model.n_head ({m.n_head}); "
+                        f"try {_nearest_divisor(m.n_head, m.n_kv_head)}")
     if t.budget_usd is not None and s.usd_per_hour is None:
         raise UserError("--budget needs the machine's price: set system.usd_per_hour "
                         "(e.g. --system.usd_per_hour 2.49)")

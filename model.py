@@ -1,6 +1,7 @@
 """The GPT: token and position embeddings, pre-norm transformer blocks, a tied LM head.
 
-GPT-2 by default; config switches give rotary positions (RoPE), RMSNorm and other MLPs.
+GPT-2 by default; config switches give rotary positions (RoPE), RMSNorm, other MLPs and
+grouped-query attention.
 Shapes in comments: B batch, T time (tokens), C channels (n_embd), nh heads, hs head size.
 """
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Iterator, Optional
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 from config import ModelConfig
 
@@ -37,34 +39,47 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
     return nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
 
 
+GATED_MLPS = ("swiglu", "geglu")  # a gate and a value matrix: three matrices instead of two
+
+
 def mlp_hidden_size(cfg: ModelConfig) -> int:
-    """4 x n_embd, or for SwiGLU (three matrices instead of two) 8/3 of it, to a multiple of 32."""
-    if cfg.mlp == "swiglu":
+    """4 x n_embd, or for a gated MLP 8/3 of it (the same parameters), to a multiple of 32."""
+    if cfg.mlp in GATED_MLPS:
         return 32 * math.ceil(8 * cfg.n_embd / 3 / 32)
     return 4 * cfg.n_embd
 
 
 class CausalSelfAttention(nn.Module):
+    """Multi-head attention; with n_kv_head < n_head, groups of query heads share one key/value
+    head (grouped-query attention, Ainslie et al. 2023), which shrinks the KV cache."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_head = cfg.n_head
+        self.n_kv_head = cfg.n_kv_head or cfg.n_head
+        self.head_size = cfg.n_embd // cfg.n_head
         self.dropout = cfg.dropout
         self.flash = cfg.flash_attention
         self.qk_norm = cfg.qk_norm
-        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v at once
+        kv_width = self.n_kv_head * self.head_size
+        self.c_attn = nn.Linear(cfg.n_embd, cfg.n_embd + 2 * kv_width, bias=cfg.bias)  # q, k, v at once
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.attn_dropout = nn.Dropout(cfg.dropout)  # used by the plain path; SDPA drops itself
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, rotary: Optional[Rotary] = None) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        # (B, T, C) -> (B, nh, T, hs)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        kv_width = self.n_kv_head * self.head_size
+        q, k, v = self.c_attn(x).split((C, kv_width, kv_width), dim=2)
+        q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
+        k, v = (t.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2) for t in (k, v))
         if self.qk_norm:  # bounded attention logits tolerate higher learning rates
             q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
         if rotary is not None:
             q, k = apply_rotary(q, rotary), apply_rotary(k, rotary)
+        if self.n_kv_head != self.n_head:  # each key/value head serves n_head / n_kv_head queries
+            group = self.n_head // self.n_kv_head
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         if self.flash:
             y = F.scaled_dot_product_attention(
                 q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
@@ -79,13 +94,14 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """GELU (GPT-2), ReLU squared (Primer, So et al. 2021) or SwiGLU (Shazeer 2020; LLaMA)."""
+    """GELU (GPT-2), ReLU squared (Primer, So et al. 2021), or the gated SwiGLU (Shazeer 2020;
+    LLaMA) and GeGLU (the same paper; Gemma, with the tanh-approximated GELU)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.kind = cfg.mlp
         hidden = mlp_hidden_size(cfg)
-        gates = 2 if cfg.mlp == "swiglu" else 1  # SwiGLU's gate and value in one matrix
+        gates = 2 if cfg.mlp in GATED_MLPS else 1  # a gate and a value in one matrix
         self.c_fc = nn.Linear(cfg.n_embd, gates * hidden, bias=cfg.bias)
         self.c_proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
@@ -95,6 +111,9 @@ class MLP(nn.Module):
         if self.kind == "swiglu":
             gate, value = h.chunk(2, dim=-1)
             h = F.silu(gate) * value
+        elif self.kind == "geglu":
+            gate, value = h.chunk(2, dim=-1)
+            h = F.gelu(gate, approximate="tanh") * value
         elif self.kind == "relu2":
             h = F.relu(h).square()
         else:
@@ -157,7 +176,11 @@ class GPT(nn.Module):
     def forward(
         self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Return logits (B, T, vocab) and, when targets are given, the mean cross-entropy."""
+        """Return logits (B, T, vocab) and, when targets are given, the mean cross-entropy.
+
+        With model.loss_chunk_size set and targets given, the logits are never built whole
+        (that is the point), and None is returned in their place.
+        """
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
@@ -170,11 +193,29 @@ class GPT(nn.Module):
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, rotary)
-        logits = self.lm_head(self.ln_f(x))  # (B, T, vocab)
+        x = self.ln_f(x)
+        if targets is not None and self.config.loss_chunk_size:
+            return None, self._chunked_loss(x, targets)
+        logits = self.lm_head(x)  # (B, T, vocab)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
+
+    def _chunked_loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Return the mean cross-entropy, computing the head's logits for a few positions at a
+        time and again in the backward pass: memory for one chunk's logits instead of all."""
+        hidden, flat_targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)
+        total = x.new_zeros((), dtype=torch.float32)
+        size = self.config.loss_chunk_size
+        for start in range(0, hidden.size(0), size):
+            total = total + checkpoint(self._summed_loss, hidden[start : start + size],
+                                       flat_targets[start : start + size], use_reentrant=False)
+        return total / flat_targets.numel()
+
+    def _summed_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(hidden)
+        return F.cross_entropy(logits.float(), targets, reduction="sum")
 
     def _position_params(self) -> int:
         return self.wpe.weight.numel() if self.wpe is not None else 0

@@ -154,17 +154,24 @@ class LogWindow:
         self.started = time.perf_counter()
         self.steps = 0
         self.loss_sum: Optional[torch.Tensor] = None
-        self.losses = 0
+        self.losses: Optional[torch.Tensor] = None  # how many of the steps had a finite loss
 
     def add(self, loss: Optional[torch.Tensor]) -> None:
-        """Count a step; `loss` is None for a skipped (non-finite) one."""
+        """Count a step; a skipped one passes None, and a non-finite loss is left out of the
+        mean (on the device, so a run that checks steps only at reports needs no sync here)."""
         self.steps += 1
-        if loss is not None:
-            self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
-            self.losses += 1
+        if loss is None:
+            return
+        finite = torch.isfinite(loss)
+        kept = torch.where(finite, loss.float(), 0.0)
+        if self.loss_sum is None:
+            self.loss_sum, self.losses = kept, finite.long()
+        else:
+            self.loss_sum, self.losses = self.loss_sum + kept, self.losses + finite
 
     def mean_loss(self) -> float:
-        return self.loss_sum.item() / self.losses if self.losses else math.nan
+        count = int(self.losses) if self.losses is not None else 0
+        return self.loss_sum.item() / count if count else math.nan
 
     def seconds_per_step(self) -> float:
         return (time.perf_counter() - self.started) / max(1, self.steps)

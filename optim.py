@@ -17,13 +17,11 @@ from config import TrainingConfig
 NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)
 
 
-def orthogonalize(matrix: torch.Tensor, steps: int = 5) -> torch.Tensor:
+def orthogonalize(matrix: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Return approximately semi-orthogonal matrices with the row/column spaces of `matrix`
-    (one matrix, or a stack of same-shaped ones: (..., rows, columns))."""
+    (one matrix, or a stack of same-shaped ones: (..., rows, columns)), iterating in `dtype`."""
     a, b, c = NEWTON_SCHULZ
-    # bfloat16 as in Muon's reference: the iteration tolerates it, and on this project's CPU
-    # machine it halves the cost (a 4x128 model: about 26 ms -> 12 ms per step)
-    x = matrix.to(torch.bfloat16)
+    x = matrix.to(dtype)
     tall = x.size(-2) > x.size(-1)
     if tall:  # iterate on the smaller Gram matrix
         x = x.transpose(-2, -1)
@@ -43,9 +41,11 @@ class MuonWithAdamW(torch.optim.Optimizer):
     """Muon for groups with `muon: True`, AdamW (decoupled weight decay) for the others."""
 
     def __init__(self, groups: list[dict], betas: tuple[float, float] = (0.9, 0.95),
-                 eps: float = 1e-8, momentum: float = 0.95):
+                 eps: float = 1e-8, momentum: float = 0.95,
+                 newton_schulz_dtype: torch.dtype = torch.bfloat16):
         super().__init__(groups, dict(betas=betas, eps=eps, momentum=momentum, weight_decay=0.0,
                                       muon=False))
+        self.newton_schulz_dtype = newton_schulz_dtype
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -71,8 +71,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
         for param in params:
             by_shape.setdefault(param.shape, []).append(param)
         for shape, same in by_shape.items():  # one batched orthogonalisation per shape
-            updates = orthogonalize(torch.stack([self._nesterov_momentum(p, group["momentum"])
-                                                 for p in same]))
+            momenta = torch.stack([self._nesterov_momentum(p, group["momentum"]) for p in same])
+            updates = orthogonalize(momenta, dtype=self.newton_schulz_dtype)
             # the orthogonal update has unit spectral norm; a tall matrix gets a larger step
             # so that its per-element size matches a square one's
             scale = max(1.0, shape[0] / shape[1]) ** 0.5
@@ -97,7 +97,15 @@ class MuonWithAdamW(torch.optim.Optimizer):
         param.addcdiv_(state["exp_avg"], denominator, value=-group["lr"] / bias1)
 
 
-def make_optimizer(model: torch.nn.Module, t: TrainingConfig, device: torch.device) -> torch.optim.Optimizer:
+def newton_schulz_dtype(device: torch.device, compute_dtype: torch.dtype) -> torch.dtype:
+    """bfloat16 as in Muon's reference where it is fast (GPUs; CPUs that train in bf16 have it
+    in hardware, and it halved a 4x128 model's step there: 26 -> 12 ms); float32 on other CPUs,
+    which only emulate bf16 matmuls."""
+    return torch.bfloat16 if device.type == "cuda" or compute_dtype == torch.bfloat16 else torch.float32
+
+
+def make_optimizer(model: torch.nn.Module, t: TrainingConfig, device: torch.device,
+                   compute_dtype: torch.dtype = torch.float32) -> torch.optim.Optimizer:
     """Return the configured optimizer; weight decay only on matrices, never on gains and biases."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     matrices = [p for _, p in named if p.dim() >= 2]
@@ -114,7 +122,8 @@ def make_optimizer(model: torch.nn.Module, t: TrainingConfig, device: torch.devi
         {"params": embeddings, "lr": t.lr, "initial_lr": t.lr, "weight_decay": t.weight_decay},
         {"params": others, "lr": t.lr, "initial_lr": t.lr, "weight_decay": 0.0},
     ]
-    return MuonWithAdamW(groups, betas=(t.beta1, t.beta2), momentum=t.muon_momentum)
+    return MuonWithAdamW(groups, betas=(t.beta1, t.beta2), momentum=t.muon_momentum,
+                         newton_schulz_dtype=newton_schulz_dtype(device, compute_dtype))
 
 
 def set_learning_rates(optimizer: torch.optim.Optimizer, factor: float) -> None:

@@ -12,7 +12,7 @@ import torch
 
 from checkpoint import LATEST, copy_checkpoint, keep_rolling_copy, save_checkpoint
 from config import Config, TrainingConfig, config_to_dict, tokens_per_step
-from data_loader import PreparedData, get_batch, split_windows
+from data_loader import PreparedData, get_batch, place_on_device, split_windows
 from errors import UserError
 from guards import StepTimer, StopSignals, TimeLimit
 from model import GPT
@@ -73,21 +73,55 @@ def optimizer_step(
     scaler: torch.amp.GradScaler,
     grad_clip: float,
     loss: torch.Tensor,
-) -> bool:
-    """Clip the gradients, apply the update unless the loss or gradients are not finite,
-    and clear the gradients; return whether the update was applied."""
+    check_on_host: bool = True,
+) -> torch.Tensor:
+    """Clip the gradients, update the weights unless the loss or gradients are not finite,
+    clear the gradients; return (on the device) whether the step was finite.
+
+    check_on_host: skip a bad update exactly, at the price of one host-device sync per step.
+    Otherwise a bad step's gradients are zeroed on the device and the update runs (the
+    optimizer's momentum still moves the weights), so the host never waits for the GPU.
+    """
     scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
     max_norm = grad_clip if grad_clip > 0 else math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     # With fp16 the scaler itself skips steps whose gradients overflowed and lowers the scale;
     # otherwise a non-finite gradient norm means the update would poison the weights.
-    gradients_ok = torch.isfinite(grad_norm) | scaler.is_enabled()
-    applied = bool(torch.isfinite(loss) & gradients_ok)  # the step's one host-device sync
-    if applied:
+    finite = torch.isfinite(loss) & (torch.isfinite(grad_norm) | scaler.is_enabled())
+    if check_on_host:
+        if bool(finite):  # the step's one host-device sync
+            scaler.step(optimizer)
+    else:
+        drop_gradients_unless(finite, model.parameters())
         scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return applied
+    return finite
+
+
+def drop_gradients_unless(finite: torch.Tensor, params: Iterable[torch.nn.Parameter]) -> None:
+    """Zero every gradient when `finite` (a device bool) is false, without reading it."""
+    bad = ~finite
+    for param in params:
+        if param.grad is not None:
+            param.grad.masked_fill_(bad, 0.0)
+
+
+class DeferredSkips:
+    """Non-finite steps counted on the device, read only at progress reports."""
+
+    def __init__(self, device: torch.device):
+        self.total = torch.zeros((), dtype=torch.int64, device=device)
+        self.in_a_row = torch.zeros((), dtype=torch.int64, device=device)
+
+    def add(self, finite: torch.Tensor) -> None:
+        bad = (~finite).long()
+        self.total += bad
+        self.in_a_row = (self.in_a_row + 1) * bad
+
+    def read(self) -> tuple[int, int]:
+        """Return (non-finite steps so far, how many of the latest were in a row)."""
+        return int(self.total), int(self.in_a_row)
 
 
 def weights_are_finite(model: torch.nn.Module) -> bool:
@@ -98,12 +132,14 @@ class Trainer:
     """Owns the model, optimizer and data sampling of one run, and the loop that drives them."""
 
     def __init__(self, cfg: Config, data: PreparedData, system: DeviceInfo, process_start: float):
-        self.cfg, self.data, self.system = cfg, data, system
+        self.cfg, self.system = cfg, system
+        self.data = place_on_device(data, system.device, cfg.system.data_on_device)
         self.out_dir = Path(cfg.training.out_dir)
         t = cfg.training
         self.model = GPT(cfg.model).to(system.device)
-        self.forward_model = torch.compile(self.model) if system.compile else self.model
-        self.optimizer = make_optimizer(self.model, t, system.device)
+        self.forward_model = (torch.compile(self.model, mode=cfg.system.compile_mode) if system.compile
+                              else self.model)
+        self.optimizer = make_optimizer(self.model, t, system.device, system.dtype)
         # the config, not a checkpoint, decides hyperparameters: kept to re-apply after a resume
         self.group_settings = [{k: v for k, v in g.items() if k != "params"}
                                for g in self.optimizer.param_groups]
@@ -122,6 +158,8 @@ class Trainer:
         self.losses = LossRecord()
         self.bad_steps_in_a_row = 0
         self.skipped_steps = 0
+        self.deferred_skips = DeferredSkips(system.device)  # for nonfinite_check "log"
+        self.skips_read_at = 0  # the step up to which deferred_skips were read
         self.target_reached = False
         self.elapsed_before_s = 0.0  # training time of earlier sessions of this run
         self._session_start: Optional[float] = None
@@ -227,23 +265,43 @@ class Trainer:
         micro_batches = (self._batch("train", self.data_rng) for _ in range(t.grad_accum_steps))
         loss = accumulate_gradients(self.forward_model, micro_batches, t.grad_accum_steps,
                                     self.autocast, self.scaler)
-        if optimizer_step(self.model, self.optimizer, self.scaler, t.grad_clip, loss):
+        check_on_host = t.nonfinite_check == "step"
+        finite = optimizer_step(self.model, self.optimizer, self.scaler, t.grad_clip, loss, check_on_host)
+        if not check_on_host:
+            self.deferred_skips.add(finite)
+            return loss  # a non-finite one is left out of the reported mean, on the device
+        if bool(finite):
             self.bad_steps_in_a_row = 0
-        else:
-            self.bad_steps_in_a_row += 1
-            self.skipped_steps += 1
-            loss_value = loss.item()
-            what = "gradient" if math.isfinite(loss_value) else "loss"
-            self.monitor.message(f"step {self.step + 1}: the {what} is not finite (loss {loss_value:.4f}); "
-                                 f"update skipped ({self.bad_steps_in_a_row} in a row)")
-            if self.bad_steps_in_a_row >= t.max_bad_steps:
-                raise UserError(
-                    f"the loss or its gradient was not finite for {t.max_bad_steps} steps in a row (to "
-                    f"step {self.step + 1}), so the run stopped; {self._last_checkpoint()}; try a lower "
-                    f"--lr (now {t.lr:g}) or another --precision (now "
-                    f"{str(self.system.dtype).removeprefix('torch.')})")
-            return None
-        return loss
+            return loss
+        self.bad_steps_in_a_row += 1
+        self.skipped_steps += 1
+        loss_value = loss.item()
+        what = "gradient" if math.isfinite(loss_value) else "loss"
+        self.monitor.message(f"step {self.step + 1}: the {what} is not finite (loss {loss_value:.4f}); "
+                             f"update skipped ({self.bad_steps_in_a_row} in a row)")
+        self._stop_if_too_many_bad_steps(self.step + 1)
+        return None
+
+    def _read_deferred_skips(self) -> None:
+        """For nonfinite_check "log": report the non-finite steps since the last reading, and
+        stop the run as the per-step check would (up to log_interval steps later)."""
+        total, in_a_row = self.deferred_skips.read()
+        new = total - self.skipped_steps
+        self.skipped_steps, self.bad_steps_in_a_row = total, in_a_row
+        if new:
+            self.monitor.message(f"steps {self.skips_read_at + 1}-{self.step}: {new} non-finite step(s); "
+                                 f"their gradients were dropped ({in_a_row} in a row at step {self.step})")
+        self.skips_read_at = self.step
+        self._stop_if_too_many_bad_steps(self.step)
+
+    def _stop_if_too_many_bad_steps(self, step: int) -> None:
+        t = self.cfg.training
+        if self.bad_steps_in_a_row >= t.max_bad_steps:
+            raise UserError(
+                f"the loss or its gradient was not finite for {self.bad_steps_in_a_row} steps in a "
+                f"row (to step {step}), so the run stopped; {self._last_checkpoint()}; try a lower "
+                f"--lr (now {t.lr:g}) or another --precision (now "
+                f"{str(self.system.dtype).removeprefix('torch.')})")
 
     def _eval_batches(self, split: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The batches an evaluation scores: the same random ones every time, or, for the
@@ -301,6 +359,7 @@ class Trainer:
         t = self.cfg.training
         self._session_start = started = time.perf_counter()
         start_step, train_seconds = self.step, 0.0
+        self.skips_read_at = self.step
         window = LogWindow()
         reason = "finished"
         self.monitor.start(self.step, self.resumed_from)
@@ -324,6 +383,8 @@ class Trainer:
                 window.add(loss)
                 self.monitor.advance()
                 if self.step % t.log_interval == 0 or self.step == self.max_steps:
+                    if t.nonfinite_check == "log":
+                        self._read_deferred_skips()
                     self.monitor.log(self.step, window.mean_loss(), self.lr,
                                      window.seconds_per_step(), self.elapsed_s())
                     window = LogWindow()
@@ -332,6 +393,8 @@ class Trainer:
                     window.restart_clock()  # evaluation time is not training speed
                 elif t.checkpoint_interval and self.step % t.checkpoint_interval == 0:
                     self.save_latest()
+            if t.nonfinite_check == "log":
+                self._read_deferred_skips()
             if self.saved_step != self.step:
                 self.save_latest()
         result = RunResult(start_step, self.step, time.perf_counter() - started, train_seconds, self.losses,

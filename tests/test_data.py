@@ -5,6 +5,7 @@ import hashlib
 import io
 import json
 import urllib.error
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ import data_loader
 from config import DataConfig
 from data_loader import check_enough_tokens, get_batch, load_source_text, prepare_data
 from errors import UserError
+from tokenizer import CharTokenizer
 
 
 def test_a_text_file_is_tokenized_split_and_cached(workdir, small_corpus_file):
@@ -149,8 +151,29 @@ def test_batches_are_windows_with_shifted_targets():
     assert int(x.max()) + 1 < 1000
 
 
-def test_split_windows_cover_the_split_once():
+def test_tokens_on_the_device_give_the_same_batches():
+    tokens = np.arange(1000, dtype=np.uint16)
+    data = data_loader.PreparedData(tokens, tokens[:200], CharTokenizer("ab"), "test", Path("."))
+    cpu = torch.device("cpu")
+    assert data_loader.place_on_device(data, cpu, None) is data  # by default only CUDA keeps tokens
+    resident = data_loader.place_on_device(data, cpu, True)
+    assert isinstance(resident.train, torch.Tensor) and resident.train.dtype == torch.int32
+    assert len(resident.val) == 200
+    for batch_size, block_size in ((5, 16), (1, 1)):
+        host = get_batch(tokens, batch_size, block_size, torch.Generator().manual_seed(3), cpu)
+        device = get_batch(resident.train, batch_size, block_size, torch.Generator().manual_seed(3), cpu)
+        for a, b in zip(host, device):
+            assert torch.equal(a, b) and b.dtype == torch.int64
+    host_windows = list(data_loader.split_windows(tokens[:200], 4, 10, cpu))
+    device_windows = list(data_loader.split_windows(resident.val, 4, 10, cpu))
+    assert all(torch.equal(a, b) for pair in zip(host_windows, device_windows) for a, b in zip(*pair))
+
+
+@pytest.mark.parametrize("resident", [False, True])
+def test_split_windows_cover_the_split_once(resident):
     tokens = np.arange(103, dtype=np.uint16)
+    if resident:
+        tokens = torch.from_numpy(tokens.astype(np.int32))
     batches = list(data_loader.split_windows(tokens, batch_size=4, block_size=10, device=torch.device("cpu")))
     assert [len(x) for x, _ in batches] == [4, 4, 2]  # (103 - 1) // 10 = 10 windows
     x = torch.cat([b[0] for b in batches])

@@ -1,6 +1,7 @@
 """Faults a long run meets: kills, damaged files, a full disk, NaNs, OOM, time limits, signals."""
 from __future__ import annotations
 
+import math
 import random
 import re
 import signal
@@ -101,6 +102,32 @@ def test_too_many_nan_losses_in_a_row_stop_the_run(workdir, tiny_config_file, ca
     assert "step 2: the loss is not finite (loss nan); update skipped (1 in a row)" in capsys.readouterr().out
     assert load_checkpoint(workdir / "models/tiny_test/ckpt.pt")["step"] == 6
     assert trainer.skipped_steps == 4
+
+
+def test_deferred_check_drops_a_bad_steps_gradients_and_reports_it(workdir, tiny_config_file, capsys):
+    """nonfinite_check log: no host read per step; the bad step is counted at the next report."""
+    trainer = build_trainer(tiny_config_file, "--training.nonfinite_check", "log", "--max_steps", "12",
+                            "--log_interval", "5", "--eval_interval", "100")
+    trainer.forward_model = PoisonedLoss(trainer, bad_steps={3})
+    reads = []
+    original = trainer.deferred_skips.read
+    trainer.deferred_skips.read = lambda: reads.append(trainer.step) or original()
+    result = trainer.train()
+    assert reads == [5, 10, 12, 12]  # each report, and once at the end; never per step
+    assert "steps 1-5: 1 non-finite step(s); their gradients were dropped (0 in a row at step 5)" in \
+        capsys.readouterr().out
+    assert result.skipped_steps == trainer.skipped_steps == 1
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert math.isfinite(result.losses.final_val)
+
+
+def test_deferred_check_stops_after_too_many_bad_steps_in_a_row(workdir, tiny_config_file):
+    trainer = build_trainer(tiny_config_file, "--training.nonfinite_check", "log", "--max_steps", "20",
+                            "--training.max_bad_steps", "3", "--log_interval", "4", "--eval_interval", "100")
+    trainer.forward_model = PoisonedLoss(trainer, bad_steps={6, 7, 8})
+    with pytest.raises(UserError, match=r"not finite for 3 steps in a row \(to step 8\).*no checkpoint"):
+        trainer.train()
+    assert trainer.step == 8 and trainer.skipped_steps == 3
 
 
 def test_non_finite_weights_are_never_saved(workdir, tiny_config_file):

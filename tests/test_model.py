@@ -38,7 +38,7 @@ def test_loss_is_cross_entropy_of_the_logits():
 
 
 VARIANTS = [dict(position=p, norm=n, mlp=m) for p in ("learned", "rope") for n in ("layernorm", "rmsnorm")
-            for m in ("gelu", "relu2", "swiglu")]
+            for m in ("gelu", "relu2", "swiglu", "geglu")]
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(v.values()))
@@ -47,7 +47,7 @@ def test_every_architecture_variant_is_causal_with_gradients_everywhere(variant)
     idx = torch.randint(0, 11, (2, 8))
     changed = idx.clone()
     changed[:, 5:] = (changed[:, 5:] + 1) % 11
-    before, loss = model(idx, idx)
+    before, loss = model(idx)[0], model(idx, idx)[1]
     assert before.shape == (2, 8, 11) and torch.isfinite(loss)
     assert torch.allclose(before[:, :5], model(changed)[0][:, :5], atol=1e-6)
     loss.backward()
@@ -55,9 +55,57 @@ def test_every_architecture_variant_is_causal_with_gradients_everywhere(variant)
 
 
 @pytest.mark.parametrize("option", [dict(qk_norm=True), dict(tie_embeddings=False),
-                                    dict(zero_init_projections=True)], ids=lambda o: next(iter(o)))
+                                    dict(zero_init_projections=True), dict(n_kv_head=1),
+                                    dict(loss_chunk_size=5)], ids=lambda o: next(iter(o)))
 def test_recipe_options_are_causal_with_gradients_everywhere(option):
     test_every_architecture_variant_is_causal_with_gradients_everywhere(option)
+
+
+def test_grouped_query_attention_shares_key_value_heads():
+    gqa = build(n_head=4, n_kv_head=2, n_embd=16)
+    # q keeps n_embd columns; k and v each shrink to n_kv_head * head_size = 2 * 4
+    assert gqa.blocks[0].attn.c_attn.weight.shape == (16 + 2 * 8, 16)
+    full = build(n_head=4, n_embd=16)
+    # 2 layers x (k, v) x 8 fewer output rows x (16 weights + 1 bias)
+    assert full.num_params() - gqa.num_params() == 2 * 2 * 8 * (16 + 1)
+    # with the key/value heads repeated, grouped attention equals full attention
+    attn = gqa.blocks[0].attn
+    wq, wk, wv = attn.c_attn.weight.split((16, 8, 8))
+    bq, bk, bv = attn.c_attn.bias.split((16, 8, 8))
+    repeat = lambda t: t.view(2, 4, -1).repeat_interleave(2, dim=0).reshape(16, *t.shape[1:])  # noqa: E731
+    full_attn = full.blocks[0].attn
+    with torch.no_grad():
+        full_attn.c_attn.weight.copy_(torch.cat((wq, repeat(wk), repeat(wv))))
+        full_attn.c_attn.bias.copy_(torch.cat((bq, repeat(bk), repeat(bv))))
+        full_attn.c_proj.load_state_dict(attn.c_proj.state_dict())
+    x = torch.randn(2, 8, 16)
+    assert torch.allclose(attn(x), full_attn(x), atol=1e-6)
+
+
+def test_geglu_gates_with_the_tanh_gelu():
+    model = build(mlp="geglu")
+    mlp = model.blocks[0].mlp
+    x = torch.randn(3, 16)
+    gate, value = mlp.c_fc(x).chunk(2, dim=-1)
+    expected = mlp.c_proj(torch.nn.functional.gelu(gate, approximate="tanh") * value)
+    assert torch.allclose(mlp(x), expected, atol=1e-6)
+    assert model.num_params() == build(mlp="swiglu").num_params()
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 16, 100])
+def test_chunked_loss_equals_the_whole_loss_with_the_same_gradients(chunk):
+    whole, chunked = build(), build(loss_chunk_size=chunk)
+    chunked.load_state_dict(whole.state_dict())
+    idx, targets = torch.randint(0, 11, (2, 8)), torch.randint(0, 11, (2, 8))
+    _, loss_whole = whole(idx, targets)
+    logits, loss_chunked = chunked(idx, targets)
+    assert logits is None  # the point: the full logits are never built
+    assert torch.allclose(loss_whole, loss_chunked, atol=1e-6)
+    loss_whole.backward()
+    loss_chunked.backward()
+    for (name, a), b in zip(whole.named_parameters(), chunked.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6), name
+    assert chunked(idx)[0].shape == (2, 8, 11)  # without targets the logits come back
 
 
 def test_untied_head_and_zero_initialised_projections():
@@ -212,8 +260,9 @@ def test_plain_attention_matches_the_fused_kernel():
         assert torch.allclose(a.grad, b.grad, atol=1e-5)
 
 
-@pytest.mark.parametrize("variant", [{}, dict(position="rope", norm="rmsnorm", mlp="relu2")],
-                         ids=["gpt2", "cpu-recipe"])
+@pytest.mark.parametrize("variant", [{}, dict(position="rope", norm="rmsnorm", mlp="relu2", qk_norm=True),
+                                     dict(mlp="geglu", n_kv_head=1)],
+                         ids=["gpt2", "cpu-recipe", "geglu-gqa"])
 def test_the_training_forward_compiles_without_graph_breaks(variant):
     """torch.compile gets one whole graph: dynamo's explain finds no break (tracing only)."""
     model = build(**variant)

@@ -10,7 +10,7 @@ import train
 from checkpoint import load_checkpoint
 from config import TrainingConfig
 from model import GPT
-from optim import MuonWithAdamW, make_optimizer, orthogonalize, set_learning_rates
+from optim import MuonWithAdamW, make_optimizer, newton_schulz_dtype, orthogonalize, set_learning_rates
 from tests.conftest import tiny_model_config
 
 
@@ -28,6 +28,21 @@ def test_orthogonalize_flattens_the_spectrum(shape):
     assert after.max() / after.min() < (before.max() / before.min()) / 10
     stacked = orthogonalize(torch.stack([matrix, skewed]))  # a stack: each on its own
     assert torch.allclose(stacked[0], result, atol=1e-6) and torch.allclose(stacked[1], orthogonalize(skewed))
+
+
+def test_newton_schulz_runs_in_bfloat16_only_where_it_is_fast():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert newton_schulz_dtype(cpu, torch.float32) == torch.float32  # emulated bf16 is slow on most CPUs
+    assert newton_schulz_dtype(cpu, torch.bfloat16) == torch.bfloat16
+    assert newton_schulz_dtype(cuda, torch.float32) == torch.bfloat16
+    matrix = torch.randn(48, 40)
+    exact, rounded = orthogonalize(matrix, dtype=torch.float32), orthogonalize(matrix)
+    assert exact.dtype == rounded.dtype == torch.float32
+    assert 0 < (exact - rounded).abs().max() < 0.05  # bf16 rounds, but lands close
+    model = torch.nn.Module()
+    model.blocks = torch.nn.Linear(4, 4)
+    optimizer = make_optimizer(model, TrainingConfig(optimizer="muon"), cpu, torch.float32)
+    assert optimizer.newton_schulz_dtype == torch.float32
 
 
 def test_muon_takes_the_block_matrices_and_adamw_the_rest():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -163,13 +164,36 @@ def test_finished_run_is_not_trained_further(workdir, tiny_config_file, capsys):
 
 
 def test_full_validation_split_loss(workdir, tiny_config_file):
-    args = train.build_parser().parse_args(["--config", str(tiny_config_file), "--training.eval_full_val",
-                                            "true"])
-    cfg, _, _ = train.resolve_run_config(args)
-    trainer = train.build_trainer(args, cfg, None, None, resolve_system("cpu", "auto", None))
+    trainer = build(tiny_config_file, "--training.eval_full_val", "true")
     val = torch.from_numpy(trainer.data.val.astype("int64"))
-    T = cfg.model.block_size
+    T = trainer.cfg.model.block_size
     n = (len(val) - 1) // T
     with torch.no_grad():
         _, expected = trainer.model.eval()(val[: n * T].view(n, T), val[1 : n * T + 1].view(n, T))
     assert trainer.evaluate()["val"] == pytest.approx(expected.item(), rel=1e-5)
+
+
+def build(config_file, *flags: str, system=None):
+    args = train.build_parser().parse_args(["--config", str(config_file), *flags])
+    cfg, _, _ = train.resolve_run_config(args)
+    return train.build_trainer(args, cfg, None, None, system or resolve_system("cpu", "auto", None))
+
+
+def test_tokens_on_the_device_train_exactly_as_tokens_on_the_host(workdir, tiny_config_file):
+    runs = {}
+    for resident in ("false", "true"):
+        trainer = build(tiny_config_file, "--system.data_on_device", resident, "--out_dir", f"r{resident}")
+        assert isinstance(trainer.data.train, torch.Tensor) == (resident == "true")
+        losses = [trainer.train_step().item() for _ in range(3)]
+        runs[resident] = (losses, trainer.evaluate(), trainer.model.state_dict())
+    (losses_a, eval_a, weights_a), (losses_b, eval_b, weights_b) = runs.values()
+    assert losses_a == losses_b and eval_a == eval_b
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+
+
+def test_compile_mode_reaches_torch_compile(workdir, tiny_config_file, monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: calls.append(kwargs) or model)
+    system = dataclasses.replace(resolve_system("cpu", "auto", None), compile=True)
+    build(tiny_config_file, "--system.compile_mode", "reduce-overhead", system=system)
+    assert calls == [{"mode": "reduce-overhead"}]

@@ -38,9 +38,19 @@ def test_dtype_falls_back_with_a_notice(fake_gpus, capsys):
     assert utils.select_dtype(cuda, "auto") == torch.float16
     assert utils.select_dtype(cuda, "bfloat16") == torch.float16
     assert "no bfloat16; using float16" in capsys.readouterr().err
-    assert utils.select_dtype(torch.device("cpu"), "auto") == torch.float32
     assert utils.select_dtype(torch.device("mps"), "float16") == torch.float32
     assert "training in float32 instead" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_cpu_takes_bfloat16_only_where_the_hardware_has_it(monkeypatch, capsys, native):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    cpu = torch.device("cpu")
+    expected = torch.bfloat16 if native else torch.float32
+    assert utils.select_dtype(cpu, "auto") == utils.select_dtype(cpu, "bfloat16") == expected
+    assert ("would be emulated" in capsys.readouterr().err) == (not native)  # only when asked for bf16
+    assert utils.select_dtype(cpu, "float32") == torch.float32
 
 
 def test_compile_is_on_for_cuda_only_and_falls_back_without_triton(fake_gpus, monkeypatch, capsys):
