@@ -29,7 +29,13 @@ from model import GPT
 from monitor import RunMonitor
 from optim import make_optimizer
 from trainer import Trainer, accumulate_gradients, optimizer_step
-from utils import autocast_context, configure_torch, memory_stats, process_start_time, resolve_system
+from utils import (
+    autocast_context,
+    configure_torch,
+    memory_stats,
+    process_start_time,
+    resolve_system,
+)
 
 WARMUP_WINDOWS = 2  # report windows left out of the step time: compilation and warm-up
 

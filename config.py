@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from errors import UserError
+from tokenizer import padded_vocab_size
 
 __version__ = "0.1.0"
 
@@ -45,7 +46,10 @@ class ModelConfig:
     n_head: int = option(6, "attention heads per block")
     n_embd: int = option(384, "width of the residual stream")
     block_size: int = option(256, "context length in tokens")
-    vocab_size: Optional[int] = option(None, "vocabulary size; null takes the tokenizer's")
+    vocab_size: Optional[int] = option(
+        None, "vocabulary size; null: the tokenizer's, rounded up to a multiple of vocab_multiple")
+    vocab_multiple: int = option(64, "round a vocabulary taken from the tokenizer up to a multiple of this "
+                                 "(faster matmuls; the extra ids are never sampled); 1: no rounding")
     dropout: float = option(0.0, "dropout probability in [0, 1)")
     bias: bool = option(False, "biases in linear layers and LayerNorms")
     flash_attention: bool = option(
@@ -69,8 +73,16 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     dataset: str = option(
-        "shakespeare_char", "'shakespeare_char' (downloaded) or a path to a .txt file or a folder of them")
-    tokenizer: str = option("char", "tokenizer kind", choices=("char",))
+        "shakespeare_char", "'shakespeare_char' (downloaded), or a .txt/.md/.jsonl file, a folder or a "
+        "glob pattern of them")
+    tokenizer: str = option("char", "characters, a SentencePiece model trained on the corpus, or a "
+                            "tiktoken encoding", choices=("char", "sentencepiece", "tiktoken"))
+    vocab_size: int = option(2048, "for sentencepiece: the vocabulary size, special tokens included")
+    sentencepiece_model: str = option("bpe", "for sentencepiece: the model type", choices=("bpe", "unigram"))
+    tiktoken_encoding: str = option("gpt2", "for tiktoken: the named encoding",
+                                    choices=("gpt2", "r50k_base", "cl100k_base", "o200k_base"))
+    num_workers: Optional[int] = option(
+        None, "processes that tokenize a corpus of 8 MB or more; null: one per CPU core")
     val_fraction: float = option(0.1, "share of the text, taken from its end, held out for validation")
     cache_dir: str = option("cache", "where downloads and token caches live")
 
@@ -287,7 +299,8 @@ def validate(cfg: Config) -> None:
         "model.block_size": m.block_size, "training.max_steps": t.max_steps,
         "training.batch_size": t.batch_size, "training.grad_accum_steps": t.grad_accum_steps,
         "training.eval_interval": t.eval_interval, "training.eval_iters": t.eval_iters,
-        "training.log_interval": t.log_interval,
+        "training.log_interval": t.log_interval, "model.vocab_multiple": m.vocab_multiple,
+        "data.vocab_size": d.vocab_size,
     }
     if m.n_kv_head is not None:
         positive["model.n_kv_head"] = m.n_kv_head
@@ -310,6 +323,7 @@ def validate(cfg: Config) -> None:
         "model.vocab_size": m.vocab_size, "training.max_time_s": t.max_time_s,
         "training.budget_usd": t.budget_usd, "system.usd_per_hour": s.usd_per_hour,
         "training.max_bad_steps": t.max_bad_steps, "system.peak_tflops": s.peak_tflops,
+        "data.num_workers": d.num_workers,
     }
     for name, value in optional_positive.items():
         if value is not None and value <= 0:
@@ -372,9 +386,11 @@ def resolve_config(config_path: str | None, overrides: dict, base: dict | None =
 
 
 def fill_vocab_size(cfg: Config, vocab_size: int) -> Config:
-    """Return the config with model.vocab_size taken from the tokenizer when not set."""
+    """Return the config with model.vocab_size taken from the tokenizer (rounded up to
+    model.vocab_multiple) when not set."""
     if cfg.model.vocab_size is None:
-        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab_size))
+        padded = padded_vocab_size(vocab_size, cfg.model.vocab_multiple)
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=padded))
     if cfg.model.vocab_size < vocab_size:
         raise UserError(f"model.vocab_size {cfg.model.vocab_size} is smaller than the tokenizer's "
                         f"{vocab_size}; set it to null or at least {vocab_size}")

@@ -1,15 +1,16 @@
-"""Datasets: find the text, tokenize it once into a binary cache, and draw random batches.
+"""Datasets: find the files, tokenize them once into a binary cache, and draw batches.
 
-The cache lives in `cache/<name>-<key>/` as train.bin, val.bin (numpy uint16 or uint32) and
-meta.json. The key hashes the text, the tokenizer and the split, so an edited text or a new
-setting gets a new cache instead of a stale one.
+The cache lives in `cache/<name>-<key>/` as tokens.bin (numpy uint16 or uint32; the first
+1 - val_fraction of it trains, the rest validates), mask.bin (chat data only: which tokens
+the loss covers) and meta.json, written last. The key hashes the source files (names, sizes,
+times, contents), the tokenizer settings and the split, so any change gets a new cache
+instead of a stale one. corpus.py does the reading and tokenizing.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
-import shutil
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -20,18 +21,19 @@ import numpy as np
 import torch
 
 from config import DataConfig
+from corpus import build_cache, source_files, tokenizer_settings
 from errors import UserError
-from tokenizer import CharTokenizer, tokenizer_from_dict, train_tokenizer
+from model import IGNORE_INDEX
+from tokenizer import CharTokenizer, Tokenizer, tokenizer_from_dict
 from utils import write_file_atomic
 
 SHAKESPEARE_URL = (
     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 )
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-CACHE_FORMAT = 1  # bump when the layout of the cache changes
+CACHE_FORMAT = 2  # bump when the layout of the cache changes
 RESIDENT_LIMIT_BYTES = 2 * 2**30  # data_on_device null: splits up to this size move to the GPU
 Tokens = Union[np.ndarray, torch.Tensor]  # a memory-mapped split, or one resident on the device
-TEXT_SUFFIXES = (".txt",)
 
 
 @dataclass
@@ -40,9 +42,12 @@ class PreparedData:
 
     train: Tokens
     val: Tokens
-    tokenizer: CharTokenizer
+    tokenizer: Tokenizer
     source: str
     cache_dir: Path
+    # per token, whether the loss trains on it (chat data: the assistant's replies); None: all
+    train_mask: Optional[Tokens] = None
+    val_mask: Optional[Tokens] = None
 
 
 # ---------------------------------------------------------------- finding the text
@@ -82,67 +87,39 @@ def download_shakespeare(cache_dir: str | Path) -> Path:
     return target
 
 
-def _text_files(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
-    if not files:
-        raise UserError(f"folder {path} holds no {'/'.join(TEXT_SUFFIXES)} files to train on")
-    return files
-
-
-def _read_text(files: list[Path]) -> str:
-    parts = []
-    for file in files:
-        try:
-            parts.append(file.read_text(encoding="utf-8"))
-        except UnicodeDecodeError:
-            raise UserError(f"{file} is not UTF-8 text; convert it or leave it out") from None
-    return "\n\n".join(parts)  # documents kept apart by a blank line
-
-
-def load_source_text(dataset: str, cache_dir: str | Path) -> tuple[str, str]:
-    """Return (name, text) for a dataset name or a path to a text file or folder."""
-    if dataset == "shakespeare_char":
-        return "shakespeare_char", _read_text([download_shakespeare(cache_dir)])
-    path = Path(dataset).expanduser()
-    if not path.exists():
-        raise UserError(
-            f"unknown dataset '{dataset}': it is neither 'shakespeare_char' nor an existing "
-            "path to a .txt file or a folder of them"
-        )
-    text = _read_text(_text_files(path))
-    if not text.strip():
-        raise UserError(f"dataset {path} is empty; give it some text to train on")
-    return path.stem or path.name, text
+def dataset_files(data_cfg: DataConfig) -> tuple[str, list[Path]]:
+    """Return a short name for the dataset and its source files."""
+    if data_cfg.dataset == "shakespeare_char":
+        return "shakespeare_char", [download_shakespeare(data_cfg.cache_dir)]
+    files = source_files(data_cfg.dataset)
+    path = Path(data_cfg.dataset)
+    name = path.stem if len(files) == 1 or path.is_dir() else "files"
+    return name or "dataset", files
 
 
 # ---------------------------------------------------------------- the token cache
 
 
-def cache_key(text: str, data_cfg: DataConfig) -> str:
-    """Return a short hash that changes whenever the text, tokenizer or split changes."""
-    recipe = f"{CACHE_FORMAT}|{data_cfg.tokenizer}|{data_cfg.val_fraction!r}|{_sha256(text.encode())}"
-    return _sha256(recipe.encode())[:12]
+def _file_hash(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as file:
+            while block := file.read(1 << 23):
+                digest.update(block)
+    return digest.hexdigest()
 
 
-def _build_cache(text: str, data_cfg: DataConfig, directory: Path, source: str) -> None:
-    tokenizer = train_tokenizer(data_cfg.tokenizer, text)
-    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
-    ids = np.array(tokenizer.encode(text), dtype=dtype)
-    n_train = int(len(ids) * (1 - data_cfg.val_fraction))
-    directory.mkdir(parents=True, exist_ok=True)
-    write_file_atomic(directory / "train.bin", lambda f: f.write(ids[:n_train].tobytes()))
-    write_file_atomic(directory / "val.bin", lambda f: f.write(ids[n_train:].tobytes()))
-    meta = {
-        "source": source,
-        "tokenizer": tokenizer.to_dict(),
-        "dtype": np.dtype(dtype).name,
-        "train_tokens": n_train,
-        "val_tokens": len(ids) - n_train,
+def cache_key(files: list[Path], data_cfg: DataConfig, tokenizer: Optional[Tokenizer] = None) -> str:
+    """Return a short hash that changes whenever a source file (name, size, time or content),
+    the tokenizer settings or the split change."""
+    recipe = {
+        "format": CACHE_FORMAT,
+        "files": [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files],
+        "content": _file_hash(files),
+        "tokenizer": tokenizer_settings(data_cfg, tokenizer),
+        "val_fraction": data_cfg.val_fraction,
     }
-    # meta.json goes last: a cache without it is unfinished and gets rebuilt.
-    write_file_atomic(directory / "meta.json", lambda f: f.write(json.dumps(meta).encode()))
+    return _sha256(json.dumps(recipe).encode())[:12]
 
 
 def _memmap(path: Path, dtype: str, length: int) -> np.ndarray:
@@ -151,25 +128,33 @@ def _memmap(path: Path, dtype: str, length: int) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r", shape=(length,))
 
 
-def prepare_data(data_cfg: DataConfig, rebuild: bool = False) -> PreparedData:
-    """Return the dataset's tokens, building the cache on first use (or when `rebuild`)."""
-    name, text = load_source_text(data_cfg.dataset, data_cfg.cache_dir)
-    directory = Path(data_cfg.cache_dir) / f"{name}-{cache_key(text, data_cfg)}"
+def prepare_data(data_cfg: DataConfig, rebuild: bool = False,
+                 tokenizer: Optional[Tokenizer] = None) -> PreparedData:
+    """Return the dataset's tokens, building the cache on first use (or when `rebuild`).
+
+    `tokenizer`: encode with it (a checkpoint's, to continue or fine-tune a model) instead of
+    the one the data settings would fit to this corpus.
+    """
+    name, files = dataset_files(data_cfg)
+    directory = Path(data_cfg.cache_dir) / f"{name}-{cache_key(files, data_cfg, tokenizer)}"
     meta_path = directory / "meta.json"
-    if rebuild and directory.exists():
-        shutil.rmtree(directory)
-    if not meta_path.is_file():
+    if rebuild or not meta_path.is_file():  # no meta.json: never built, or killed while building
         try:
-            _build_cache(text, data_cfg, directory, data_cfg.dataset)
+            build_cache(files, data_cfg, directory, tokenizer)
         except OSError as error:
             raise UserError(f"cannot write the token cache in {directory}: {error.strerror}") from None
     meta = json.loads(meta_path.read_text())
+    tokens = _memmap(directory / "tokens.bin", meta["dtype"], meta["tokens"])
+    mask = _memmap(directory / "mask.bin", "uint8", meta["tokens"]) if meta["masked"] else None
+    n_train = meta["train_tokens"]
     return PreparedData(
-        train=_memmap(directory / "train.bin", meta["dtype"], meta["train_tokens"]),
-        val=_memmap(directory / "val.bin", meta["dtype"], meta["val_tokens"]),
+        train=tokens[:n_train],
+        val=tokens[n_train:],
         tokenizer=tokenizer_from_dict(meta["tokenizer"]),
         source=data_cfg.dataset,
         cache_dir=directory,
+        train_mask=None if mask is None else mask[:n_train],
+        val_mask=None if mask is None else mask[n_train:],
     )
 
 
@@ -180,7 +165,7 @@ def synthetic_data(vocab_size: int, n_tokens: int = 2_000_000, seed: int = 0) ->
     dtype = np.uint16 if vocab_size <= 2**16 else np.uint32
     ids = generator.integers(0, vocab_size, n_tokens, dtype=dtype)
     n_train = int(n_tokens * 0.9)
-    tokenizer = CharTokenizer("".join(chr(i) for i in range(vocab_size)))
+    tokenizer = CharTokenizer("".join(chr(i) for i in range(vocab_size)), with_specials=False)
     return PreparedData(ids[:n_train], ids[n_train:], tokenizer, f"synthetic ({vocab_size} symbols)",
                         Path("."))
 
@@ -205,9 +190,13 @@ def place_on_device(data: PreparedData, device: torch.device, on_device: Optiona
         on_device = device.type == "cuda" and size <= RESIDENT_LIMIT_BYTES
     if not on_device or isinstance(data.train, torch.Tensor):
         return data
-    train, val = (torch.from_numpy(np.asarray(split, dtype=np.int32)).to(device)
-                  for split in (data.train, data.val))
-    return dataclasses.replace(data, train=train, val=val)
+
+    def resident(array: Optional[np.ndarray], dtype: type) -> Optional[torch.Tensor]:
+        return None if array is None else torch.from_numpy(np.asarray(array, dtype=dtype)).to(device)
+
+    return dataclasses.replace(data, train=resident(data.train, np.int32), val=resident(data.val, np.int32),
+                               train_mask=resident(data.train_mask, np.uint8),
+                               val_mask=resident(data.val_mask, np.uint8))
 
 
 # ---------------------------------------------------------------- batches
@@ -219,45 +208,63 @@ def get_batch(
     block_size: int,
     generator: torch.Generator,
     device: torch.device,
+    mask: Optional[Tokens] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return inputs and next-token targets (B, T) from random windows of `tokens`.
+    """Return inputs and next-token targets (B, T) from random windows of `tokens`; targets
+    the mask leaves out are IGNORE_INDEX.
 
     The window starts come from `generator` on the host either way, so a run draws the same
     batches whether its tokens live on the device or not, and resumes draw them again.
     """
     starts = torch.randint(len(tokens) - block_size, (batch_size,), generator=generator)
     if isinstance(tokens, torch.Tensor):
-        return _gather_windows(tokens, starts, block_size)
-    windows = np.stack([tokens[s : s + block_size + 1] for s in starts.tolist()]).astype(np.int64)
-    batch = torch.from_numpy(windows)
-    x, y = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+        if tokens.device.type == "cuda":
+            starts = starts.pin_memory().to(tokens.device, non_blocking=True)
+        positions = starts.to(tokens.device)[:, None] + torch.arange(block_size + 1, device=tokens.device)
+        windows = tokens[positions]  # one gather on the device: (B, T + 1)
+        trained = None if mask is None else mask[positions]
+    else:
+        spans = [slice(s, s + block_size + 1) for s in starts.tolist()]
+        windows = _to_device(np.stack([tokens[span] for span in spans]), device)
+        trained = None if mask is None else _to_device(np.stack([mask[span] for span in spans]), device)
+    return _inputs_and_targets(windows, trained)
+
+
+def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    tensor = torch.from_numpy(array.astype(np.int64))
     if device.type == "cuda":  # pinned host memory lets the copy overlap with compute
-        return (x.pin_memory().to(device, non_blocking=True),
-                y.pin_memory().to(device, non_blocking=True))
-    return x.to(device), y.to(device)
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
-def _gather_windows(
-    tokens: torch.Tensor, starts: torch.Tensor, block_size: int
+def _inputs_and_targets(
+    windows: torch.Tensor, trained: Optional[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cut the windows at `starts` out of a split resident on its device, by one gather."""
-    if tokens.device.type == "cuda":
-        starts = starts.pin_memory().to(tokens.device, non_blocking=True)
-    positions = starts.to(tokens.device)[:, None] + torch.arange(block_size + 1, device=tokens.device)
-    windows = tokens[positions].long()  # (B, T + 1)
-    return windows[:, :-1], windows[:, 1:]
+    """Split (B, T + 1) windows into inputs and next-token targets, leaving out of the loss
+    the targets whose trained flag is 0."""
+    windows = windows.long()
+    x, y = windows[:, :-1], windows[:, 1:]
+    if trained is not None:
+        y = y.masked_fill(trained[:, 1:] == 0, IGNORE_INDEX)
+    return x, y
 
 
 def split_windows(
-    tokens: Tokens, batch_size: int, block_size: int, device: torch.device
+    tokens: Tokens, batch_size: int, block_size: int, device: torch.device, mask: Optional[Tokens] = None
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield batches of non-overlapping windows covering the split once (the tail shorter
     than a window is left out), for a loss over the whole split rather than a sample."""
     n_windows = (len(tokens) - 1) // block_size
     for first in range(0, n_windows, batch_size):
         count = min(batch_size, n_windows - first)
-        span = tokens[first * block_size : (first + count) * block_size + 1]
-        flat = span.long() if isinstance(span, torch.Tensor) else torch.from_numpy(span.astype(np.int64))
-        x = flat[:-1].view(count, block_size)
-        y = flat[1:].view(count, block_size)
-        yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        span = slice(first * block_size, (first + count) * block_size + 1)
+        flat, trained = (None if array is None else _flat(array[span], device) for array in (tokens, mask))
+        windows = flat.unfold(0, block_size + 1, block_size)  # (count, T + 1), overlapping by one
+        yield _inputs_and_targets(windows, None if trained is None else trained.unfold(0, block_size + 1,
+                                                                                       block_size))
+
+
+def _flat(span: Tokens, device: torch.device) -> torch.Tensor:
+    if isinstance(span, torch.Tensor):
+        return span.to(device)
+    return torch.from_numpy(np.asarray(span).astype(np.int64)).to(device, non_blocking=True)

@@ -11,7 +11,7 @@ from checkpoint import find_checkpoint, load_checkpoint, model_config_from_check
 from cli import CliParser, run_cli
 from errors import UserError
 from model import GPT
-from tokenizer import tokenizer_from_dict
+from tokenizer import END_OF_TEXT, tokenizer_from_dict
 from utils import autocast_context, resolve_system
 
 SAMPLE_SEPARATOR = "\n" + "-" * 40
@@ -65,13 +65,16 @@ def main(argv: Sequence[str]) -> int:
     tokenizer = tokenizer_from_dict(checkpoint["tokenizer"])
     prompt = torch.tensor([tokenizer.encode(args.prompt)], device=system.device)
     generator = torch.Generator(device=system.device).manual_seed(args.seed)
+    end_of_text = tokenizer.special_ids.get(END_OF_TEXT)
     with autocast_context(system.device, system.dtype):
         for sample in range(args.num_samples):
             if sample:
                 print(SAMPLE_SEPARATOR)
             print(args.prompt, end="", flush=True)
             for token in model.generate(prompt, args.max_new_tokens, args.temperature,
-                                        args.top_k, generator):
+                                        args.top_k, generator, vocab_limit=tokenizer.vocab_size):
+                if token.item() == end_of_text:  # the document is over, and so is the sample
+                    break
                 print(tokenizer.decode(token[0].tolist()), end="", flush=True)
             print()
     return 0

@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from config import ModelConfig
 
 Rotary = tuple[torch.Tensor, torch.Tensor]  # cos and sin tables, (T, hs/2) each
+IGNORE_INDEX = -100  # a target the loss skips (chat data: every token but the assistant's)
 
 
 def rotary_tables(length: int, head_size: int, base: float = 10000.0) -> Rotary:
@@ -47,6 +48,12 @@ def mlp_hidden_size(cfg: ModelConfig) -> int:
     if cfg.mlp in GATED_MLPS:
         return 32 * math.ceil(8 * cfg.n_embd / 3 / 32)
     return 4 * cfg.n_embd
+
+
+def counted_targets(targets: torch.Tensor) -> torch.Tensor:
+    """The number of targets the loss covers, at least 1: a window with none (a chat window
+    of user turns only) then has loss 0 instead of 0/0."""
+    return (targets != IGNORE_INDEX).sum().clamp(min=1)
 
 
 class CausalSelfAttention(nn.Module):
@@ -199,7 +206,9 @@ class GPT(nn.Module):
         logits = self.lm_head(x)  # (B, T, vocab)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+            summed = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
+                                     ignore_index=IGNORE_INDEX, reduction="sum")
+            loss = summed / counted_targets(targets)
         return logits, loss
 
     def _chunked_loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -211,11 +220,11 @@ class GPT(nn.Module):
         for start in range(0, hidden.size(0), size):
             total = total + checkpoint(self._summed_loss, hidden[start : start + size],
                                        flat_targets[start : start + size], use_reentrant=False)
-        return total / flat_targets.numel()
+        return total / counted_targets(targets)
 
     def _summed_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(hidden)
-        return F.cross_entropy(logits.float(), targets, reduction="sum")
+        return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
 
     def _position_params(self) -> int:
         return self.wpe.weight.numel() if self.wpe is not None else 0
@@ -246,12 +255,19 @@ class GPT(nn.Module):
         temperature: float = 1.0,
         top_k: Optional[int] = None,
         generator: Optional[torch.Generator] = None,
+        vocab_limit: Optional[int] = None,
     ) -> Iterator[torch.Tensor]:
-        """Yield (B, 1) new tokens one at a time; temperature 0 picks the likeliest token."""
+        """Yield (B, 1) new tokens one at a time; temperature 0 picks the likeliest token.
+
+        vocab_limit: the tokenizer's vocabulary size; ids from there up (the padding that
+        rounds the model's vocabulary) are never produced.
+        """
         for _ in range(max_new_tokens):
             context = idx[:, -self.config.block_size :]  # the model sees at most block_size tokens
             logits, _ = self(context)
             logits = logits[:, -1, :].float()  # (B, vocab)
+            if vocab_limit is not None:
+                logits[:, vocab_limit:] = float("-inf")
             if temperature == 0:
                 next_token = logits.argmax(dim=-1, keepdim=True)
             else:

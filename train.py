@@ -26,10 +26,16 @@ from config import (
     save_config,
     tokens_per_step,
 )
-from data_loader import PreparedData, check_enough_tokens, prepare_data, shakespeare_is_local
+from data_loader import (
+    PreparedData,
+    check_enough_tokens,
+    prepare_data,
+    shakespeare_is_local,
+)
 from errors import UserError
 from model import GPT
 from monitor import RunFacts, Style, describe_run, format_sections
+from tokenizer import tokenizer_from_dict
 from trainer import Trainer, total_steps
 from utils import DeviceInfo, configure_torch, process_start_time, resolve_system
 
@@ -122,25 +128,19 @@ def local_data(cfg: Config) -> Optional[PreparedData]:
     return prepare_data(cfg.data)
 
 
-def check_compatible(checkpoint: dict, cfg: Config, data: PreparedData, path: Path) -> None:
-    """Raise UserError unless the checkpoint's weights and tokenizer fit this config and data."""
-    if checkpoint["tokenizer"] != data.tokenizer.to_dict():
-        raise UserError(f"checkpoint {path} was trained with another vocabulary than "
-                        f"{data.source} gives; use the dataset it was trained on")
-    check_same_architecture(checkpoint, cfg.model, path)
-
-
 def build_trainer(args: argparse.Namespace, cfg: Config, checkpoint: Optional[dict],
                   checkpoint_path: Optional[Path], system: DeviceInfo) -> Trainer:
     """Return a Trainer ready to run: data prepared, weights and state loaded, out_dir checked."""
     configure_torch(cfg.system)
-    data = prepare_data(cfg.data, rebuild=args.no_cache)
-    check_enough_tokens(data, cfg.model.block_size)
-    cfg = fill_vocab_size(cfg, data.tokenizer.vocab_size)
     start_from = checkpoint or (load_checkpoint(find_checkpoint(args.load_model_only))
                                 if args.load_model_only else None)
+    # a model continues with the tokenizer it learned, whatever the data settings would fit
+    tokenizer = tokenizer_from_dict(start_from["tokenizer"]) if start_from is not None else None
+    data = prepare_data(cfg.data, rebuild=args.no_cache, tokenizer=tokenizer)
+    check_enough_tokens(data, cfg.model.block_size)
+    cfg = fill_vocab_size(cfg, data.tokenizer.vocab_size)
     if start_from is not None:
-        check_compatible(start_from, cfg, data, checkpoint_path or Path(args.load_model_only))
+        check_same_architecture(start_from, cfg.model, checkpoint_path or Path(args.load_model_only))
     prepare_out_dir(Path(cfg.training.out_dir), checkpoint_path, args.overwrite)
 
     trainer = Trainer(cfg, data, system, process_start_time())

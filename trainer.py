@@ -15,7 +15,7 @@ from config import Config, TrainingConfig, config_to_dict, tokens_per_step
 from data_loader import PreparedData, get_batch, place_on_device, split_windows
 from errors import UserError
 from guards import StepTimer, StopSignals, TimeLimit
-from model import GPT
+from model import GPT, counted_targets
 from monitor import LogWindow, LossRecord, RunFacts, RunMonitor, RunResult
 from optim import make_optimizer, set_learning_rates
 from report import environment
@@ -251,9 +251,10 @@ class Trainer:
     # ------------------------------------------------------------ steps and evaluation
 
     def _batch(self, split: str, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = self.data.train if split == "train" else self.data.val
+        data = self.data
+        tokens, mask = (data.train, data.train_mask) if split == "train" else (data.val, data.val_mask)
         return get_batch(tokens, self.cfg.training.batch_size, self.cfg.model.block_size,
-                         generator, self.system.device)
+                         generator, self.system.device, mask)
 
     def train_step(self) -> Optional[torch.Tensor]:
         """Run one optimizer step over grad_accum_steps micro-batches; return the mean loss,
@@ -309,7 +310,7 @@ class Trainer:
         t = self.cfg.training
         if split == "val" and t.eval_full_val:
             yield from split_windows(self.data.val, t.batch_size, self.cfg.model.block_size,
-                                     self.system.device)
+                                     self.system.device, self.data.val_mask)
             return
         generator = torch.Generator().manual_seed(EVAL_SEED)
         for _ in range(t.eval_iters):
@@ -322,13 +323,14 @@ class Trainer:
         losses = {}
         for split in ("train", "val"):
             total = torch.zeros((), device=self.system.device)
-            sequences = 0
+            targets = torch.zeros((), dtype=torch.int64, device=self.system.device)
             for x, y in self._eval_batches(split):
                 with self.autocast:
                     _, loss = self.forward_model(x, y)
-                total += loss.float() * len(x)  # every window has block_size tokens
-                sequences += len(x)
-            losses[split] = total.item() / sequences
+                counted = counted_targets(y)  # all B x T of them, but for masked chat data
+                total += loss.float() * counted
+                targets += counted
+            losses[split] = total.item() / targets.item()
         self.forward_model.train()
         return losses
 

@@ -122,7 +122,7 @@ CASES = [
     ("train", [*T, "--resume", "--model.n_layer", "3"], "another architecture: it has model.n_layer=2"),
     ("train", [*T, "--resume", "--model.position", "rope"], "it has model.position=learned but the config"),
     ("train", [*T, "--resume", "--model.tie_embeddings", "false"], "it has model.tie_embeddings=True"),
-    ("train", [*T, "--resume", "--dataset", CONFIG], "another vocabulary"),
+    ("train", [*T, "--resume", "--dataset", CONFIG], "the character '{' is not in this model's vocabulary"),
     ("train", T, "already holds a checkpoint of an earlier run"),
     ("train", [*T, "--out_dir", "bad/a_file/run"], "cannot write to out_dir"),
     ("train", [*T, "--load_model_only", "models/none.pt", "--out_dir", "y"], "does not exist"),

@@ -93,7 +93,8 @@ def test_gen_controls(trained_run, capsys):
     assert generate(capsys, run_dir, "--top_k", "1", "--max_new_tokens", "10") == greedy[0]
     text = generate(capsys, str(trained_run / "ckpt.pt"), "--prompt", "KING:", "--max_new_tokens", "12",
                     "--device", "cpu")
-    assert text.startswith("KING:") and len(text) == len("KING:") + 12 + 1
+    # 12 new characters and a newline, or fewer where the model ended the document
+    assert text.startswith("KING:") and len(text) <= len("KING:") + 12 + 1 and "<|endoftext|>" not in text
 
 
 def test_debug_shows_the_traceback(workdir):

@@ -10,7 +10,15 @@ import pytest
 
 import train
 from cli import parse_flag_value
-from config import SECTIONS, Config, config_from_dict, deep_merge, load_config_file, resolve_config, validate
+from config import (
+    SECTIONS,
+    Config,
+    config_from_dict,
+    deep_merge,
+    load_config_file,
+    resolve_config,
+    validate,
+)
 from errors import UserError
 from tests.conftest import REPO_ROOT
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import urllib.error
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch
 
 import data_loader
 from config import DataConfig
-from data_loader import check_enough_tokens, get_batch, load_source_text, prepare_data
+from data_loader import check_enough_tokens, dataset_files, get_batch, prepare_data
 from errors import UserError
 from tokenizer import CharTokenizer
 
@@ -22,9 +23,12 @@ def test_a_text_file_is_tokenized_split_and_cached(workdir, small_corpus_file):
     text = small_corpus_file.read_text()
     data = prepare_data(DataConfig(dataset=str(small_corpus_file)))
     assert data.tokenizer.chars == "".join(sorted(set(text)))
-    assert len(data.train) == int(len(text) * 0.9) and len(data.train) + len(data.val) == len(text)
+    n_tokens = len(text) + 1  # and <|endoftext|> at the end of the document
+    assert len(data.train) == int(n_tokens * 0.9) and len(data.train) + len(data.val) == n_tokens
+    assert data.val[-1] == data.tokenizer.special_ids["<|endoftext|>"]
+    assert data.train_mask is None  # plain text: the loss covers every token
     assert data.train.dtype == np.uint16
-    assert data.tokenizer.decode(data.val[:50].tolist()) == text[int(len(text) * 0.9):][:50]
+    assert data.tokenizer.decode(data.val[:50].tolist()) == text[int(n_tokens * 0.9):][:50]
     meta = json.loads((data.cache_dir / "meta.json").read_text())
     assert meta["train_tokens"] == len(data.train)
     assert data.cache_dir.resolve().parent == workdir / "cache"
@@ -34,23 +38,27 @@ def test_the_cache_is_reused_and_its_key_follows_text_and_split(workdir, tmp_pat
     corpus = tmp_path / "c.txt"
     corpus.write_text("hello world " * 100)
     first = prepare_data(DataConfig(dataset=str(corpus)))
-    stamp = (first.cache_dir / "train.bin").stat().st_mtime_ns
+    stamp = (first.cache_dir / "tokens.bin").stat().st_mtime_ns
     again = prepare_data(DataConfig(dataset=str(corpus)))
     assert again.cache_dir == first.cache_dir
-    assert (again.cache_dir / "train.bin").stat().st_mtime_ns == stamp  # not rebuilt
+    assert (again.cache_dir / "tokens.bin").stat().st_mtime_ns == stamp  # not rebuilt
     other_split = prepare_data(DataConfig(dataset=str(corpus), val_fraction=0.2))
     assert other_split.cache_dir != first.cache_dir
     corpus.write_text("goodbye world " * 100)
     edited = prepare_data(DataConfig(dataset=str(corpus)))
     assert edited.cache_dir != first.cache_dir
     assert "g" in edited.tokenizer.chars and "h" not in edited.tokenizer.chars
+    corpus.write_text("goodbye world " * 99 + "goodbye worle ")  # same size, new content
+    assert prepare_data(DataConfig(dataset=str(corpus))).cache_dir != edited.cache_dir
+    os.utime(corpus, ns=(1, 1))  # same content, another time
+    assert prepare_data(DataConfig(dataset=str(corpus))).cache_dir != edited.cache_dir
 
 
 def test_no_cache_rebuilds_and_an_unfinished_cache_is_rebuilt(workdir, tmp_path):
     corpus = tmp_path / "c.txt"
     corpus.write_text("abc " * 200)
     data = prepare_data(DataConfig(dataset=str(corpus)))
-    (data.cache_dir / "train.bin").write_bytes(b"garbage")
+    (data.cache_dir / "tokens.bin").write_bytes(b"garbage")
     rebuilt = prepare_data(DataConfig(dataset=str(corpus)), rebuild=True)
     assert rebuilt.tokenizer.decode(rebuilt.train[:8].tolist()) == "abc abc "
     (rebuilt.cache_dir / "meta.json").unlink()  # as if killed before meta.json was written
@@ -63,9 +71,11 @@ def test_a_folder_of_text_files_is_one_dataset(workdir, tmp_path):
     (folder / "a.txt").write_text("first book " * 20)
     (folder / "part" / "b.txt").write_text("second book " * 20)
     (folder / "notes.bin").write_bytes(b"\x00\x01")
-    name, text = load_source_text(str(folder), "cache")
-    assert name == "books"
-    assert text.startswith("first book") and text.endswith("second book ")
+    name, files = dataset_files(DataConfig(dataset=str(folder)))
+    assert name == "books" and [f.name for f in files] == ["a.txt", "b.txt"]
+    data = prepare_data(DataConfig(dataset=str(folder), val_fraction=0.01))
+    text = data.tokenizer.decode(np.concatenate([data.train, data.val]).tolist())
+    assert text == "first book " * 20 + "<|endoftext|>" + "second book " * 20 + "<|endoftext|>"
 
 
 @pytest.mark.parametrize("content, message", [
@@ -76,21 +86,23 @@ def test_empty_data_is_refused(tmp_path, content, message):
     path = tmp_path / "empty.txt"
     path.write_text(content)
     with pytest.raises(UserError, match=message):
-        load_source_text(str(path), "cache")
+        prepare_data(DataConfig(dataset=str(path)))
 
 
 def test_unknown_dataset_and_empty_folder_are_refused(tmp_path):
     with pytest.raises(UserError, match="unknown dataset 'shakespeare'"):
-        load_source_text("shakespeare", "cache")
-    with pytest.raises(UserError, match="holds no .txt files"):
-        load_source_text(str(tmp_path), "cache")
+        dataset_files(DataConfig(dataset="shakespeare"))
+    with pytest.raises(UserError, match="holds no .txt/.md/.jsonl files"):
+        dataset_files(DataConfig(dataset=str(tmp_path)))
+    with pytest.raises(UserError, match="matches no files"):
+        dataset_files(DataConfig(dataset=str(tmp_path / "*.txt")))
 
 
 def test_too_short_data_is_refused(workdir, tmp_path):
     path = tmp_path / "short.txt"
     path.write_text("x" * 300)
     data = prepare_data(DataConfig(dataset=str(path)))
-    with pytest.raises(UserError, match="validation split .* has 30 tokens, fewer than block_size"):
+    with pytest.raises(UserError, match="validation split .* has 31 tokens, fewer than block_size"):
         check_enough_tokens(data, block_size=64)
     check_enough_tokens(data, block_size=16)
 
@@ -109,11 +121,11 @@ def test_shakespeare_download_is_checked_and_saved(workdir, monkeypatch):
     calls = []
     monkeypatch.setattr(data_loader.urllib.request, "urlopen",
                         lambda url, timeout: calls.append(url) or FakeResponse(payload))
-    name, text = load_source_text("shakespeare_char", "cache")
-    assert name == "shakespeare_char" and text == payload.decode()
+    name, files = dataset_files(DataConfig(dataset="shakespeare_char"))
+    assert name == "shakespeare_char" and files[0].read_bytes() == payload
     assert calls == [data_loader.SHAKESPEARE_URL]
     assert (workdir / "cache/shakespeare_char/input.txt").read_bytes() == payload
-    load_source_text("shakespeare_char", "cache")
+    dataset_files(DataConfig(dataset="shakespeare_char"))
     assert len(calls) == 1  # the second time it comes from the cache
 
 
@@ -121,7 +133,7 @@ def test_download_with_a_wrong_checksum_is_refused(workdir, monkeypatch):
     monkeypatch.setattr(data_loader.urllib.request, "urlopen",
                         lambda url, timeout: FakeResponse(b"<html>captive portal</html>"))
     with pytest.raises(UserError, match="wrong checksum.*cache/shakespeare_char/input.txt"):
-        load_source_text("shakespeare_char", "cache")
+        dataset_files(DataConfig(dataset="shakespeare_char"))
     assert not (workdir / "cache/shakespeare_char/input.txt").exists()
 
 
@@ -131,7 +143,7 @@ def test_without_network_the_error_says_where_to_put_the_file(workdir, monkeypat
 
     monkeypatch.setattr(data_loader.urllib.request, "urlopen", offline)
     with pytest.raises(UserError) as error:
-        load_source_text("shakespeare_char", "cache")
+        dataset_files(DataConfig(dataset="shakespeare_char"))
     message = str(error.value)
     assert "Name or service not known" in message
     assert "cache/shakespeare_char/input.txt" in message and "--dataset" in message

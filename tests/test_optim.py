@@ -10,7 +10,13 @@ import train
 from checkpoint import load_checkpoint
 from config import TrainingConfig
 from model import GPT
-from optim import MuonWithAdamW, make_optimizer, newton_schulz_dtype, orthogonalize, set_learning_rates
+from optim import (
+    MuonWithAdamW,
+    make_optimizer,
+    newton_schulz_dtype,
+    orthogonalize,
+    set_learning_rates,
+)
 from tests.conftest import tiny_model_config
 
 
