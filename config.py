@@ -81,6 +81,10 @@ class DataConfig:
     sentencepiece_model: str = option("bpe", "for sentencepiece: the model type", choices=("bpe", "unigram"))
     tiktoken_encoding: str = option("gpt2", "for tiktoken: the named encoding",
                                     choices=("gpt2", "r50k_base", "cl100k_base", "o200k_base"))
+    sampling: str = option(
+        "random", "training windows: random, or sequential (each epoch walks a shuffled order of "
+        "non-overlapping windows, so every token is trained on once per epoch)",
+        choices=("random", "sequential"))
     num_workers: Optional[int] = option(
         None, "processes that tokenize a corpus of 8 MB or more; null: one per CPU core")
     val_fraction: float = option(0.1, "share of the text, taken from its end, held out for validation")

@@ -255,6 +255,32 @@ def fit_tokenizer(files: list[Path], data_cfg: DataConfig, total_bytes: int) -> 
     return CharTokenizer.train(corpus_characters(files))
 
 
+@dataclass
+class CorpusStats:
+    """Documents and characters of a corpus, counted while it streams past."""
+
+    documents: int = 0
+    characters: int = 0
+    longest_document: int = 0  # in characters
+    _current: int = 0
+
+    def count(self, pieces: Iterator[Piece]) -> Iterator[Piece]:
+        for piece in pieces:
+            for segment in piece:
+                if not segment.special:
+                    self.characters += len(segment.text)
+                    self._current += len(segment.text)
+                elif segment.text == END_OF_TEXT:
+                    self.documents += 1
+                    self.longest_document = max(self.longest_document, self._current)
+                    self._current = 0
+            yield piece
+
+    def to_dict(self) -> dict:
+        return {"documents": self.documents, "characters": self.characters,
+                "longest_document": self.longest_document}
+
+
 def _batches(pieces: Iterator[Piece]) -> Iterator[tuple[list[Piece], int]]:
     """Group pieces into tasks of about BATCH_CHARS characters: (pieces, characters)."""
     batch: list[Piece] = []
@@ -269,12 +295,12 @@ def _batches(pieces: Iterator[Piece]) -> Iterator[tuple[list[Piece], int]]:
         yield batch, chars
 
 
-def encoded_batches(files: list[Path], tokenizer: Tokenizer, dtype: str,
+def encoded_batches(pieces: Iterator[Piece], tokenizer: Tokenizer, dtype: str,
                     workers: int) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
-    """Yield (ids, trained flags, characters) for the corpus in order, encoded by `workers`
+    """Yield (ids, trained flags, characters) for the pieces in order, encoded by `workers`
     processes with at most two tasks each in flight, so memory stays bounded."""
     tokenizer_json = json.dumps(tokenizer.to_dict())
-    tasks = _batches(read_pieces(files))
+    tasks = _batches(pieces)
     if workers <= 1:
         for batch, chars in tasks:
             yield (*encode_batch(batch, tokenizer_json, dtype), chars)
@@ -306,12 +332,13 @@ def build_cache(files: list[Path], data_cfg: DataConfig, directory: Path,
     dtype = "uint16" if tokenizer.vocab_size <= 2**16 else "uint32"
     big = total_bytes >= POOL_MIN_BYTES
     workers = (data_cfg.num_workers or os.cpu_count() or 1) if big else 1
-    count, masked = 0, False
+    count, masked, stats = 0, False, CorpusStats()
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", file=sys.stderr,
                disable=None if big else True)  # None: shown on a terminal only
     tokens_file, mask_file = open(directory / "tokens.bin", "wb"), open(directory / "mask.bin", "wb")
     with tokens_file, mask_file, bar:
-        for ids, trained, chars in encoded_batches(files, tokenizer, dtype, workers):
+        pieces = stats.count(read_pieces(files))
+        for ids, trained, chars in encoded_batches(pieces, tokenizer, dtype, workers):
             ids.tofile(tokens_file)
             trained.tofile(mask_file)
             count += len(ids)
@@ -327,6 +354,7 @@ def build_cache(files: list[Path], data_cfg: DataConfig, directory: Path,
         "tokens": count,
         "train_tokens": int(count * (1 - data_cfg.val_fraction)),
         "masked": masked,
+        "stats": stats.to_dict(),
     }
     unfinished = directory / "meta.json.partial"
     unfinished.write_text(json.dumps(meta))

@@ -31,7 +31,7 @@ SHAKESPEARE_URL = (
     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 )
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-CACHE_FORMAT = 2  # bump when the layout of the cache changes
+CACHE_FORMAT = 3  # bump when the layout of the cache changes
 RESIDENT_LIMIT_BYTES = 2 * 2**30  # data_on_device null: splits up to this size move to the GPU
 Tokens = Union[np.ndarray, torch.Tensor]  # a memory-mapped split, or one resident on the device
 
@@ -158,6 +158,31 @@ def prepare_data(data_cfg: DataConfig, rebuild: bool = False,
     )
 
 
+def describe_data(data: PreparedData) -> list[tuple[str, str]]:
+    """Return the dataset's statistics as (name, value) rows, for --data_stats."""
+    meta = json.loads((data.cache_dir / "meta.json").read_text())
+    stats, tokens = meta["stats"], len(data.train) + len(data.val)
+    counts = np.zeros(data.tokenizer.vocab_size, dtype=np.int64)
+    for split in (data.train, data.val):
+        for start in range(0, len(split), 1 << 24):  # in slices: bounded memory for any corpus
+            counts += np.bincount(split[start : start + (1 << 24)], minlength=len(counts))
+    rows = [
+        ("source", f"{data.source} ({len(meta['files'])} file{'s' * (len(meta['files']) != 1)})"),
+        ("tokenizer", f"{data.tokenizer.kind}, {data.tokenizer.vocab_size:,} ids"),
+        ("documents", f"{stats['documents']:,}"),
+        ("characters", f"{stats['characters']:,}"),
+        ("tokens", f"{len(data.train):,} train / {len(data.val):,} val"),
+        ("characters per token", f"{stats['characters'] / max(1, tokens):.2f}"),
+        ("vocabulary used", f"{np.count_nonzero(counts):,} of {len(counts):,} ids "
+                            f"({np.count_nonzero(counts) / len(counts):.1%})"),
+        ("longest document", f"{stats['longest_document']:,} characters"),
+    ]
+    if data.train_mask is not None:
+        trained = sum(int(np.count_nonzero(m)) for m in (data.train_mask, data.val_mask))
+        rows.append(("trained tokens", f"{trained:,} of {tokens:,} ({trained / tokens:.1%}; chat replies)"))
+    return rows + [("cache", str(data.cache_dir))]
+
+
 def synthetic_data(vocab_size: int, n_tokens: int = 2_000_000, seed: int = 0) -> PreparedData:
     """Return random token ids in memory (90/10 split), for throughput benchmarks that need
     no corpus; the tokenizer maps each id to its own character so checkpoints stay valid."""
@@ -217,6 +242,13 @@ def get_batch(
     batches whether its tokens live on the device or not, and resumes draw them again.
     """
     starts = torch.randint(len(tokens) - block_size, (batch_size,), generator=generator)
+    return batch_at(tokens, starts, block_size, device, mask)
+
+
+def batch_at(
+    tokens: Tokens, starts: torch.Tensor, block_size: int, device: torch.device, mask: Optional[Tokens] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return inputs and targets for the windows of block_size + 1 tokens at `starts`."""
     if isinstance(tokens, torch.Tensor):
         if tokens.device.type == "cuda":
             starts = starts.pin_memory().to(tokens.device, non_blocking=True)
@@ -228,6 +260,28 @@ def get_batch(
         windows = _to_device(np.stack([tokens[span] for span in spans]), device)
         trained = None if mask is None else _to_device(np.stack([mask[span] for span in spans]), device)
     return _inputs_and_targets(windows, trained)
+
+
+class SequentialWindows:
+    """Every non-overlapping window of a split once per epoch, in an order shuffled afresh each
+    epoch. The order follows from the seed and the epoch, so a position is all a resume needs."""
+
+    def __init__(self, n_tokens: int, block_size: int, seed: int):
+        self.block_size = block_size
+        self.n_windows = (n_tokens - 1) // block_size
+        self.seed = seed
+        self._epoch, self._order = -1, torch.empty(0, dtype=torch.int64)
+
+    def starts(self, position: int, count: int) -> torch.Tensor:
+        """Return the token offsets of windows position .. position + count - 1 (across epochs)."""
+        picked = []
+        for index in range(position, position + count):
+            epoch, within = divmod(index, self.n_windows)
+            if epoch != self._epoch:
+                generator = torch.Generator().manual_seed(self.seed + epoch)
+                self._epoch, self._order = epoch, torch.randperm(self.n_windows, generator=generator)
+            picked.append(self._order[within])
+        return torch.stack(picked) * self.block_size
 
 
 def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:

@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
+
 from config import SystemConfig, TrainingConfig
 
 
@@ -103,3 +105,20 @@ class StepTimer:
     def needed_for_next(self, evaluates: bool) -> float:
         """Seconds the next step needs, with its evaluation, plus a save and a safety step."""
         return 2 * self.step_s + (self.eval_s if evaluates else 0.0) + self.save_s
+
+
+class DeferredSkips:
+    """Non-finite steps counted on the device, read only at progress reports."""
+
+    def __init__(self, device: torch.device):
+        self.total = torch.zeros((), dtype=torch.int64, device=device)
+        self.in_a_row = torch.zeros((), dtype=torch.int64, device=device)
+
+    def add(self, finite: torch.Tensor) -> None:
+        bad = (~finite).long()
+        self.total += bad
+        self.in_a_row = (self.in_a_row + 1) * bad
+
+    def read(self) -> tuple[int, int]:
+        """Return (non-finite steps so far, how many of the latest were in a row)."""
+        return int(self.total), int(self.in_a_row)

@@ -8,6 +8,8 @@ learning rate by the same factor.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from config import TrainingConfig
@@ -124,6 +126,27 @@ def make_optimizer(model: torch.nn.Module, t: TrainingConfig, device: torch.devi
     ]
     return MuonWithAdamW(groups, betas=(t.beta1, t.beta2), momentum=t.muon_momentum,
                          newton_schulz_dtype=newton_schulz_dtype(device, compute_dtype))
+
+
+def learning_rate(step: int, t: TrainingConfig, max_steps: int) -> float:
+    """Return the learning rate at `step`: linear warmup, then a cosine decay to min_lr, or
+    (schedule wsd) a stable phase at lr and a linear cooldown to min_lr at the end."""
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    decay_end = t.lr_decay_steps or max_steps
+    if t.schedule == "wsd":
+        decay_start = decay_end - t.cooldown_fraction * (decay_end - t.warmup_steps)
+        progress = min(1.0, max(0.0, (step - decay_start) / max(1.0, decay_end - decay_start)))
+        return t.lr + progress * (t.min_lr - t.lr)
+    progress = min(1.0, (step - t.warmup_steps) / max(1, decay_end - t.warmup_steps))
+    return t.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (t.lr - t.min_lr)
+
+
+def total_steps(t: TrainingConfig, train_tokens: int, tokens_per_step: int) -> int:
+    """Return the number of optimizer steps: from `epochs` when set, else `max_steps`."""
+    if t.epochs is None:
+        return t.max_steps
+    return max(1, math.ceil(t.epochs * train_tokens / tokens_per_step))
 
 
 def set_learning_rates(optimizer: torch.optim.Optimizer, factor: float) -> None:

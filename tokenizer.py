@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 import base64
 import os
+import re
 import tempfile
 from typing import Iterable, Iterator, Protocol
 
@@ -144,6 +145,12 @@ class SentencePieceTokenizer(_AppendedSpecials):
                 max_sentence_length=1 << 16, input_sentence_size=2_000_000,
                 shuffle_input_sentence=True, num_threads=os.cpu_count() or 1, minloglevel=2)
         except RuntimeError as error:
+            most = re.search(r"<= (\d+)", str(error))
+            if most:
+                supported = int(most.group(1)) + len(SPECIAL_TOKENS)
+                raise UserError(f"SentencePiece cannot train a vocabulary of {vocab_size} on this text: it "
+                                f"supports at most {supported}; set data.vocab_size to {supported} or less, "
+                                "or give it more text") from None
             raise UserError(f"SentencePiece cannot train a vocabulary of {vocab_size} on this text "
                             f"({str(error).strip()}); choose another data.vocab_size") from None
         return cls(model.getvalue())

@@ -29,14 +29,16 @@ from config import (
 from data_loader import (
     PreparedData,
     check_enough_tokens,
+    describe_data,
     prepare_data,
     shakespeare_is_local,
 )
 from errors import UserError
 from model import GPT
 from monitor import RunFacts, Style, describe_run, format_sections
+from optim import total_steps
 from tokenizer import tokenizer_from_dict
-from trainer import Trainer, total_steps
+from trainer import Trainer
 from utils import DeviceInfo, configure_torch, process_start_time, resolve_system
 
 
@@ -45,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="JSON config file (may 'extends' another)")
     parser.add_argument("--show_config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--save_config", metavar="PATH", help="write the resolved config as JSON and exit")
+    parser.add_argument("--data_stats", action="store_true",
+                        help="tokenize the dataset (or read its cache), print its statistics and exit")
     parser.add_argument("--version", action="version", version=f"gpt-trainer {__version__}")
     parser.add_argument("--resume", nargs="?", const="", metavar="PATH",
                         help="continue a run: the newest checkpoint that verifies, or the one named")
@@ -128,15 +132,26 @@ def local_data(cfg: Config) -> Optional[PreparedData]:
     return prepare_data(cfg.data)
 
 
+def starting_checkpoint(args: argparse.Namespace, checkpoint: Optional[dict]) -> Optional[dict]:
+    """Return the checkpoint the run starts from: the one it resumes, or --load_model_only's."""
+    if checkpoint is not None or not args.load_model_only:
+        return checkpoint
+    return load_checkpoint(find_checkpoint(args.load_model_only))
+
+
+def prepare_run_data(args: argparse.Namespace, cfg: Config, start_from: Optional[dict]) -> PreparedData:
+    """Return the run's data; a model continues with the tokenizer it learned (a checkpoint's),
+    whatever tokenizer the data settings would fit to this corpus."""
+    tokenizer = tokenizer_from_dict(start_from["tokenizer"]) if start_from is not None else None
+    return prepare_data(cfg.data, rebuild=args.no_cache, tokenizer=tokenizer)
+
+
 def build_trainer(args: argparse.Namespace, cfg: Config, checkpoint: Optional[dict],
                   checkpoint_path: Optional[Path], system: DeviceInfo) -> Trainer:
     """Return a Trainer ready to run: data prepared, weights and state loaded, out_dir checked."""
     configure_torch(cfg.system)
-    start_from = checkpoint or (load_checkpoint(find_checkpoint(args.load_model_only))
-                                if args.load_model_only else None)
-    # a model continues with the tokenizer it learned, whatever the data settings would fit
-    tokenizer = tokenizer_from_dict(start_from["tokenizer"]) if start_from is not None else None
-    data = prepare_data(cfg.data, rebuild=args.no_cache, tokenizer=tokenizer)
+    start_from = starting_checkpoint(args, checkpoint)
+    data = prepare_run_data(args, cfg, start_from)
     check_enough_tokens(data, cfg.model.block_size)
     cfg = fill_vocab_size(cfg, data.tokenizer.vocab_size)
     if start_from is not None:
@@ -158,6 +173,10 @@ def main(argv: Sequence[str]) -> int:
     system = resolve_system(cfg.system.device, cfg.system.dtype, cfg.system.compile)
     if args.show_config:
         print(describe_config(cfg, system, local_data(cfg)))
+        return 0
+    if args.data_stats:
+        data = prepare_run_data(args, cfg, starting_checkpoint(args, checkpoint))
+        print(format_sections([("data", describe_data(data))], Style(enabled=False)))
         return 0
     if args.save_config:
         save_config(cfg, args.save_config)

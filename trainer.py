@@ -11,38 +11,17 @@ from typing import Iterable, Iterator, Optional
 import torch
 
 from checkpoint import LATEST, copy_checkpoint, keep_rolling_copy, save_checkpoint
-from config import Config, TrainingConfig, config_to_dict, tokens_per_step
-from data_loader import PreparedData, get_batch, place_on_device, split_windows
+from config import Config, config_to_dict, tokens_per_step
+from data_loader import PreparedData, SequentialWindows, batch_at, get_batch, place_on_device, split_windows
 from errors import UserError
-from guards import StepTimer, StopSignals, TimeLimit
+from guards import DeferredSkips, StepTimer, StopSignals, TimeLimit
 from model import GPT, counted_targets
 from monitor import LogWindow, LossRecord, RunFacts, RunMonitor, RunResult
-from optim import make_optimizer, set_learning_rates
+from optim import learning_rate, make_optimizer, set_learning_rates, total_steps
 from report import environment
 from utils import DeviceInfo, autocast_context
 
 EVAL_SEED = 20240101  # every evaluation scores the same batches, so evaluations compare
-
-
-def learning_rate(step: int, t: TrainingConfig, max_steps: int) -> float:
-    """Return the learning rate at `step`: linear warmup, then a cosine decay to min_lr, or
-    (schedule wsd) a stable phase at lr and a linear cooldown to min_lr at the end."""
-    if step < t.warmup_steps:
-        return t.lr * (step + 1) / t.warmup_steps
-    decay_end = t.lr_decay_steps or max_steps
-    if t.schedule == "wsd":
-        decay_start = decay_end - t.cooldown_fraction * (decay_end - t.warmup_steps)
-        progress = min(1.0, max(0.0, (step - decay_start) / max(1.0, decay_end - decay_start)))
-        return t.lr + progress * (t.min_lr - t.lr)
-    progress = min(1.0, (step - t.warmup_steps) / max(1, decay_end - t.warmup_steps))
-    return t.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (t.lr - t.min_lr)
-
-
-def total_steps(t: TrainingConfig, train_tokens: int, tokens_per_step: int) -> int:
-    """Return the number of optimizer steps: from `epochs` when set, else `max_steps`."""
-    if t.epochs is None:
-        return t.max_steps
-    return max(1, math.ceil(t.epochs * train_tokens / tokens_per_step))
 
 
 def accumulate_gradients(
@@ -107,23 +86,6 @@ def drop_gradients_unless(finite: torch.Tensor, params: Iterable[torch.nn.Parame
             param.grad.masked_fill_(bad, 0.0)
 
 
-class DeferredSkips:
-    """Non-finite steps counted on the device, read only at progress reports."""
-
-    def __init__(self, device: torch.device):
-        self.total = torch.zeros((), dtype=torch.int64, device=device)
-        self.in_a_row = torch.zeros((), dtype=torch.int64, device=device)
-
-    def add(self, finite: torch.Tensor) -> None:
-        bad = (~finite).long()
-        self.total += bad
-        self.in_a_row = (self.in_a_row + 1) * bad
-
-    def read(self) -> tuple[int, int]:
-        """Return (non-finite steps so far, how many of the latest were in a row)."""
-        return int(self.total), int(self.in_a_row)
-
-
 def weights_are_finite(model: torch.nn.Module) -> bool:
     return bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all())
 
@@ -147,6 +109,9 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(system.device.type, enabled=fp16)
         self.autocast = autocast_context(system.device, system.dtype)
         self.data_rng = torch.Generator().manual_seed(cfg.system.seed)
+        self.sequential = (SequentialWindows(len(self.data.train), cfg.model.block_size, cfg.system.seed)
+                           if cfg.data.sampling == "sequential" else None)
+        self.windows_drawn = 0  # training windows taken so far (the sequential order's position)
         self.tokens_per_step = tokens_per_step(cfg)
         self.max_steps = total_steps(t, len(data.train), self.tokens_per_step)
         self.time_limit = TimeLimit.from_config(t, cfg.system, process_start)
@@ -185,7 +150,8 @@ class Trainer:
 
     def state_dict(self) -> dict:
         """Return everything needed to continue this run exactly, as plain data."""
-        rng = {"torch": torch.get_rng_state(), "data": self.data_rng.get_state()}
+        rng = {"torch": torch.get_rng_state(), "data": self.data_rng.get_state(),
+               "windows_drawn": self.windows_drawn}
         if self.system.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state_all()
         return {
@@ -223,6 +189,7 @@ class Trainer:
         rng = checkpoint["rng"]
         torch.set_rng_state(rng["torch"])
         self.data_rng.set_state(rng["data"])
+        self.windows_drawn = rng.get("windows_drawn", 0)
         if "cuda" in rng and self.system.device.type == "cuda":
             torch.cuda.set_rng_state_all(rng["cuda"])
 
@@ -256,6 +223,16 @@ class Trainer:
         return get_batch(tokens, self.cfg.training.batch_size, self.cfg.model.block_size,
                          generator, self.system.device, mask)
 
+    def _train_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next training batch: random windows, or the next ones of the sequential order."""
+        if self.sequential is None:
+            return self._batch("train", self.data_rng)
+        batch_size = self.cfg.training.batch_size
+        starts = self.sequential.starts(self.windows_drawn, batch_size)
+        self.windows_drawn += batch_size
+        return batch_at(self.data.train, starts, self.cfg.model.block_size, self.system.device,
+                        self.data.train_mask)
+
     def train_step(self) -> Optional[torch.Tensor]:
         """Run one optimizer step over grad_accum_steps micro-batches; return the mean loss,
         or None when a non-finite loss or gradient made it skip the update (too many in a row
@@ -263,7 +240,7 @@ class Trainer:
         t = self.cfg.training
         self.lr = learning_rate(self.step, t, self.max_steps)
         set_learning_rates(self.optimizer, self.lr / t.lr)
-        micro_batches = (self._batch("train", self.data_rng) for _ in range(t.grad_accum_steps))
+        micro_batches = (self._train_batch() for _ in range(t.grad_accum_steps))
         loss = accumulate_gradients(self.forward_model, micro_batches, t.grad_accum_steps,
                                     self.autocast, self.scaler)
         check_on_host = t.nonfinite_check == "step"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import tiktoken
 import torch
 
 import corpus
+from checkpoint import load_checkpoint
 from config import DataConfig
 from data_loader import get_batch, prepare_data, split_windows
 from errors import UserError
@@ -139,3 +141,26 @@ def test_a_checkpoints_tokenizer_encodes_new_data(workdir, tmp_path):
     old = CharTokenizer("abcdefghijklmnopqrstuvwxyz.?ABHNelo ", with_specials=False)
     with pytest.raises(UserError, match=r"no <\|im_start\|> token"):
         prepare_data(DataConfig(dataset=str(write_jsonl(tmp_path / "c.jsonl", CHATS))), tokenizer=old)
+
+
+def test_chat_fine_tuning_example_and_data_stats(workdir, corpus_file, capsys):
+    """configs/chat_finetune.json continues a shakespeare_bpe.json model on a chat JSONL."""
+    import train
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    (workdir / "data").mkdir()
+    chats = [{"messages": [{"role": "user", "content": f"Say {i} in words."},
+                           {"role": "assistant", "content": f"It is {i}, good sir."}]} for i in range(300)]
+    write_jsonl(workdir / "data/chat_example.jsonl", chats)
+    short = ["--max_steps", "2", "--eval_interval", "2", "--batch_size", "4"]
+    assert train.main(["--config", str(configs / "shakespeare_bpe.json"), "--dataset", str(corpus_file),
+                       "--out_dir", "models/base", *short]) == 0
+    assert train.main(["--config", str(configs / "chat_finetune.json"), "--load_model_only", "models/base",
+                       "--out_dir", "models/chat", *short]) == 0
+    base, chat = (load_checkpoint(workdir / f"models/{name}/ckpt.pt") for name in ("base", "chat"))
+    assert chat["tokenizer"] == base["tokenizer"] and chat["tokenizer"]["kind"] == "sentencepiece"
+    capsys.readouterr()
+    assert train.main(["--config", str(configs / "chat_finetune.json"), "--data_stats",
+                       "--load_model_only", "models/base"]) == 0
+    stats = capsys.readouterr().out
+    assert re.search(r"documents +300\n", stats) and "trained tokens" in stats and "chat replies" in stats

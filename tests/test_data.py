@@ -192,3 +192,17 @@ def test_split_windows_cover_the_split_once(resident):
     y = torch.cat([b[1] for b in batches])
     assert torch.equal(x.flatten(), torch.arange(100))
     assert torch.equal(y.flatten(), torch.arange(1, 101))
+
+
+def test_sequential_windows_cover_every_window_once_per_epoch():
+    windows = data_loader.SequentialWindows(n_tokens=101, block_size=10, seed=3)  # 10 windows
+    first, second = windows.starts(0, 10), windows.starts(10, 10)
+    assert sorted(first.tolist()) == sorted(second.tolist()) == list(range(0, 100, 10))
+    assert first.tolist() != second.tolist()  # a fresh order each epoch
+    across = windows.starts(7, 6)  # the end of one epoch and the start of the next
+    assert across.tolist() == first[7:].tolist() + second[:3].tolist()
+    again = data_loader.SequentialWindows(n_tokens=101, block_size=10, seed=3)
+    assert torch.equal(again.starts(10, 10), second)  # a position is all a resume needs
+    tokens = np.arange(101, dtype=np.uint16)
+    x, y = data_loader.batch_at(tokens, first[:2], 10, torch.device("cpu"))
+    assert torch.equal(x[:, 0], first[:2]) and torch.equal(y, x + 1)

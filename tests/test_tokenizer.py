@@ -105,7 +105,8 @@ def test_tiktoken_offline_names_the_cache_setting(monkeypatch, tmp_path):
 def test_a_vocabulary_the_corpus_cannot_fill_is_refused(tmp_path):
     corpus = tmp_path / "small.txt"
     corpus.write_text("tiny corpus\n" * 20)
-    with pytest.raises(UserError, match="cannot train a vocabulary of 5000 on this text.*data.vocab_size"):
+    with pytest.raises(UserError, match=r"cannot train a vocabulary of 5000 on this text: it supports at "
+                                        r"most \d+; set data.vocab_size to \d+ or less"):
         SentencePieceTokenizer.train(training_sentences([corpus], 10_000), vocab_size=5000)
 
 

@@ -11,15 +11,9 @@ import train
 from checkpoint import load_checkpoint
 from config import TrainingConfig
 from model import GPT
-from optim import make_optimizer
+from optim import learning_rate, make_optimizer, total_steps
 from tests.conftest import tiny_model_config
-from trainer import (
-    LossRecord,
-    accumulate_gradients,
-    learning_rate,
-    optimizer_step,
-    total_steps,
-)
+from trainer import LossRecord, accumulate_gradients, optimizer_step
 from utils import resolve_system
 
 
@@ -115,9 +109,10 @@ def step_losses(out: str) -> dict[str, str]:
             and "/" in line.split()[1]}
 
 
-def test_resume_continues_exactly_where_it_stopped(workdir, tiny_config_file, capsys):
+@pytest.mark.parametrize("sampling", ["random", "sequential"])
+def test_resume_continues_exactly_where_it_stopped(workdir, tiny_config_file, capsys, sampling):
     # one go of 6 steps, against 3 steps then a resume to 6; same schedule in both
-    schedule = ["--training.lr_decay_steps", "6", "--model.dropout", "0.1"]
+    schedule = ["--training.lr_decay_steps", "6", "--model.dropout", "0.1", "--data.sampling", sampling]
     assert run(tiny_config_file, *schedule, "--out_dir", "straight") == 0
     straight_losses = step_losses(capsys.readouterr().out)
     assert run(tiny_config_file, *schedule, "--out_dir", "split", "--max_steps", "3") == 0
