@@ -3,6 +3,7 @@
     python bench.py --config configs/cpu_shakespeare_char.json --target_val_loss 1.88
     python bench.py --config configs/gpt2_124m.json --synthetic --steps 50
     python bench.py --config configs/gpt2_124m.json --synthetic --max_batch
+    python bench.py --config configs/shakespeare_bpe.json --dataset big.txt --tokenize
 
 Validation loss here is always the mean over the whole validation split, so figures compare
 across runs and configs. The run's summaries go to stderr; stdout carries only the JSON.
@@ -11,19 +12,27 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import shutil
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
+
+try:
+    import resource  # peak memory figures; Unix only
+except ImportError:
+    resource = None
 
 import torch
 
 from cli import CliParser, add_config_flags, overrides_from_args, run_cli
 from config import Config, deep_merge, fill_vocab_size, resolve_config
-from data_loader import check_enough_tokens, prepare_data, synthetic_data
+from corpus import worker_count
+from data_loader import check_enough_tokens, dataset_files, prepare_data, synthetic_data
 from errors import UserError
 from model import GPT
 from monitor import RunMonitor
@@ -48,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="random tokens instead of the dataset (needs model.vocab_size)")
     parser.add_argument("--max_batch", action="store_true",
                         help="find the largest micro-batch that fits in GPU memory, and stop")
+    parser.add_argument("--tokenize", action="store_true",
+                        help="time tokenizing the dataset into a fresh cache (MB/s, peak memory), and stop")
     parser.add_argument("--keep", action="store_true", help="keep the run directory (default: deleted)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     add_config_flags(parser)
@@ -150,6 +161,28 @@ def max_batch(cfg: Config, data_vocab: int) -> dict:
             "total_memory_mb": round(torch.cuda.get_device_properties(system.device).total_memory / 2**20)}
 
 
+def tokenize_figures(cfg: Config, cache_dir: Path) -> dict:
+    """Build the dataset's token cache from scratch in cache_dir; return its speed and memory."""
+    data_cfg = dataclasses.replace(cfg.data, cache_dir=str(cache_dir))
+    _, files = dataset_files(data_cfg)
+    size = sum(p.stat().st_size for p in files)
+    started = time.perf_counter()
+    data = prepare_data(data_cfg, rebuild=True)
+    seconds = time.perf_counter() - started
+    return {"files": len(files), "megabytes": round(size / 1e6, 1), "tokenizer": data.tokenizer.kind,
+            "tokens": len(data.train) + len(data.val), "workers": worker_count(data_cfg, size),
+            "seconds": round(seconds, 2), "megabytes_per_s": round(size / 1e6 / seconds, 2),
+            "peak_rss_mb": _peak_rss_mb("RUSAGE_SELF"), "peak_worker_rss_mb": _peak_rss_mb("RUSAGE_CHILDREN")}
+
+
+def _peak_rss_mb(who: str) -> Optional[int]:
+    """The peak resident memory of this process or of its largest child, where the OS says."""
+    if resource is None:
+        return None
+    kilobytes = 1024 if sys.platform != "darwin" else 1  # ru_maxrss: kB on Linux, bytes on macOS
+    return round(resource.getrusage(getattr(resource, who)).ru_maxrss * kilobytes / 2**20)
+
+
 def main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(argv)
     process_start = process_start_time()
@@ -157,6 +190,9 @@ def main(argv: Sequence[str]) -> int:
     try:
         cfg = bench_config(args, out_dir)
         configure_torch(cfg.system)
+        if args.tokenize:
+            print(json.dumps(tokenize_figures(cfg, out_dir / "cache")))
+            return 0
         data = synthetic_data(cfg.model.vocab_size) if args.synthetic else prepare_data(cfg.data)
         if args.max_batch:
             print(json.dumps(max_batch(cfg, data.tokenizer.vocab_size)))

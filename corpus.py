@@ -81,25 +81,33 @@ def source_files(dataset: str) -> list[Path]:
 # ---------------------------------------------------------------- reading documents
 
 
+def last_cut(text: str) -> int:
+    """Return the index just after the last newline that a non-space character follows
+    (where every tokenizer here may cut the text), or 0 when there is none."""
+    newline = text.rfind("\n", 0, len(text) - 1)
+    while newline >= 0 and text[newline + 1].isspace():
+        newline = text.rfind("\n", 0, newline)
+    return newline + 1
+
+
 def _text_pieces(path: Path) -> Iterator[Piece]:
-    """Yield a text file as pieces of about PIECE_CHARS characters; <|endoftext|> after the last."""
-    lines: list[str] = []
-    size, empty = 0, True
+    """Yield a text file as pieces of about PIECE_CHARS characters; <|endoftext|> after the last.
+    (A file with no place to cut, one endless line, is held whole.)"""
+    rest, empty = "", True
     try:
         with open(path, encoding="utf-8", newline="") as file:
-            for line in file:
-                if size >= PIECE_CHARS and not line[:1].isspace():
-                    yield [Segment("".join(lines))]
-                    lines, size = [], 0
-                lines.append(line)
-                size += len(line)
-                empty = empty and not line.strip()
-    except UnicodeDecodeError as error:
-        raise UserError(f"{path} is not UTF-8 text (byte {error.start} of a line cannot be decoded); "
-                        "convert it or leave it out") from None
+            while block := file.read(PIECE_CHARS):
+                empty = empty and block.isspace()
+                text = rest + block
+                cut = last_cut(text)
+                if cut:
+                    yield [Segment(text[:cut])]
+                rest = text[cut:]
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text; convert it or leave it out") from None
     if empty:
         raise UserError(f"{path} is empty; give it some text or leave it out")
-    yield [Segment("".join(lines)), Segment(END_OF_TEXT, special=True)]
+    yield [Segment(rest), Segment(END_OF_TEXT, special=True)]
 
 
 def chat_document(turns: list, where: str) -> Piece:
@@ -190,19 +198,22 @@ def corpus_characters(files: list[Path]) -> Iterator[str]:
 # ---------------------------------------------------------------- encoding
 
 
-def encode_piece(tokenizer: Tokenizer, piece: Piece) -> tuple[list[int], list[bool]]:
-    """Return a piece's token ids and, per token, whether the loss is trained on it."""
-    ids: list[int] = []
-    trained: list[bool] = []
+def encode_piece(tokenizer: Tokenizer, piece: Piece) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Return a piece's token ids and, per token, whether the loss is trained on it (uint8),
+    as arrays per segment."""
+    ids, trained = [], []
     for segment in piece:
         if segment.special and segment.text not in tokenizer.special_ids:
             if segment.text == END_OF_TEXT:  # a tokenizer from before special tokens: documents abut
                 continue
             raise UserError(f"this tokenizer has no {segment.text} token, so it cannot encode chat data; "
                             "train a new model on it instead of continuing an old one")
-        new = [tokenizer.special_ids[segment.text]] if segment.special else tokenizer.encode(segment.text)
-        ids += new
-        trained += [segment.trained] * len(new)
+        if segment.special:
+            new = np.array([tokenizer.special_ids[segment.text]], dtype=np.int64)
+        else:
+            new = tokenizer.encode_array(segment.text)
+        ids.append(new)
+        trained.append(np.full(len(new), segment.trained, dtype=np.uint8))
     return ids, trained
 
 
@@ -215,13 +226,13 @@ def _tokenizer(tokenizer_json: str) -> Tokenizer:
 def encode_batch(pieces: list[Piece], tokenizer_json: str, dtype: str) -> tuple[np.ndarray, np.ndarray]:
     """Encode pieces (in a worker process): token ids and trained flags (uint8), concatenated."""
     tokenizer = _tokenizer(tokenizer_json)
-    ids: list[int] = []
-    trained: list[bool] = []
+    ids: list[np.ndarray] = [np.zeros(0, dtype=np.int64)]
+    trained: list[np.ndarray] = [np.zeros(0, dtype=np.uint8)]
     for piece in pieces:
         piece_ids, piece_trained = encode_piece(tokenizer, piece)
         ids += piece_ids
         trained += piece_trained
-    return np.array(ids, dtype=dtype), np.array(trained, dtype=np.uint8)
+    return np.concatenate(ids).astype(dtype), np.concatenate(trained)
 
 
 # ---------------------------------------------------------------- building the cache
@@ -319,6 +330,11 @@ def encoded_batches(pieces: Iterator[Piece], tokenizer: Tokenizer, dtype: str,
             yield (*result.get(), done)
 
 
+def worker_count(data_cfg: DataConfig, total_bytes: int) -> int:
+    """Processes that tokenize a corpus: one per core (or data.num_workers) from 8 MB up."""
+    return (data_cfg.num_workers or os.cpu_count() or 1) if total_bytes >= POOL_MIN_BYTES else 1
+
+
 def build_cache(files: list[Path], data_cfg: DataConfig, directory: Path,
                 tokenizer: Optional[Tokenizer] = None) -> None:
     """Tokenize the corpus into directory/tokens.bin (and mask.bin for chat data), streaming,
@@ -331,7 +347,7 @@ def build_cache(files: list[Path], data_cfg: DataConfig, directory: Path,
     tokenizer = tokenizer or fit_tokenizer(files, data_cfg, total_bytes)
     dtype = "uint16" if tokenizer.vocab_size <= 2**16 else "uint32"
     big = total_bytes >= POOL_MIN_BYTES
-    workers = (data_cfg.num_workers or os.cpu_count() or 1) if big else 1
+    workers = worker_count(data_cfg, total_bytes)
     count, masked, stats = 0, False, CorpusStats()
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", file=sys.stderr,
                disable=None if big else True)  # None: shown on a terminal only

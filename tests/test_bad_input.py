@@ -47,6 +47,10 @@ def bad_files(corpus: Path) -> dict[str, bytes]:
         "empty.pt": b"",
         "random.pt": os.urandom(4096),
         "a_file": b"",
+        "chats.jsonl": b'{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": [}\n',
+        "roles.jsonl": b'{"messages": [{"role": "narrator", "content": "Once"}]}\n',
+        "notes/empty.md": b"",
+        "no_text/readme.rst": b"not a source",
     }
 
 
@@ -63,6 +67,7 @@ def trained_template(tmp_path_factory, small_corpus_file) -> Path:
         assert train.main(["--config", CONFIG]) == 0
         (root / "bad").mkdir()
         for name, content in bad_files(small_corpus_file).items():
+            (root / "bad" / name).parent.mkdir(parents=True, exist_ok=True)
             (root / "bad" / name).write_bytes(content)
         torch.save({"format": "someone else's", "weights": torch.zeros(3)}, root / "bad/foreign.pt")
         torch.save({"format": checkpoint.FORMAT, "payload": Evil()}, root / "bad/evil.pt")
@@ -112,6 +117,13 @@ CASES = [
     ("train", [*T, "--dataset", "bad/empty.txt", "--out_dir", "x"], "is empty"),
     ("train", [*T, "--dataset", "bad/short.txt", "--out_dir", "x"], "fewer than block_size"),
     ("train", [*T, "--dataset", "bad/latin1.txt", "--out_dir", "x"], "is not UTF-8 text"),
+    ("train", [*T, "--dataset", "bad/chats.jsonl", "--out_dir", "x"], "chats.jsonl line 2 is not valid JSON"),
+    ("train", [*T, "--dataset", "bad/roles.jsonl", "--out_dir", "x"], r"role \"narrator\" is not one of"),
+    ("train", [*T, "--dataset", "bad/notes", "--out_dir", "x"], "empty.md is empty"),
+    ("train", [*T, "--dataset", "bad/no_text", "--out_dir", "x"], "holds no .txt/.md/.jsonl files"),
+    ("train", [*T, "--out_dir", "x", "--data.tokenizer", "sentencepiece", "--data.vocab_size", "100000"],
+     r"cannot train a vocabulary of 100000 on this text: it supports at most \d+"),
+    ("train", [*T, "--out_dir", "x", "--data.tokenizer", "bpe"], "data.tokenizer must be one of char, "),
     # checkpoints and directories
     ("train", ["--config", CONFIG, "--out_dir", "models/empty_run", "--resume"], "nothing to resume"),
     ("train", [*T, "--resume", "bad/truncated.pt"], "is corrupt or not a checkpoint"),

@@ -33,6 +33,17 @@ def test_bench_on_synthetic_tokens(workdir, tiny_config_file, capsys):
     assert record["final_val_loss"] == pytest.approx(4.16, abs=0.15)  # random tokens: about ln 64
 
 
+def test_bench_tokenize_times_a_fresh_cache(workdir, tiny_config_file, small_corpus_file, capsys):
+    assert run_cli(bench.main, ["--config", str(tiny_config_file), "--dataset", str(small_corpus_file),
+                                "--tokenize"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    size = small_corpus_file.stat().st_size
+    assert record["files"] == 1 and record["megabytes"] == round(size / 1e6, 1) and record["workers"] == 1
+    assert record["tokens"] == len(small_corpus_file.read_text()) + 1  # characters and <|endoftext|>
+    assert record["megabytes_per_s"] > 0 and record["peak_rss_mb"] > 0
+    assert not (workdir / "cache").exists()  # built in the temporary directory, then removed
+
+
 def test_bench_errors(workdir, tiny_config_file, capsys):
     assert run_cli(bench.main, ["--config", str(tiny_config_file), "--synthetic"]) == 2
     assert "--synthetic needs model.vocab_size" in capsys.readouterr().err

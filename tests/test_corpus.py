@@ -18,7 +18,7 @@ from errors import UserError
 from model import GPT, IGNORE_INDEX
 from tests.conftest import tiny_model_config
 from tests.test_tokenizer import GPT2_PATTERN
-from tokenizer import END_OF_TEXT, IM_END, IM_START, CharTokenizer
+from tokenizer import END_OF_TEXT, IM_END, IM_START, CharTokenizer, tokenizer_from_dict
 
 CHATS = [
     {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
@@ -159,6 +159,10 @@ def test_chat_fine_tuning_example_and_data_stats(workdir, corpus_file, capsys):
                        "--out_dir", "models/chat", *short]) == 0
     base, chat = (load_checkpoint(workdir / f"models/{name}/ckpt.pt") for name in ("base", "chat"))
     assert chat["tokenizer"] == base["tokenizer"] and chat["tokenizer"]["kind"] == "sentencepiece"
+    # the tokenizer rebuilt from the checkpoint encodes exactly as the one that made the cache
+    text = corpus_file.read_text()[:20_000]
+    fitted = prepare_data(DataConfig(dataset=str(corpus_file), tokenizer="sentencepiece")).tokenizer
+    assert tokenizer_from_dict(base["tokenizer"]).encode(text) == fitted.encode(text)
     capsys.readouterr()
     assert train.main(["--config", str(configs / "chat_finetune.json"), "--data_stats",
                        "--load_model_only", "models/base"]) == 0

@@ -61,6 +61,7 @@ def test_every_tokenizer_round_trips_unicode_and_has_the_special_tokens(fake_gpt
     for tok in all_tokenizers(sentencepiece_tokenizer):
         ids = tok.encode(UNICODE)
         assert tok.decode(ids) == UNICODE, tok.kind
+        assert tok.encode_array(UNICODE).tolist() == ids
         assert set(tok.special_ids) == set(SPECIAL_TOKENS)
         specials = set(tok.special_ids.values())
         assert len(specials) == 3 and max(specials) < tok.vocab_size and not specials & set(ids)
@@ -76,7 +77,9 @@ def test_the_checkpoint_form_rebuilds_the_same_tokenizer(fake_gpt2, sentencepiec
 
 
 def test_sentencepiece_learns_subwords_of_the_corpus(sentencepiece_tokenizer, corpus_path):
-    text = corpus_path.read_text()[:5000]
+    text = corpus_path.read_text()[:50_000]
+    # encoded line by line for speed, it must equal SentencePiece's encoding of the whole text
+    assert sentencepiece_tokenizer.encode(text) == sentencepiece_tokenizer._processor.encode(text)
     assert len(sentencepiece_tokenizer.encode(text)) < 0.6 * len(text)  # subwords, not characters
     assert sentencepiece_tokenizer.vocab_size == 640
     assert sentencepiece_tokenizer.special_ids[END_OF_TEXT] == 637
@@ -112,8 +115,11 @@ def test_a_vocabulary_the_corpus_cannot_fill_is_refused(tmp_path):
 
 def test_char_tokenizer_names_an_unknown_character_and_old_checkpoints_load():
     tok = CharTokenizer("abc")
-    with pytest.raises(UserError, match="the character 'z' is not in this model's vocabulary of 3"):
-        tok.encode("abz")
+    for encode in (tok.encode, tok.encode_array):
+        with pytest.raises(UserError, match="the character 'z' is not in this model's vocabulary of 3"):
+            encode("abz")
+    with pytest.raises(UserError, match="the character '🙂' is not"):
+        tok.encode_array("a🙂")  # beyond the table's code points
     old = tokenizer_from_dict({"kind": "char", "chars": "abc"})  # written before special tokens
     assert old.vocab_size == 3 and old.special_ids == {} and old != tok
     with pytest.raises(UserError, match="unknown tokenizer kind 'bpe'"):
