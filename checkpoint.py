@@ -18,7 +18,7 @@ from errors import UserError
 from utils import notice, write_file_atomic
 
 FORMAT = "gpt-trainer checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 # Fields that change the weights' shapes or what they compute; dropout, the attention kernel
 # and the initialisation may change between runs.
 ARCHITECTURE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias", "position",
@@ -138,6 +138,29 @@ def load_checkpoint(path: str | Path) -> dict:
     if saved_checksum != tensor_checksum(checkpoint):
         raise UserError(f"{path} is damaged: its tensors do not match their checksum; "
                         "use another checkpoint, e.g. an earlier ckpt-<step>.pt")
+    return migrate(checkpoint)
+
+
+def _char_tokenizer_without_specials(checkpoint: dict) -> dict:
+    """1 -> 2 (2026-11-23): tokenizers gained <|endoftext|> and the ChatML tokens; a version-1
+    character tokenizer has none, and says so."""
+    tokenizer = checkpoint.get("tokenizer", {})
+    if tokenizer.get("kind") == "char":
+        tokenizer.setdefault("specials", False)
+    return checkpoint
+
+
+MIGRATIONS: dict[int, Callable[[dict], dict]] = {1: _char_tokenizer_without_specials}  # version -> to next
+
+
+def migrate(checkpoint: dict) -> dict:
+    """Lift a checkpoint written by an older version of this trainer to the current format,
+    one migration per format change."""
+    version = checkpoint.get("version", 1)
+    while version < FORMAT_VERSION:
+        checkpoint = MIGRATIONS[version](checkpoint)
+        version += 1
+    checkpoint["version"] = version
     return checkpoint
 
 

@@ -1,18 +1,29 @@
-"""Sample text from a trained model: `python gen.py models/tiny/ckpt.pt --prompt "ROMEO:"`."""
+"""Sample text from a trained model: `python gen.py models/tiny --prompt "ROMEO:"`.
+
+Modes: samples of one prompt (from --prompt, --prompt_file or piped stdin), --interactive
+prompting, a --chat session in ChatML (chat.py), and --benchmark for prefill/decode speed.
+"""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
-from typing import Sequence
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence, TextIO
 
 import torch
 
+from chat import chat_session
 from checkpoint import find_checkpoint, load_checkpoint, model_config_from_checkpoint
 from cli import CliParser, run_cli
+from config import DTYPE_ALIASES
 from errors import UserError
 from model import GPT
-from tokenizer import END_OF_TEXT, tokenizer_from_dict
-from utils import autocast_context, resolve_system
+from sampling import SamplingSettings, TextStream, generate
+from tokenizer import END_OF_TEXT, Tokenizer, tokenizer_from_dict
+from utils import autocast_context, notice, process_start_time, resolve_system
 
 SAMPLE_SEPARATOR = "\n" + "-" * 40
 
@@ -20,14 +31,33 @@ SAMPLE_SEPARATOR = "\n" + "-" * 40
 def build_parser() -> argparse.ArgumentParser:
     parser = CliParser(description="Generate text from a trained GPT checkpoint.", allow_abbrev=False)
     parser.add_argument("checkpoint", help="a checkpoint file, or a run directory (best.pt, else ckpt.pt)")
-    parser.add_argument("--prompt", default="\n", help="text the samples continue (default: a newline)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--prompt", help="text the samples continue (default: piped stdin, else a newline)")
+    source.add_argument("--prompt_file", help="read the prompt from this file")
     parser.add_argument("--num_samples", type=int, default=1, help="how many samples to print")
     parser.add_argument("--max_new_tokens", type=int, default=500, help="tokens to generate per sample")
     parser.add_argument("--temperature", type=float, default=0.8,
                         help="below 1 is safer, above 1 more varied; 0 always takes the likeliest")
-    parser.add_argument("--top_k", type=int, default=200, help="sample only among the k likeliest tokens")
+    parser.add_argument("--top_k", type=int, default=200, help="sample among the k likeliest tokens; 0: all")
+    parser.add_argument("--top_p", type=float, default=1.0,
+                        help="sample among the likeliest tokens that make up this much probability")
+    parser.add_argument("--min_p", type=float, default=0.0,
+                        help="drop tokens less likely than this fraction of the likeliest one")
+    parser.add_argument("--repetition_penalty", type=float, default=1.0,
+                        help="above 1 makes tokens already in the context less likely")
+    parser.add_argument("--stop", nargs="+", action="extend", default=[], metavar="TEXT",
+                        help="end a sample where one of these strings appears (not printed)")
     parser.add_argument("--seed", type=int, default=1337, help="the same seed gives the same text")
+    parser.add_argument("--no_stream", action="store_true", help="print each sample whole, once finished")
+    parser.add_argument("--output", help="also write the samples to this file")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--interactive", action="store_true", help="ask for a prompt, generate, ask again")
+    mode.add_argument("--chat", action="store_true", help="talk to a chat model (ChatML); /reset, /exit")
+    mode.add_argument("--benchmark", action="store_true", help="measure prefill and decode tokens/s")
+    parser.add_argument("--system", default="", help="the system prompt of a --chat session")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16",
+                                                             *DTYPE_ALIASES))
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     return parser
 
@@ -39,10 +69,41 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise UserError(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
     if args.temperature < 0:
         raise UserError(f"--temperature must be zero or more, got {args.temperature}")
-    if args.top_k < 1:
-        raise UserError(f"--top_k must be at least 1, got {args.top_k}")
-    if not args.prompt:
+    if args.top_k < 0:
+        raise UserError(f"--top_k must be zero (off) or more, got {args.top_k}")
+    if not 0 < args.top_p <= 1:
+        raise UserError(f"--top_p must be in (0, 1], got {args.top_p}")
+    if not 0 <= args.min_p < 1:
+        raise UserError(f"--min_p must be in [0, 1), got {args.min_p}")
+    if args.repetition_penalty <= 0:
+        raise UserError(f"--repetition_penalty must be positive (1 is off), got {args.repetition_penalty}")
+    if args.prompt == "":
         raise UserError("--prompt is empty; give at least one character, e.g. --prompt $'\\n'")
+
+
+def settings_from(args: argparse.Namespace) -> SamplingSettings:
+    return SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_k=args.top_k or None, top_p=args.top_p, min_p=args.min_p,
+                            repetition_penalty=args.repetition_penalty, stop=args.stop)
+
+
+def read_prompt(args: argparse.Namespace) -> str:
+    """The prompt: --prompt, --prompt_file, else piped stdin, else a newline."""
+    if args.prompt is not None:
+        return args.prompt
+    if args.prompt_file is not None:
+        try:
+            text = Path(args.prompt_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise UserError(f"cannot read --prompt_file {args.prompt_file}: {error}") from None
+        if not text:
+            raise UserError(f"--prompt_file {args.prompt_file} is empty")
+        return text
+    try:
+        piped = "" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read()
+    except OSError:  # stdin closed or not readable (a test runner's, say): no piped prompt
+        piped = ""
+    return piped or "\n"
 
 
 def load_model(checkpoint: dict, device: torch.device, path: str) -> GPT:
@@ -55,28 +116,130 @@ def load_model(checkpoint: dict, device: torch.device, path: str) -> GPT:
     return model.to(device).eval()
 
 
+@dataclass
+class Session:
+    """What every mode needs: the model and its tokenizer, the settings, where text goes."""
+
+    model: GPT
+    tokenizer: Tokenizer
+    settings: SamplingSettings
+    device: torch.device
+    autocast: object
+    seed: int
+    stream: bool = True
+    output: Optional[TextIO] = None
+
+    def encode_prompt(self, text: str) -> list[int]:
+        ids = self.tokenizer.encode(text)
+        limit = self.model.config.block_size
+        if len(ids) > limit:
+            notice(f"the prompt has {len(ids)} tokens, more than the model's context of {limit}; "
+                   f"keeping its last {limit}")
+            ids = ids[-limit:]
+        return ids
+
+    def complete(self, prompt_ids: list[int], stop_ids: frozenset[int], seed: int) -> str:
+        """Generate one sample after prompt_ids, printing it as it comes (when streaming)."""
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        text = TextStream(self.tokenizer, self.settings.stop)
+        with self.autocast:
+            for token in generate(self.model, prompt_ids, self.settings, self.tokenizer.vocab_size, stop_ids,
+                                  generator, on_slide=self._slide_notice):
+                piece = text.add(token)
+                if self.stream:
+                    print(piece, end="", flush=True)
+                if text.stopped:
+                    break
+        rest = text.finish()
+        if self.stream:
+            print(rest, end="", flush=True)
+        return text.result
+
+    def _slide_notice(self) -> None:
+        limit = self.model.config.block_size
+        notice(f"the context of {limit} tokens is full; from here on the model sees the last "
+               f"{3 * limit // 4} tokens, recomputed each time it fills")
+
+
+def write_samples(session: Session, prompt: str, count: int) -> None:
+    """Print `count` samples continuing `prompt` (and write them to --output)."""
+    prompt_ids = session.encode_prompt(prompt)
+    stop_ids = frozenset(i for name, i in session.tokenizer.special_ids.items() if name == END_OF_TEXT)
+    for sample in range(count):
+        if sample:
+            print(SAMPLE_SEPARATOR)
+        if session.stream:
+            print(prompt, end="", flush=True)
+        text = prompt + session.complete(prompt_ids, stop_ids, session.seed + sample)
+        if not session.stream:
+            print(text, end="")
+        print(flush=True)
+        if session.output is not None:
+            session.output.write(("" if sample == 0 else SAMPLE_SEPARATOR + "\n") + text + "\n")
+            session.output.flush()
+
+
+def interactive(session: Session, count: int) -> None:
+    """Ask for a prompt, generate, ask again; an empty line or Ctrl+D ends it."""
+    while True:
+        try:
+            prompt = input("prompt> ")
+        except EOFError:
+            print()
+            return
+        if not prompt:
+            return
+        write_samples(session, prompt, count)
+
+
+def benchmark(session: Session, prompt: str, process_start: float) -> dict:
+    """Time a generation after the prompt (repeated to half the context): the prefill up to
+    the first new token, then the decoding of the others."""
+    block = session.model.config.block_size
+    ids = session.tokenizer.encode(prompt)
+    ids = (ids * (block // (2 * len(ids)) + 1))[: block // 2]
+    vocab = session.tokenizer.vocab_size
+    started = time.perf_counter()
+    first = None
+    count = 0
+    with session.autocast:
+        for count, _ in enumerate(generate(session.model, ids, session.settings, vocab), start=1):
+            first = first or time.perf_counter()
+    done = time.perf_counter()
+    return {"device": str(session.device), "params": session.model.num_params(), "prompt_tokens": len(ids),
+            "prefill_tokens_per_s": round(len(ids) / (first - started)), "new_tokens": count,
+            "decode_tokens_per_s": round((count - 1) / (done - first)) if count > 1 else None,
+            "seconds_from_process_start": round(time.time() - process_start, 2)}
+
+
 def main(argv: Sequence[str]) -> int:
+    process_start = process_start_time()
     args = build_parser().parse_args(argv)
     check_arguments(args)
     path = find_checkpoint(args.checkpoint, prefer=("best.pt", "ckpt.pt"))
     checkpoint = load_checkpoint(path)
-    system = resolve_system(args.device, "auto", compile_requested=False)
+    system = resolve_system(args.device, DTYPE_ALIASES.get(args.dtype, args.dtype), compile_requested=False)
     model = load_model(checkpoint, system.device, str(path))
-    tokenizer = tokenizer_from_dict(checkpoint["tokenizer"])
-    prompt = torch.tensor([tokenizer.encode(args.prompt)], device=system.device)
-    generator = torch.Generator(device=system.device).manual_seed(args.seed)
-    end_of_text = tokenizer.special_ids.get(END_OF_TEXT)
-    with autocast_context(system.device, system.dtype):
-        for sample in range(args.num_samples):
-            if sample:
-                print(SAMPLE_SEPARATOR)
-            print(args.prompt, end="", flush=True)
-            for token in model.generate(prompt, args.max_new_tokens, args.temperature,
-                                        args.top_k, generator, vocab_limit=tokenizer.vocab_size):
-                if token.item() == end_of_text:  # the document is over, and so is the sample
-                    break
-                print(tokenizer.decode(token[0].tolist()), end="", flush=True)
-            print()
+    session = Session(model, tokenizer_from_dict(checkpoint["tokenizer"]), settings_from(args), system.device,
+                      autocast_context(system.device, system.dtype), args.seed, stream=not args.no_stream)
+    if args.chat:
+        chat_session(session, args.system, sys.stdin)
+        return 0
+    if args.benchmark:
+        print(json.dumps(benchmark(session, read_prompt(args), process_start)))
+        return 0
+    try:
+        session.output = open(args.output, "w", encoding="utf-8") if args.output else None
+    except OSError as error:
+        raise UserError(f"cannot write --output {args.output}: {error.strerror}") from None
+    try:
+        if args.interactive:
+            interactive(session, args.num_samples)
+        else:
+            write_samples(session, read_prompt(args), args.num_samples)
+    finally:
+        if session.output is not None:
+            session.output.close()
     return 0
 
 

@@ -7,7 +7,7 @@ Shapes in comments: B batch, T time (tokens), C channels (n_embd), nh heads, hs 
 from __future__ import annotations
 
 import math
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -27,9 +27,10 @@ def rotary_tables(length: int, head_size: int, base: float = 10000.0) -> Rotary:
     return angles.cos(), angles.sin()
 
 
-def apply_rotary(x: torch.Tensor, rotary: Rotary) -> torch.Tensor:
-    """Rotate pairs (x_i, x_{i+hs/2}) of each head by their position's angles: (B, nh, T, hs)."""
-    cos, sin = (table[: x.size(-2)].to(x.dtype) for table in rotary)
+def apply_rotary(x: torch.Tensor, rotary: Rotary, start: int = 0) -> torch.Tensor:
+    """Rotate pairs (x_i, x_{i+hs/2}) of each head by their position's angles: (B, nh, T, hs),
+    the first of the T tokens standing at position `start`."""
+    cos, sin = (table[start : start + x.size(-2)].to(x.dtype) for table in rotary)
     first, second = x.chunk(2, dim=-1)
     return torch.cat((first * cos - second * sin, first * sin + second * cos), dim=-1)
 
@@ -56,6 +57,52 @@ def counted_targets(targets: torch.Tensor) -> torch.Tensor:
     return (targets != IGNORE_INDEX).sum().clamp(min=1)
 
 
+class LayerCache:
+    """One layer's keys and values for the tokens seen so far, in buffers of block_size."""
+
+    def __init__(self) -> None:
+        self.keys: Optional[torch.Tensor] = None
+        self.values: Optional[torch.Tensor] = None
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor, start: int,
+               capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k and v (B, n_kv_head, T, hs) at positions start.. and return all so far."""
+        if self.keys is None:
+            B, H, _, hs = k.shape
+            self.keys, self.values = (k.new_zeros(B, H, capacity, hs) for _ in range(2))
+        end = start + k.size(2)
+        self.keys[:, :, start:end], self.values[:, :, start:end] = k, v
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+
+class KVCache:
+    """Every layer's keys and values for the tokens seen so far, so that each new token costs
+    one token's work instead of the whole context's (for generation, not training)."""
+
+    def __init__(self, n_layer: int):
+        self.layers = [LayerCache() for _ in range(n_layer)]
+        self.length = 0  # tokens cached, and the position of the next one
+
+    def reset(self) -> None:
+        self.length = 0  # the buffers stay; positions from 0 are written over
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, fused: bool,
+              dropout: float = 0.0) -> torch.Tensor:
+    """Causal attention of T queries at positions start.. over the start + T keys before them."""
+    T, S = q.size(-2), k.size(-2)
+    if fused and (start == 0 or T == 1):  # a plain causal mask, or a last token that sees all
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=start == 0 and T > 1)
+    # query i (at position start + i) sees keys 0 .. start + i
+    future = torch.ones(T, S, dtype=torch.bool, device=q.device).triu(diagonal=start + 1)
+    if fused:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=~future, dropout_p=dropout)
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))  # (B, nh, T, S)
+    scores = scores.masked_fill(future, float("-inf"))
+    weights = F.dropout(F.softmax(scores, dim=-1), p=dropout)
+    return weights @ v  # (B, nh, T, hs)
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head attention; with n_kv_head < n_head, groups of query heads share one key/value
     head (grouped-query attention, Ainslie et al. 2023), which shrinks the KV cache."""
@@ -71,10 +118,13 @@ class CausalSelfAttention(nn.Module):
         kv_width = self.n_kv_head * self.head_size
         self.c_attn = nn.Linear(cfg.n_embd, cfg.n_embd + 2 * kv_width, bias=cfg.bias)  # q, k, v at once
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.attn_dropout = nn.Dropout(cfg.dropout)  # used by the plain path; SDPA drops itself
         self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.block_size = cfg.block_size
 
-    def forward(self, x: torch.Tensor, rotary: Optional[Rotary] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotary: Optional[Rotary] = None, cache: Optional[LayerCache] = None,
+                start: int = 0) -> torch.Tensor:
+        """Attend causally; with a cache, x holds the tokens from position `start` on, and the
+        keys and values of the earlier ones come from the cache."""
         B, T, C = x.shape
         kv_width = self.n_kv_head * self.head_size
         q, k, v = self.c_attn(x).split((C, kv_width, kv_width), dim=2)
@@ -83,19 +133,14 @@ class CausalSelfAttention(nn.Module):
         if self.qk_norm:  # bounded attention logits tolerate higher learning rates
             q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
         if rotary is not None:
-            q, k = apply_rotary(q, rotary), apply_rotary(k, rotary)
+            q, k = apply_rotary(q, rotary, start), apply_rotary(k, rotary, start)
+        if cache is not None:  # the cache keeps n_kv_head heads: grouped attention's saving
+            k, v = cache.extend(k, v, start, self.block_size)
         if self.n_kv_head != self.n_head:  # each key/value head serves n_head / n_kv_head queries
             group = self.n_head // self.n_kv_head
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        if self.flash:
-            y = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
-            )
-        else:  # the textbook computation, for strict reference runs
-            scores = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))  # (B, nh, T, T)
-            future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(diagonal=1)
-            weights = F.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
-            y = self.attn_dropout(weights) @ v  # (B, nh, T, hs)
+        # flash_attention false: the textbook matmul-softmax-matmul, for strict reference runs
+        y = attention(q, k, v, start, self.flash, self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
@@ -138,8 +183,9 @@ class Block(nn.Module):
         self.ln_2 = make_norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, rotary: Optional[Rotary] = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), rotary)
+    def forward(self, x: torch.Tensor, rotary: Optional[Rotary] = None, cache: Optional[LayerCache] = None,
+                start: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rotary, cache, start)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -181,26 +227,32 @@ class GPT(nn.Module):
                     nn.init.normal_(param, mean=0.0, std=residual_std)
 
     def forward(
-        self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None
+        self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Return logits (B, T, vocab) and, when targets are given, the mean cross-entropy.
 
         With model.loss_chunk_size set and targets given, the logits are never built whole
-        (that is the point), and None is returned in their place.
+        (that is the point), and None is returned in their place. With a cache, idx holds the
+        tokens after the cached ones, and only the last position's logits (B, 1, vocab) return.
         """
         B, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens is longer than block_size "
+                             f"{self.config.block_size}")
         x = self.wte(idx)  # (B, T, C)
         rotary = None
         if self.wpe is not None:
-            x = x + self.wpe(torch.arange(T, device=idx.device))
+            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
         else:
             rotary = (self.rope_cos, self.rope_sin)
         x = self.drop(x)
-        for block in self.blocks:
-            x = block(x, rotary)
+        for i, block in enumerate(self.blocks):
+            x = block(x, rotary, cache.layers[i] if cache is not None else None, start)
         x = self.ln_f(x)
+        if cache is not None:
+            cache.length += T
+            return self.lm_head(x[:, -1:]), None
         if targets is not None and self.config.loss_chunk_size:
             return None, self._chunked_loss(x, targets)
         logits = self.lm_head(x)  # (B, T, vocab)
@@ -246,36 +298,3 @@ class GPT(nn.Module):
         lookup_only = 0 if self.config.tie_embeddings else self.wte.weight.numel()  # no matmul
         matmul_params = self.num_params() - self._position_params() - lookup_only
         return 6 * matmul_params + 12 * self.config.n_layer * self.config.n_embd * T
-
-    @torch.no_grad()
-    def generate(
-        self,
-        idx: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: Optional[int] = None,
-        generator: Optional[torch.Generator] = None,
-        vocab_limit: Optional[int] = None,
-    ) -> Iterator[torch.Tensor]:
-        """Yield (B, 1) new tokens one at a time; temperature 0 picks the likeliest token.
-
-        vocab_limit: the tokenizer's vocabulary size; ids from there up (the padding that
-        rounds the model's vocabulary) are never produced.
-        """
-        for _ in range(max_new_tokens):
-            context = idx[:, -self.config.block_size :]  # the model sees at most block_size tokens
-            logits, _ = self(context)
-            logits = logits[:, -1, :].float()  # (B, vocab)
-            if vocab_limit is not None:
-                logits[:, vocab_limit:] = float("-inf")
-            if temperature == 0:
-                next_token = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None and top_k < logits.size(-1):
-                    kth = torch.topk(logits, top_k).values[:, [-1]]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                probs = F.softmax(logits, dim=-1)
-                next_token = torch.multinomial(probs, num_samples=1, generator=generator)
-            idx = torch.cat((idx, next_token), dim=1)
-            yield next_token

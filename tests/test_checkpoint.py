@@ -5,8 +5,12 @@ import pytest
 import torch
 
 import checkpoint
+import gen
 from checkpoint import FORMAT_VERSION, find_checkpoint, load_checkpoint, save_checkpoint
+from cli import run_cli
+from config import Config, ModelConfig, config_to_dict
 from errors import UserError
+from model import GPT
 
 
 def test_round_trip_is_plain_data(tmp_path):
@@ -56,3 +60,21 @@ def test_find_checkpoint_prefers_in_order(tmp_path):
     assert find_checkpoint(tmp_path, prefer=("best.pt", "ckpt.pt")) == tmp_path / "ckpt.pt"
     (tmp_path / "best.pt").write_bytes(b"")
     assert find_checkpoint(tmp_path, prefer=("best.pt", "ckpt.pt")) == tmp_path / "best.pt"
+
+
+def test_a_version_1_checkpoint_is_migrated_and_generates(tmp_path, capsys):
+    """Version 1 (before special tokens): its char tokenizer has no "specials" key."""
+    model_cfg = ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=5)
+    weights = GPT(model_cfg).state_dict()
+    payload = {"format": checkpoint.FORMAT, "version": 1, "model": weights, "step": 3,
+               "config": config_to_dict(Config(model=model_cfg)),
+               "tokenizer": {"kind": "char", "chars": "\nabcd"}}
+    payload["checksum"] = checkpoint.tensor_checksum(payload)
+    torch.save(payload, tmp_path / "v1.pt")  # as version 1 wrote it
+    loaded = load_checkpoint(tmp_path / "v1.pt")
+    assert loaded["version"] == FORMAT_VERSION == 2
+    assert loaded["tokenizer"] == {"kind": "char", "chars": "\nabcd", "specials": False}
+    assert run_cli(gen.main, [str(tmp_path / "v1.pt"), "--prompt", "ab", "--max_new_tokens", "5"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("ab") and len(out) == 2 + 5 + 1 and set(out) <= set("\nabcd")
+    assert set(checkpoint.MIGRATIONS) == set(range(1, FORMAT_VERSION))  # one function per change

@@ -93,8 +93,10 @@ def test_gen_controls(trained_run, capsys):
     assert generate(capsys, run_dir, "--top_k", "1", "--max_new_tokens", "10") == greedy[0]
     text = generate(capsys, str(trained_run / "ckpt.pt"), "--prompt", "KING:", "--max_new_tokens", "12",
                     "--device", "cpu")
-    # 12 new characters and a newline, or fewer where the model ended the document
-    assert text.startswith("KING:") and len(text) <= len("KING:") + 12 + 1 and "<|endoftext|>" not in text
+    # 12 new tokens and a newline, or fewer where the model ended the document (a barely trained
+    # model may pick a ChatML token, printed by its name)
+    tokens = re.sub(r"<\|im_(start|end)\|>", "#", text)
+    assert text.startswith("KING:") and len(tokens) <= len("KING:") + 12 + 1 and "<|endoftext|>" not in text
 
 
 def test_debug_shows_the_traceback(workdir):

@@ -221,31 +221,6 @@ def test_overfits_one_batch(variant, optimizer_name):
     assert losses[-1] < losses[0] / 2
 
 
-def test_greedy_generation_follows_the_argmax():
-    model = build().eval()
-    prompt = torch.tensor([[1, 2, 3]])
-    tokens = torch.cat(list(model.generate(prompt, 4, temperature=0)), dim=1)
-    idx = prompt
-    for _ in range(4):
-        next_token = model(idx[:, -8:])[0][:, -1].argmax(-1, keepdim=True)
-        idx = torch.cat([idx, next_token], dim=1)
-    assert torch.equal(tokens, idx[:, 3:])
-
-
-def test_sampling_is_repeatable_with_a_seed_and_respects_top_k():
-    model = build().eval()
-    prompt = torch.tensor([[1]])
-
-    def sample(seed: int, top_k=None) -> list[int]:
-        generator = torch.Generator().manual_seed(seed)
-        return [t.item() for t in model.generate(prompt, 20, 1.0, top_k, generator)]
-
-    assert sample(7) == sample(7)
-    assert sample(7) != sample(8)
-    logits = model(prompt)[0][0, -1]
-    assert set(sample(3, top_k=1)[:1]) == {logits.argmax().item()}
-
-
 def test_plain_attention_matches_the_fused_kernel():
     fused = build(n_layer=2, n_embd=32, n_head=4, block_size=8)
     plain = build(n_layer=2, n_embd=32, n_head=4, block_size=8, flash_attention=False)

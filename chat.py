@@ -1,0 +1,87 @@
+"""A chat session in ChatML, for `gen.py --chat`: turns in, replies out, history kept in context.
+
+Each turn is `<|im_start|>role\\ncontent<|im_end|>\\n`, the format the data pipeline trains on
+(corpus.py); a reply is generated after `<|im_start|>assistant\\n` until `<|im_end|>`.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, TextIO
+
+from errors import UserError
+from tokenizer import END_OF_TEXT, IM_END, IM_START, Tokenizer
+from utils import notice
+
+if TYPE_CHECKING:  # gen.py imports this module; the type is only for annotations
+    from gen import Session
+
+HELP = "chat: /reset forgets the conversation, /exit or Ctrl+D leaves"
+
+
+def render_turn(tokenizer: Tokenizer, role: str, content: str) -> list[int]:
+    return [tokenizer.special_ids[IM_START], *tokenizer.encode(f"{role}\n"), *tokenizer.encode(content),
+            tokenizer.special_ids[IM_END], *tokenizer.encode("\n")]
+
+
+def fit_history(system: list[int], turns: list[list[int]], header: list[int], budget: int) -> list[int]:
+    """Return the prompt: the system turn, as many of the latest turns as fit in `budget`
+    tokens, and the reply's header. Older turns are dropped first; a last message too long
+    by itself keeps its end."""
+    kept: list[list[int]] = []
+    used = len(system) + len(header)
+    for turn in reversed(turns):
+        if kept and used + len(turn) > budget:
+            break
+        kept.insert(0, turn)
+        used += len(turn)
+    prompt = [*system, *(token for turn in kept for token in turn), *header]
+    if len(prompt) > budget:
+        notice(f"the conversation needs {len(prompt)} tokens, more than the {budget} the context leaves; "
+               "the start of the message is cut")
+        prompt = prompt[-budget:]
+    return prompt
+
+
+def read_message(stdin: TextIO, interactive: bool) -> str | None:
+    """The next message, or None at the end of input (Ctrl+D)."""
+    try:
+        line = input("you> ") if interactive else stdin.readline()
+    except EOFError:
+        return None
+    if not interactive and not line:
+        return None
+    return line.rstrip("\n")
+
+
+def chat_session(session: "Session", system_prompt: str, stdin: TextIO) -> None:
+    """Talk until /exit or the end of input. From a terminal it prompts `you>`; from a pipe it
+    answers one message per line, one reply per line."""
+    tokenizer = session.tokenizer
+    if IM_START not in tokenizer.special_ids:
+        raise UserError("this model's tokenizer has no ChatML tokens (<|im_start|>, <|im_end|>), so "
+                        "it cannot chat; train or fine-tune a model on chat data first (README: 'Your own "
+                        "data')")
+    interactive = stdin.isatty()
+    system = render_turn(tokenizer, "system", system_prompt) if system_prompt else []
+    header = [tokenizer.special_ids[IM_START], *tokenizer.encode("assistant\n")]
+    stop_ids = frozenset(tokenizer.special_ids[name] for name in (IM_END, END_OF_TEXT))
+    block = session.model.config.block_size
+    budget = block - min(session.settings.max_new_tokens, block // 2)  # room left for the reply
+    turns: list[list[int]] = []
+    if interactive:
+        print(HELP)
+    while (message := read_message(stdin, interactive)) is not None:
+        if message.strip() == "/exit":
+            break
+        if message.strip() == "/reset":
+            turns.clear()
+            print("(conversation forgotten)")
+            continue
+        if not message.strip():
+            continue
+        turns.append(render_turn(tokenizer, "user", message))
+        if interactive:
+            print("model> ", end="", flush=True)
+        prompt = fit_history(system, turns, header, budget)
+        reply = session.complete(prompt, stop_ids, session.seed + len(turns))
+        print(flush=True)
+        turns.append(render_turn(tokenizer, "assistant", reply))

@@ -1,0 +1,172 @@
+"""Generation: decoding with a KV cache, the sampling filters, and text streamed safely.
+
+The filters apply in this order to the last position's logits:
+padding ids removed -> repetition penalty -> (temperature 0: the likeliest token, done)
+-> temperature -> top-k -> top-p -> min-p -> a draw from what is left.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional
+
+import torch
+from torch.nn import functional as F
+
+from model import GPT, KVCache
+from tokenizer import Tokenizer
+
+REPLACEMENT = "\ufffd"  # what decoding shows for the first bytes of an unfinished character
+
+
+@dataclass
+class SamplingSettings:
+    max_new_tokens: int = 500
+    temperature: float = 0.8  # 0: greedy
+    top_k: Optional[int] = 200
+    top_p: float = 1.0  # keep the likeliest tokens whose probabilities add up to this
+    min_p: float = 0.0  # keep tokens at least this fraction as likely as the likeliest
+    repetition_penalty: float = 1.0  # > 1 makes tokens already in the context less likely
+    stop: list[str] = field(default_factory=list)
+
+
+def penalise_repetition(logits: torch.Tensor, previous: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Make the tokens in `previous` less likely (CTRL, Keskar et al. 2019): a positive logit
+    is divided by the penalty, a negative one multiplied by it."""
+    if penalty == 1.0 or previous.numel() == 0:
+        return logits
+    seen = logits[..., previous]
+    logits = logits.clone()
+    logits[..., previous] = torch.where(seen > 0, seen / penalty, seen * penalty)
+    return logits
+
+
+def keep_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    if k >= logits.size(-1):
+        return logits
+    kth = torch.topk(logits, k).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def keep_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of likeliest tokens whose probabilities reach p (nucleus sampling,
+    Holtzman et al. 2020); the likeliest token always stays."""
+    if p >= 1.0:
+        return logits
+    ordered, order = torch.sort(logits, descending=True)
+    probs = F.softmax(ordered, dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # of the likelier tokens than each
+    drop_ordered = mass_before >= p
+    drop = torch.empty_like(drop_ordered).scatter_(-1, order, drop_ordered)  # back to id order
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def keep_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Keep tokens at least min_p times as likely as the likeliest (Nguyen et al. 2024)."""
+    if min_p <= 0.0:
+        return logits
+    probs = F.softmax(logits, dim=-1)
+    return logits.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, float("-inf"))
+
+
+def choose_token(logits: torch.Tensor, previous: torch.Tensor, s: SamplingSettings,
+                 generator: Optional[torch.Generator]) -> int:
+    """Pick the next token from one position's logits (vocab,), in the module's documented order."""
+    logits = penalise_repetition(logits.float(), previous, s.repetition_penalty)
+    if s.temperature == 0:
+        return int(logits.argmax())
+    logits = logits / s.temperature
+    if s.top_k is not None:
+        logits = keep_top_k(logits, s.top_k)
+    logits = keep_min_p(keep_top_p(logits, s.top_p), s.min_p)
+    return int(torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator))
+
+
+class Decoder:
+    """Feeds a model one token at a time against its KV cache. When the context is full, it
+    keeps the last three quarters, computes their cache afresh, and goes on (calling
+    `on_slide` once, so the user hears of it)."""
+
+    def __init__(self, model: GPT, on_slide: Callable[[], None] = lambda: None):
+        self.model, self.on_slide = model, on_slide
+        self.block_size = model.config.block_size
+        self.cache = KVCache(model.config.n_layer)
+        self.device = next(model.parameters()).device
+        self.slid = False
+
+    @torch.inference_mode()
+    def start(self, tokens: list[int]) -> torch.Tensor:
+        """Prefill the cache with `tokens` (the last block_size of them); return the next logits."""
+        self.cache.reset()
+        context = torch.tensor([tokens[-self.block_size:]], device=self.device)
+        return self.model(context, cache=self.cache)[0][0, -1]
+
+    @torch.inference_mode()
+    def step(self, tokens: list[int]) -> torch.Tensor:
+        """Feed the last of `tokens` (all so far); return the logits for the one after it."""
+        if self.cache.length < self.block_size:
+            return self.model(torch.tensor([tokens[-1:]], device=self.device), cache=self.cache)[0][0, -1]
+        if not self.slid:
+            self.slid = True
+            self.on_slide()
+        keep = 3 * self.block_size // 4
+        return self.start(tokens[-keep:])
+
+
+def generate(model: GPT, prompt: list[int], settings: SamplingSettings, vocab_limit: int,
+             stop_ids: frozenset[int] = frozenset(), generator: Optional[torch.Generator] = None,
+             on_slide: Callable[[], None] = lambda: None) -> Iterator[int]:
+    """Yield new token ids after `prompt` until max_new_tokens or a token in `stop_ids` (not
+    yielded). Ids from vocab_limit up (the vocabulary's padding) are never chosen."""
+    decoder = Decoder(model, on_slide)
+    tokens = list(prompt)
+    logits = decoder.start(tokens)
+    for count in range(settings.max_new_tokens):
+        recent = torch.tensor(tokens[-model.config.block_size:], device=logits.device)
+        token = choose_token(logits[:vocab_limit], recent, settings, generator)  # padding ids cut off
+        if token in stop_ids:
+            return
+        yield token
+        tokens.append(token)
+        if count + 1 < settings.max_new_tokens:
+            logits = decoder.step(tokens)
+
+
+class TextStream:
+    """Turns generated ids into text that is safe to print as it comes: whole characters only
+    (a subword tokenizer can split one across tokens), and never a stop string or the start of
+    one that may still complete."""
+
+    def __init__(self, tokenizer: Tokenizer, stops: list[str]):
+        self.tokenizer, self.stops = tokenizer, [s for s in stops if s]
+        self.ids: list[int] = []
+        self.text = ""
+        self.printed = 0  # characters of self.text handed out so far
+        self.stopped = False
+
+    def add(self, token: int) -> str:
+        """Take one more token; return the text that became printable."""
+        self.ids.append(token)
+        self.text = self.tokenizer.decode(self.ids)
+        for stop in self.stops:
+            found = self.text.find(stop, max(0, self.printed - len(stop)))
+            if found >= 0:
+                self.stopped = True
+                return self._release(found)
+        complete = len(self.text.rstrip(REPLACEMENT))
+        held = max((n for stop in self.stops for n in range(1, len(stop))
+                    if self.text[:complete].endswith(stop[:n])), default=0)
+        return self._release(complete - held)
+
+    def finish(self) -> str:
+        """Return what is left to print once generation ends (nothing after a stop string)."""
+        return "" if self.stopped else self._release(len(self.text))
+
+    def _release(self, end: int) -> str:
+        new = self.text[self.printed : max(end, self.printed)]
+        self.printed = max(end, self.printed)
+        return new
+
+    @property
+    def result(self) -> str:
+        """The sample's text, cut before a stop string."""
+        return self.text[: self.printed] if self.stopped else self.text

@@ -1,0 +1,184 @@
+"""Generation: the KV cache against full recomputation, the filters, streaming text, chat."""
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import pytest
+import torch
+
+import gen
+from checkpoint import load_checkpoint, save_checkpoint
+from cli import run_cli
+from config import Config, config_to_dict
+from model import GPT, KVCache
+from sampling import (
+    SamplingSettings,
+    TextStream,
+    choose_token,
+    generate,
+    keep_min_p,
+    keep_top_k,
+    keep_top_p,
+    penalise_repetition,
+)
+from tests.conftest import tiny_model_config
+from tokenizer import IM_END, IM_START, CharTokenizer, SentencePieceTokenizer
+
+VARIANTS = [
+    {}, dict(position="rope"), dict(flash_attention=False), dict(position="rope", flash_attention=False),
+    dict(n_kv_head=1), dict(qk_norm=True, norm="rmsnorm", mlp="swiglu"), dict(mlp="geglu", position="rope"),
+]
+
+
+def build(**changes) -> GPT:
+    torch.manual_seed(0)
+    return GPT(tiny_model_config(block_size=16, n_head=4, n_embd=32, **changes)).eval()
+
+
+def variant_id(variant: dict) -> str:
+    return "-".join(f"{k}={v}" for k, v in variant.items()) or "gpt2"
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
+def test_cached_decoding_gives_the_logits_of_full_recomputation(variant):
+    model = build(**variant)
+    tokens = torch.randint(0, 11, (1, 16))
+    with torch.no_grad():
+        full = model(tokens)[0][0]  # every position's logits, the whole context at once
+        cache = KVCache(model.config.n_layer)
+        cached = [model(tokens[:, :5], cache=cache)[0][0, -1]]  # a prefill of 5, then one at a time
+        cached += [model(tokens[:, t : t + 1], cache=cache)[0][0, -1] for t in range(5, 16)]
+    torch.testing.assert_close(torch.stack(cached), full[4:], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="longer than block_size"):
+        model(tokens[:, :1], cache=cache)  # the cache is full
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
+def test_greedy_tokens_equal_recomputing_the_context(variant):
+    model = build(**variant)
+    prompt = [1, 2, 3]
+    greedy = SamplingSettings(max_new_tokens=12, temperature=0)  # 3 + 12 <= 16: no sliding yet
+    cached = list(generate(model, prompt, greedy, vocab_limit=11))
+    tokens = list(prompt)
+    with torch.no_grad():
+        for _ in range(12):
+            tokens.append(int(model(torch.tensor([tokens]))[0][0, -1].argmax()))
+    assert cached == tokens[3:]
+
+
+def test_a_full_context_slides_with_one_notice():
+    model = build()
+    notices = []
+    out = list(generate(model, [1, 2, 3], SamplingSettings(max_new_tokens=40, temperature=0), 11,
+                        on_slide=lambda: notices.append(1)))
+    assert len(out) == 40 and notices == [1]
+
+
+def test_filters_keep_exactly_the_expected_tokens():
+    probs = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05])
+    logits = probs.log()
+    kept = lambda filtered: set(torch.nonzero(torch.isfinite(filtered)).flatten().tolist())  # noqa: E731
+    assert kept(keep_top_k(logits, 2)) == {0, 1}
+    assert kept(keep_top_k(logits, 9)) == {0, 1, 2, 3, 4}
+    assert kept(keep_top_p(logits, 0.5)) == {0}  # 0.5 alone reaches 0.5
+    assert kept(keep_top_p(logits, 0.6)) == {0, 1}
+    assert kept(keep_top_p(logits, 0.86)) == {0, 1, 2, 3}
+    assert kept(keep_top_p(logits[[3, 0, 4, 1, 2]], 0.6)) == {1, 3}  # order of ids does not matter
+    assert kept(keep_min_p(logits, 0.3)) == {0, 1, 2}  # at least 0.15 = 0.3 x 0.5
+    assert kept(keep_min_p(logits, 0.0)) == {0, 1, 2, 3, 4}
+
+
+def test_repetition_penalty_lowers_repeated_tokens_and_temperature_zero_is_greedy():
+    logits = torch.tensor([2.0, -1.0, 0.5, 1.0])
+    penalised = penalise_repetition(logits, torch.tensor([0, 1, 1]), 2.0)
+    assert penalised.tolist() == [1.0, -2.0, 0.5, 1.0]  # lowered either way; others untouched
+    settings = SamplingSettings(temperature=0, top_k=1, top_p=0.1, min_p=0.9)
+    assert choose_token(logits, torch.tensor([], dtype=torch.long), settings, None) == 0
+    settings.repetition_penalty = 3.0  # 2.0 / 3 falls below 1.0: greedy now picks id 3
+    assert choose_token(logits, torch.tensor([0]), settings, None) == 3
+
+
+def test_sampling_repeats_with_a_seed_and_never_picks_padding():
+    model = build()
+    settings = SamplingSettings(max_new_tokens=30, temperature=1.5, top_k=None)
+
+    def sample(seed):
+        generator = torch.Generator().manual_seed(seed)
+        return list(generate(model, [1], settings, vocab_limit=6, generator=generator))
+
+    assert sample(7) == sample(7) != sample(8)
+    assert max(sample(9)) < 6
+
+
+def test_text_stream_holds_back_stop_strings_and_unfinished_characters(corpus_file):
+    stream = TextStream(CharTokenizer("abcdDEN"), stops=["END"])
+    # "E" and "EN" may begin "END": held back until the next character says otherwise
+    assert [stream.add(i) for i in [0, 1, 5, 2, 5, 6]] == ["a", "b", "", "Ec", "", ""]
+    printed = "abEc" + "".join(stream.add(i) for i in [4, 0])  # "D" completes "END": it never shows
+    assert printed == "abEc" and stream.stopped and stream.result == "abEc" and stream.finish() == ""
+    sentencepiece = SentencePieceTokenizer.train(iter(["plain ascii text only"] * 50), vocab_size=300)
+    ids = sentencepiece.encode("añ🙂b")  # ñ and 🙂 fall back to bytes: several tokens each
+    assert len(ids) > 4
+    stream = TextStream(sentencepiece, stops=[])
+    pieces = [stream.add(i) for i in ids] + [stream.finish()]
+    assert "".join(pieces) == "añ🙂b" and not any("\ufffd" in p for p in pieces)
+
+
+@pytest.fixture(scope="module")
+def chat_checkpoint(tmp_path_factory):
+    """An untrained model whose tokenizer has the ChatML tokens, saved as a checkpoint."""
+    path = tmp_path_factory.mktemp("chat") / "ckpt.pt"
+    tokenizer = CharTokenizer("\n !?,.abcdefghijklmnopqrstuvwxyz")
+    cfg = tiny_model_config(block_size=64, vocab_size=64)
+    torch.manual_seed(0)
+    config = config_to_dict(Config(model=cfg))
+    save_checkpoint({"model": GPT(cfg).state_dict(), "config": config, "tokenizer": tokenizer.to_dict(),
+                     "step": 0}, path)
+    return path
+
+
+def test_chat_with_piped_stdin_answers_each_line(chat_checkpoint, monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello there\n/reset\nhow are you?\n\n/exit\nnever read\n"))
+    assert run_cli(gen.main, [str(chat_checkpoint), "--chat", "--system", "be kind", "--max_new_tokens", "8",
+                              "--seed", "3"]) == 0
+    out = capsys.readouterr().out
+    lines = out.split("\n")
+    assert "(conversation forgotten)" in lines and len(lines) == 4  # reply, reset, reply, and the end
+    assert IM_START not in out and IM_END not in out and "never" not in out
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello there\n"))
+    assert run_cli(gen.main, [str(chat_checkpoint), "--chat", "--system", "be kind", "--max_new_tokens", "8",
+                              "--seed", "3"]) == 0
+    assert capsys.readouterr().out.split("\n")[0] == lines[0]  # the same seed answers the same
+
+
+def test_chat_refuses_a_model_without_chat_tokens(chat_checkpoint, tmp_path, capsys):
+    old = load_checkpoint(chat_checkpoint)
+    old["tokenizer"] = {"kind": "char", "chars": old["tokenizer"]["chars"]}  # from before special tokens
+    old.pop("format"), old.pop("version")
+    save_checkpoint(old, tmp_path / "old.pt")
+    assert run_cli(gen.main, [str(tmp_path / "old.pt"), "--chat"]) == 2
+    assert "has no ChatML tokens" in capsys.readouterr().err
+
+
+def test_stop_strings_output_file_prompt_file_and_no_stream(chat_checkpoint, tmp_path, capsys):
+    (tmp_path / "prompt.txt").write_text("abc")
+    args = [str(chat_checkpoint), "--prompt_file", str(tmp_path / "prompt.txt"), "--max_new_tokens", "40",
+            "--seed", "1", "--temperature", "2"]
+    assert run_cli(gen.main, args) == 0
+    full = capsys.readouterr().out
+    stop = full[6:8]  # two characters that occur in the sample
+    output = str(tmp_path / "out.txt")
+    assert run_cli(gen.main, [*args, "--stop", stop, "--no_stream", "--output", output]) == 0
+    cut = capsys.readouterr().out
+    assert cut == full[: full.index(stop, 3)] + "\n" and stop not in cut[3:]
+    assert (tmp_path / "out.txt").read_text() == cut
+
+
+def test_benchmark_reports_prefill_and_decode_speed(chat_checkpoint, capsys):
+    assert run_cli(gen.main, [str(chat_checkpoint), "--benchmark", "--max_new_tokens", "20"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["new_tokens"] == 20 and record["prompt_tokens"] == 32
+    assert record["prefill_tokens_per_s"] > 0 and record["decode_tokens_per_s"] > 0
+    assert math.isfinite(record["seconds_from_process_start"])
