@@ -23,7 +23,7 @@ from errors import UserError
 from model import GPT
 from sampling import SamplingSettings, TextStream, generate
 from tokenizer import END_OF_TEXT, Tokenizer, tokenizer_from_dict
-from utils import autocast_context, notice, process_start_time, resolve_system
+from utils import notice, process_start_time, resolve_system
 
 SAMPLE_SEPARATOR = "\n" + "-" * 40
 
@@ -106,14 +106,16 @@ def read_prompt(args: argparse.Namespace) -> str:
     return piped or "\n"
 
 
-def load_model(checkpoint: dict, device: torch.device, path: str) -> GPT:
-    """Return the checkpoint's model in eval mode on `device`."""
+def load_model(checkpoint: dict, device: torch.device, path: str,
+               dtype: torch.dtype = torch.float32) -> GPT:
+    """Return the checkpoint's model in eval mode on `device`, its weights in `dtype`: decoding
+    reads every weight once per token, so half-size weights halve its memory traffic."""
     model = GPT(model_config_from_checkpoint(checkpoint))
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError:
         raise UserError(f"the weights in {path} do not match the model its config describes") from None
-    return model.to(device).eval()
+    return model.to(device=device, dtype=dtype).eval()
 
 
 @dataclass
@@ -124,7 +126,6 @@ class Session:
     tokenizer: Tokenizer
     settings: SamplingSettings
     device: torch.device
-    autocast: object
     seed: int
     stream: bool = True
     output: Optional[TextIO] = None
@@ -142,14 +143,13 @@ class Session:
         """Generate one sample after prompt_ids, printing it as it comes (when streaming)."""
         generator = torch.Generator(device=self.device).manual_seed(seed)
         text = TextStream(self.tokenizer, self.settings.stop)
-        with self.autocast:
-            for token in generate(self.model, prompt_ids, self.settings, self.tokenizer.vocab_size, stop_ids,
-                                  generator, on_slide=self._slide_notice):
-                piece = text.add(token)
-                if self.stream:
-                    print(piece, end="", flush=True)
-                if text.stopped:
-                    break
+        for token in generate(self.model, prompt_ids, self.settings, self.tokenizer.vocab_size, stop_ids,
+                              generator, on_slide=self._slide_notice):
+            piece = text.add(token)
+            if self.stream:
+                print(piece, end="", flush=True)
+            if text.stopped:
+                break
         rest = text.finish()
         if self.stream:
             print(rest, end="", flush=True)
@@ -202,9 +202,8 @@ def benchmark(session: Session, prompt: str, process_start: float) -> dict:
     started = time.perf_counter()
     first = None
     count = 0
-    with session.autocast:
-        for count, _ in enumerate(generate(session.model, ids, session.settings, vocab), start=1):
-            first = first or time.perf_counter()
+    for count, _ in enumerate(generate(session.model, ids, session.settings, vocab), start=1):
+        first = first or time.perf_counter()
     done = time.perf_counter()
     return {"device": str(session.device), "params": session.model.num_params(), "prompt_tokens": len(ids),
             "prefill_tokens_per_s": round(len(ids) / (first - started)), "new_tokens": count,
@@ -219,9 +218,9 @@ def main(argv: Sequence[str]) -> int:
     path = find_checkpoint(args.checkpoint, prefer=("best.pt", "ckpt.pt"))
     checkpoint = load_checkpoint(path)
     system = resolve_system(args.device, DTYPE_ALIASES.get(args.dtype, args.dtype), compile_requested=False)
-    model = load_model(checkpoint, system.device, str(path))
+    model = load_model(checkpoint, system.device, str(path), system.dtype)
     session = Session(model, tokenizer_from_dict(checkpoint["tokenizer"]), settings_from(args), system.device,
-                      autocast_context(system.device, system.dtype), args.seed, stream=not args.no_stream)
+                      args.seed, stream=not args.no_stream)
     if args.chat:
         chat_session(session, args.system, sys.stdin)
         return 0

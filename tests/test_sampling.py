@@ -68,6 +68,21 @@ def test_greedy_tokens_equal_recomputing_the_context(variant):
     assert cached == tokens[3:]
 
 
+def test_half_precision_weights_decode_like_float32(chat_checkpoint):
+    """gen.py converts the weights to the run's dtype once (no autocast per op)."""
+    checkpoint = load_checkpoint(chat_checkpoint)
+    greedy = SamplingSettings(max_new_tokens=5, temperature=0)
+    full = gen.load_model(checkpoint, torch.device("cpu"), "x")
+    half = gen.load_model(checkpoint, torch.device("cpu"), "x", torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in half.parameters())
+    tokens = list(generate(half, [1, 2, 3], greedy, vocab_limit=35))
+    assert len(tokens) == 5 and max(tokens) < 35
+    with torch.no_grad():
+        logits_full = full(torch.tensor([[1, 2, 3]]))[0][0, -1]
+        logits_half = half(torch.tensor([[1, 2, 3]]))[0][0, -1].float()
+    assert torch.allclose(logits_full, logits_half, atol=0.1)
+
+
 def test_a_full_context_slides_with_one_notice():
     model = build()
     notices = []
