@@ -123,6 +123,8 @@ def process_start_time() -> float:
 
 def configure_determinism(on: bool) -> None:
     """Ask torch for deterministic algorithms (warning where an op has none), or let it choose."""
+    if on == torch.are_deterministic_algorithms_enabled():
+        return  # already so; the call imports torch._inductor, measured at 3 s of start-up here
     torch.use_deterministic_algorithms(on, warn_only=True)
     if on:
         # cuBLAS needs a fixed workspace to repeat its results; read when CUDA starts

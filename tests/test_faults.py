@@ -186,8 +186,9 @@ def test_target_val_loss_stops_the_run_and_says_so(workdir, tiny_config_file, ca
 
 def test_max_time_stops_with_a_checkpoint_before_the_deadline(workdir, tiny_config_file, capsys,
                                                                monkeypatch):
-    # pretend the process started 999.6 s ago, so --max_time 1000 leaves 0.4 s
-    start = time.time() - 999.6
+    # pretend the process started 994 s ago, so --max_time 1000 leaves 6 s for set-up (torch.optim
+    # imports torch._dynamo: 2-3 s on a slow machine) and a few steps
+    start = time.time() - 994.0
     monkeypatch.setattr(train, "process_start_time", lambda: start)
     assert run(tiny_config_file, "--max_time", "1000", "--max_steps", "100000", "--eval_interval", "40") == 0
     finished = time.time()
@@ -196,7 +197,7 @@ def test_max_time_stops_with_a_checkpoint_before_the_deadline(workdir, tiny_conf
                      r"--resume", out)
     saved = load_checkpoint(workdir / "models/tiny_test/ckpt.pt")
     assert 0 < saved["step"] < 100000
-    assert finished < start + 1000 + 0.2  # it stopped and saved in time (with slack for the summary)
+    assert finished < start + 1000 + 1.0  # it stopped and saved in time (with slack for the summary)
 
 
 def test_time_limits_from_max_time_and_budget():

@@ -197,3 +197,38 @@ def test_benchmark_reports_prefill_and_decode_speed(chat_checkpoint, capsys):
     assert record["new_tokens"] == 20 and record["prompt_tokens"] == 32
     assert record["prefill_tokens_per_s"] > 0 and record["decode_tokens_per_s"] > 0
     assert math.isfinite(record["seconds_from_process_start"])
+
+
+def test_interactive_prompting_and_a_terminal_chat(chat_checkpoint, monkeypatch, capsys):
+    answers = iter(["abc", "cab"])
+
+    def fake_input(prompt_text):
+        print(prompt_text, end="")
+        try:
+            return next(answers)
+        except StopIteration:
+            raise EOFError from None  # Ctrl+D
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    args = [str(chat_checkpoint), "--interactive", "--max_new_tokens", "5", "--seed", "2"]
+    assert run_cli(gen.main, args) == 0
+    out = capsys.readouterr().out
+    assert out.count("prompt> ") == 3 and "prompt> abc" in out and "prompt> cab" in out
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    answers = iter(["hello", "/exit", "never"])
+    monkeypatch.setattr("sys.stdin", Terminal())
+    assert run_cli(gen.main, [str(chat_checkpoint), "--chat", "--max_new_tokens", "5"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("chat: /reset forgets") and out.count("you> ") == 2 and "model> " in out
+
+
+def test_a_prompt_longer_than_the_context_keeps_its_end(chat_checkpoint, capsys):
+    assert run_cli(gen.main, [str(chat_checkpoint), "--prompt", "ab" * 40, "--max_new_tokens", "3"]) == 0
+    captured = capsys.readouterr()
+    assert "the prompt has 80 tokens, more than the model's context of 64; keeping its last 64" in \
+        captured.err
+    assert captured.out.startswith("ab" * 40)
