@@ -8,11 +8,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import os
 import sys
 from typing import Any, Callable, Mapping, NoReturn, Sequence
 
 from config import SECTIONS, TYPE_WORDS, field_types, unwrap_optional
-from errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
+from errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
 
 # Short flags for the fields people change most: `--lr 3e-4` means `--training.lr 3e-4`.
 SHORT_FLAGS: dict[str, str] = {
@@ -66,6 +67,9 @@ def run_cli(main: Callable[[Sequence[str]], int], argv: Sequence[str] | None = N
             raise
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # the reader left (`gen.py ... | head`): stop quietly, as `cat` would
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit's flush
+        return EXIT_BROKEN_PIPE
 
 
 def parse_flag_value(flag: str, tp: Any, text: str, metadata: Mapping[str, Any] = {}) -> Any:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell's convention
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: the output's reader went away
 
 
 class UserError(Exception):

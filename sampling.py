@@ -120,8 +120,10 @@ def generate(model: GPT, prompt: list[int], settings: SamplingSettings, vocab_li
     decoder = Decoder(model, on_slide)
     tokens = list(prompt)
     logits = decoder.start(tokens)
+    no_penalty = torch.empty(0, dtype=torch.long, device=logits.device)
     for count in range(settings.max_new_tokens):
-        recent = torch.tensor(tokens[-model.config.block_size:], device=logits.device)
+        recent = (torch.tensor(tokens[-model.config.block_size:], device=logits.device)
+                  if settings.repetition_penalty != 1.0 else no_penalty)
         token = choose_token(logits[:vocab_limit], recent, settings, generator)  # padding ids cut off
         if token in stop_ids:
             return
@@ -134,32 +136,45 @@ def generate(model: GPT, prompt: list[int], settings: SamplingSettings, vocab_li
 class TextStream:
     """Turns generated ids into text that is safe to print as it comes: whole characters only
     (a subword tokenizer can split one across tokens), and never a stop string or the start of
-    one that may still complete."""
+    one that may still complete. Only the tokens of an unfinished character are decoded again,
+    so a long sample costs linear time."""
+
+    MAX_PENDING = 8  # tokens that still make no whole character are taken as they are
 
     def __init__(self, tokenizer: Tokenizer, stops: list[str]):
         self.tokenizer, self.stops = tokenizer, [s for s in stops if s]
-        self.ids: list[int] = []
-        self.text = ""
+        self.pending: list[int] = []  # tokens whose text ends in an unfinished character
+        self.text = ""  # the text of every token before `pending`
         self.printed = 0  # characters of self.text handed out so far
         self.stopped = False
 
     def add(self, token: int) -> str:
         """Take one more token; return the text that became printable."""
-        self.ids.append(token)
-        self.text = self.tokenizer.decode(self.ids)
+        self.pending.append(token)
+        piece = self.tokenizer.decode(self.pending)
+        if piece.endswith(REPLACEMENT) and len(self.pending) < self.MAX_PENDING:
+            return ""
+        return self._settle(piece, final=False)
+
+    def finish(self) -> str:
+        """Return what is left to print once generation ends (nothing after a stop string)."""
+        if self.stopped:
+            return ""
+        return self._settle(self.tokenizer.decode(self.pending), final=True)
+
+    def _settle(self, piece: str, final: bool) -> str:
+        """Append decoded text; return what may be printed: up to a stop string, and short of
+        an ending that could still grow into one (unless nothing more comes)."""
+        self.text += piece
+        self.pending = []
         for stop in self.stops:
             found = self.text.find(stop, max(0, self.printed - len(stop)))
             if found >= 0:
                 self.stopped = True
                 return self._release(found)
-        complete = len(self.text.rstrip(REPLACEMENT))
-        held = max((n for stop in self.stops for n in range(1, len(stop))
-                    if self.text[:complete].endswith(stop[:n])), default=0)
-        return self._release(complete - held)
-
-    def finish(self) -> str:
-        """Return what is left to print once generation ends (nothing after a stop string)."""
-        return "" if self.stopped else self._release(len(self.text))
+        held = 0 if final else max((n for stop in self.stops for n in range(1, len(stop))
+                                    if self.text.endswith(stop[:n])), default=0)
+        return self._release(len(self.text) - held)
 
     def _release(self, end: int) -> str:
         new = self.text[self.printed : max(end, self.printed)]

@@ -104,3 +104,14 @@ def test_debug_shows_the_traceback(workdir):
     assert plain.returncode == 2 and plain.stderr.count("\n") == 1 and "Traceback" not in plain.stderr
     debug = command("train.py", "--config", "missing.json", "--debug", cwd=workdir)
     assert debug.returncode != 0 and "Traceback" in debug.stderr and "UserError" in debug.stderr
+
+
+def test_a_reader_that_leaves_early_ends_gen_quietly(trained_run):
+    """`python gen.py ... | head -c 20`: exit 141 (SIGPIPE's convention) with no traceback."""
+    args = [sys.executable, str(REPO_ROOT / "gen.py"), str(trained_run), "--max_new_tokens", "3000",
+            "--num_samples", "20"]
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.read(20)
+    process.stdout.close()  # the reader goes away while gen.py is still writing
+    assert process.wait(timeout=120) == 141
+    assert b"Traceback" not in process.stderr.read()
