@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from errors import UserError
-from tokenizer import padded_vocab_size
+from tokenizer import TIKTOKEN_ENCODINGS, padded_vocab_size
 
 __version__ = "0.1.0"
 
@@ -80,7 +80,7 @@ class DataConfig:
     vocab_size: int = option(2048, "for sentencepiece: the vocabulary size, special tokens included")
     sentencepiece_model: str = option("bpe", "for sentencepiece: the model type", choices=("bpe", "unigram"))
     tiktoken_encoding: str = option("gpt2", "for tiktoken: the named encoding",
-                                    choices=("gpt2", "r50k_base", "cl100k_base", "o200k_base"))
+                                    choices=TIKTOKEN_ENCODINGS)
     sampling: str = option(
         "random", "training windows: random, or sequential (each epoch walks a shuffled order of "
         "non-overlapping windows, so every token is trained on once per epoch)",

@@ -114,7 +114,7 @@ def cache_key(files: list[Path], data_cfg: DataConfig, tokenizer: Optional[Token
     the tokenizer settings or the split change."""
     recipe = {
         "format": CACHE_FORMAT,
-        "files": [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files],
+        "files": [(str(p.resolve()), stat.st_size, stat.st_mtime_ns) for p in files for stat in [p.stat()]],
         "content": _file_hash(files),
         "tokenizer": tokenizer_settings(data_cfg, tokenizer),
         "val_fraction": data_cfg.val_fraction,
