@@ -36,8 +36,8 @@ from data_loader import check_enough_tokens, dataset_files, prepare_data, synthe
 from errors import UserError
 from model import GPT
 from monitor import RunMonitor
-from optim import make_optimizer
-from trainer import Trainer, accumulate_gradients, optimizer_step
+from optim import accumulate_gradients, make_optimizer, optimizer_step
+from trainer import Trainer
 from utils import (
     autocast_context,
     configure_torch,

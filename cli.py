@@ -60,7 +60,8 @@ def run_cli(main: Callable[[Sequence[str]], int], argv: Sequence[str] | None = N
     except UserError as error:
         if debug:
             raise
-        print(f"error: {error}", file=sys.stderr)
+        rank = os.environ.get("RANK", "0")  # torchrun's: say which process it was, beyond rank 0
+        print(f"error{'' if rank == '0' else f' (rank {rank})'}: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         if debug:

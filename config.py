@@ -151,6 +151,9 @@ class SystemConfig:
     data_on_device: Optional[bool] = option(
         None, "keep the token splits in device memory and cut batches there; null: on CUDA when "
         "they fit in 2 GiB")
+    fsdp: bool = option(
+        False, "under torchrun, shard parameters, gradients and optimizer state over the processes "
+        "(FSDP's fully_shard) instead of a full copy each (DDP): for models that do not fit one device")
     allow_tf32: bool = option(True, "TF32 matmuls on CUDA")
     seed: int = option(1337, "seed for Python, numpy and torch")
     usd_per_hour: Optional[float] = option(None, "what the machine costs, for training.budget_usd")
@@ -401,10 +404,11 @@ def fill_vocab_size(cfg: Config, vocab_size: int) -> Config:
     return cfg
 
 
-def tokens_per_step(cfg: Config) -> int:
-    """Return the tokens one optimizer step trains on: batch x accumulation x context."""
+def tokens_per_step(cfg: Config, processes: int = 1) -> int:
+    """Return the tokens one optimizer step trains on: processes x batch x accumulation x context
+    (batch_size is per process: each rank of a torchrun run trains on its own batches)."""
     t = cfg.training
-    return t.batch_size * t.grad_accum_steps * cfg.model.block_size
+    return processes * t.batch_size * t.grad_accum_steps * cfg.model.block_size
 
 
 def format_config(cfg: Config) -> str:

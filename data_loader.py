@@ -241,8 +241,13 @@ def get_batch(
     The window starts come from `generator` on the host either way, so a run draws the same
     batches whether its tokens live on the device or not, and resumes draw them again.
     """
-    starts = torch.randint(len(tokens) - block_size, (batch_size,), generator=generator)
-    return batch_at(tokens, starts, block_size, device, mask)
+    return batch_at(tokens, random_starts(len(tokens), batch_size, block_size, generator), block_size,
+                    device, mask)
+
+
+def random_starts(n_tokens: int, count: int, block_size: int, generator: torch.Generator) -> torch.Tensor:
+    """Return `count` random offsets of windows of block_size + 1 tokens, drawn on the host."""
+    return torch.randint(n_tokens - block_size, (count,), generator=generator)
 
 
 def batch_at(

@@ -21,17 +21,24 @@ class StopSignals:
     """Turn the first SIGINT/SIGTERM into a request to stop after the current step.
 
     A second signal raises KeyboardInterrupt at once; the last checkpoint stays as it was,
-    because checkpoints are only ever replaced whole.
+    because checkpoints are only ever replaced whole. A copy arriving within RELAY_S of the
+    first is not a second one: under torchrun a Ctrl+C or a `kill` of the process group
+    reaches every worker directly and again through torchrun, which relays what it got.
     """
+
+    RELAY_S = 2.0
 
     def __init__(self) -> None:
         self.received: Optional[int] = None
+        self._received_at = 0.0
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum: int, frame: object) -> None:
         if self.received is not None:
+            if time.monotonic() - self._received_at < self.RELAY_S:
+                return
             raise KeyboardInterrupt
-        self.received = signum
+        self.received, self._received_at = signum, time.monotonic()
         name = signal.Signals(signum).name
         print(f"\n{name} received: stopping after this step to save a checkpoint "
               "(press Ctrl+C again to quit at once)", file=sys.stderr, flush=True)

@@ -110,7 +110,7 @@ def describe_run(cfg: Config, system: DeviceInfo,
     `facts` is None when the data is not on disk yet (--show_config before the first download).
     """
     m, t = cfg.model, cfg.training
-    step_tokens = tokens_per_step(cfg)
+    step_tokens = tokens_per_step(cfg, system.processes)
     params = (f"{facts.params:,} ({facts.params_without_embeddings:,} without embeddings)" if facts
               else "known once the dataset is downloaded (vocabulary size)")
     model = [("shape", f"{m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, context {m.block_size}"),
@@ -122,9 +122,10 @@ def describe_run(cfg: Config, system: DeviceInfo,
                  ("batches per epoch", f"{facts.train_tokens / step_tokens:,.1f}")]
     max_steps = facts.max_steps if facts else t.max_steps
     steps = f"{max_steps:,}" + (f" ({t.epochs} epochs)" if t.epochs is not None else "")
+    processes = f"{system.processes} processes x " if system.processes > 1 else ""
     training = [
         ("steps", steps),
-        ("tokens per step", f"{step_tokens:,} = batch {t.batch_size} x accumulation "
+        ("tokens per step", f"{step_tokens:,} = {processes}batch {t.batch_size} x accumulation "
                             f"{t.grad_accum_steps} x context {m.block_size}"),
         ("total tokens", f"{max_steps * step_tokens:,}"),
         ("lr schedule", describe_schedule(t, max_steps)),
@@ -215,10 +216,11 @@ class RunMonitor:
     def __init__(self, cfg: Config, system: DeviceInfo, facts: RunFacts, out_dir: Path,
                  interactive: Optional[bool] = None):
         self.cfg, self.system, self.facts, self.out_dir = cfg, system, facts, out_dir
-        self.tokens_per_step = tokens_per_step(cfg)
+        self.tokens_per_step = tokens_per_step(cfg, system.processes)
         self.style = Style()
         self.interactive = sys.stdout.isatty() if interactive is None else interactive
-        self.peak = peak_flops(system.device, system.dtype, cfg.system.allow_tf32, cfg.system.peak_tflops)
+        peak = peak_flops(system.device, system.dtype, cfg.system.allow_tf32, cfg.system.peak_tflops)
+        self.peak = peak * system.processes if peak else None  # the run's tokens/s are all ranks'
         self.peak_rss_mb = 0.0
         self.estimated = False
         self.plot_failed = False
@@ -394,5 +396,5 @@ class RunMonitor:
             memory_rows.append(("peak CUDA allocated", f"{memory.cuda_peak_mb:,.0f} MiB"))
         files = [(name, str(self.out_dir / file)) for name, file in (
             ("checkpoint", "ckpt.pt"), ("metrics", "metrics.csv"), ("plot", "loss.png"),
-            ("report", "report.md"))]
+            ("report", "report.md")) if file != "loss.png" or (self.out_dir / file).is_file()]
         return [("run", run), ("losses", loss_rows), ("memory", memory_rows), ("files", files)]

@@ -1,4 +1,5 @@
-"""Optimizers: AdamW, or Muon for the hidden weight matrices with AdamW for everything else.
+"""Optimizers, their schedule and the update step: AdamW, or Muon for the hidden weight
+matrices with AdamW for everything else.
 
 Muon (Jordan et al. 2024, "Muon: an optimizer for hidden layers in neural networks") takes
 SGD-momentum's update for a weight matrix and replaces it by the nearest semi-orthogonal
@@ -8,11 +9,15 @@ learning rate by the same factor.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+from contextlib import AbstractContextManager
+from typing import Callable, Iterable
 
 import torch
 
 from config import TrainingConfig
+from distributed import local, shard_like, whole
 
 # The quintic Newton-Schulz coefficients from the Muon write-up: they push every singular
 # value of a matrix scaled to norm <= 1 towards 1 within a handful of steps.
@@ -73,14 +78,16 @@ class MuonWithAdamW(torch.optim.Optimizer):
         for param in params:
             by_shape.setdefault(param.shape, []).append(param)
         for shape, same in by_shape.items():  # one batched orthogonalisation per shape
-            momenta = torch.stack([self._nesterov_momentum(p, group["momentum"]) for p in same])
+            # Newton-Schulz needs whole matrices: under FSDP every rank gathers them, computes
+            # the same updates and applies its own slice
+            momenta = torch.stack([whole(self._nesterov_momentum(p, group["momentum"])) for p in same])
             updates = orthogonalize(momenta, dtype=self.newton_schulz_dtype)
             # the orthogonal update has unit spectral norm; a tall matrix gets a larger step
             # so that its per-element size matches a square one's
             scale = max(1.0, shape[0] / shape[1]) ** 0.5
             for param, update in zip(same, updates):
                 param.mul_(1 - group["lr"] * group["weight_decay"])
-                param.add_(update, alpha=-group["lr"] * scale)
+                param.add_(shard_like(update, param), alpha=-group["lr"] * scale)
 
     def _adamw_update(self, param: torch.Tensor, group: dict) -> None:
         state = self.state[param]
@@ -153,3 +160,76 @@ def set_learning_rates(optimizer: torch.optim.Optimizer, factor: float) -> None:
     """Scale every group's initial learning rate by the schedule's current factor."""
     for group in optimizer.param_groups:
         group["lr"] = group["initial_lr"] * factor
+
+
+# ---------------------------------------------------------------- the update step
+
+
+def accumulate_gradients(
+    model: torch.nn.Module,
+    micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    n_micro: int,
+    autocast: AbstractContextManager,
+    scaler: torch.amp.GradScaler,
+    sync: Callable[[bool], AbstractContextManager] = lambda last: contextlib.nullcontext(),
+) -> torch.Tensor:
+    """Backpropagate the mean loss over `n_micro` micro-batches; return it (detached).
+
+    Each micro-batch's loss is divided by n_micro, so the summed gradients equal those of
+    one batch n_micro times larger. `sync(last)` wraps each micro-step: under DDP only the
+    last one all-reduces the summed gradients.
+    """
+    losses = []
+    for index, (x, y) in enumerate(micro_batches):
+        with sync(index == n_micro - 1):
+            with autocast:
+                _, loss = model(x, y)
+            loss = loss / n_micro
+            scaler.scale(loss).backward()
+        losses.append(loss.detach())
+    return torch.stack(losses).sum()
+
+
+def optimizer_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    grad_clip: float,
+    loss: torch.Tensor,
+    check_on_host: bool = True,
+) -> torch.Tensor:
+    """Clip the gradients, update the weights unless the loss or gradients are not finite,
+    clear the gradients; return (on the device) whether the step was finite.
+
+    check_on_host: skip a bad update exactly, at the price of one host-device sync per step.
+    Otherwise a bad step's gradients are zeroed on the device and the update runs (the
+    optimizer's momentum still moves the weights), so the host never waits for the GPU.
+    """
+    scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+    max_norm = grad_clip if grad_clip > 0 else math.inf
+    grad_norm = whole(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+    # With fp16 the scaler itself skips steps whose gradients overflowed and lowers the scale;
+    # otherwise a non-finite gradient norm means the update would poison the weights.
+    finite = torch.isfinite(loss) & (torch.isfinite(grad_norm) | scaler.is_enabled())
+    if check_on_host:
+        if bool(finite):  # the step's one host-device sync
+            scaler.step(optimizer)
+    else:
+        drop_gradients_unless(finite, model.parameters())
+        scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return finite
+
+
+def drop_gradients_unless(finite: torch.Tensor, params: Iterable[torch.nn.Parameter]) -> None:
+    """Zero every gradient when `finite` (a device bool) is false, without reading it."""
+    bad = ~finite
+    for param in params:
+        if param.grad is not None:
+            local(param.grad).masked_fill_(bad, 0.0)
+
+
+def weights_are_finite(model: torch.nn.Module) -> bool:
+    """Return whether this process's weights (its slices of them, under FSDP) are finite."""
+    return bool(torch.stack([torch.isfinite(local(p)).all() for p in model.parameters()]).all())

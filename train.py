@@ -33,13 +33,14 @@ from data_loader import (
     prepare_data,
     shakespeare_is_local,
 )
+from distributed import Collectives, ranks_from_environment
 from errors import UserError
 from model import GPT
 from monitor import RunFacts, Style, describe_run, format_sections
 from optim import total_steps
 from tokenizer import tokenizer_from_dict
 from trainer import Trainer
-from utils import DeviceInfo, configure_torch, process_start_time, resolve_system
+from utils import DeviceInfo, configure_torch, notice, process_start_time, resolve_system
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,38 +140,55 @@ def starting_checkpoint(args: argparse.Namespace, checkpoint: Optional[dict]) ->
     return load_checkpoint(find_checkpoint(args.load_model_only))
 
 
-def prepare_run_data(args: argparse.Namespace, cfg: Config, start_from: Optional[dict]) -> PreparedData:
+def prepare_run_data(args: argparse.Namespace, cfg: Config, start_from: Optional[dict],
+                     rebuild: Optional[bool] = None) -> PreparedData:
     """Return the run's data; a model continues with the tokenizer it learned (a checkpoint's),
     whatever tokenizer the data settings would fit to this corpus."""
     tokenizer = tokenizer_from_dict(start_from["tokenizer"]) if start_from is not None else None
-    return prepare_data(cfg.data, rebuild=args.no_cache, tokenizer=tokenizer)
+    rebuild = args.no_cache if rebuild is None else rebuild
+    return prepare_data(cfg.data, rebuild=rebuild, tokenizer=tokenizer)
 
 
 def build_trainer(args: argparse.Namespace, cfg: Config, checkpoint: Optional[dict],
-                  checkpoint_path: Optional[Path], system: DeviceInfo) -> Trainer:
-    """Return a Trainer ready to run: data prepared, weights and state loaded, out_dir checked."""
+                  checkpoint_path: Optional[Path], system: DeviceInfo,
+                  collectives: Optional[Collectives] = None) -> Trainer:
+    """Return a Trainer ready to run: data prepared, weights and state loaded, out_dir checked.
+
+    Under torchrun rank 0 builds the token cache and prepares out_dir while the others wait,
+    then they read what it made; only rank 0 ever writes.
+    """
+    collectives = collectives or Collectives(ranks_from_environment(), system.device)
+    main = collectives.ranks.is_main
+    if cfg.system.fsdp and not collectives.ranks.launched:
+        notice("system.fsdp shards the model over torchrun's processes; this run is one process, "
+               "so it keeps the whole model")
     configure_torch(cfg.system)
     start_from = starting_checkpoint(args, checkpoint)
-    data = prepare_run_data(args, cfg, start_from)
+    with collectives.main_first():
+        data = prepare_run_data(args, cfg, start_from, rebuild=args.no_cache and main)
     check_enough_tokens(data, cfg.model.block_size)
     cfg = fill_vocab_size(cfg, data.tokenizer.vocab_size)
     if start_from is not None:
         check_same_architecture(start_from, cfg.model, checkpoint_path or Path(args.load_model_only))
-    prepare_out_dir(Path(cfg.training.out_dir), checkpoint_path, args.overwrite)
+    with collectives.main_first():
+        if main:
+            prepare_out_dir(Path(cfg.training.out_dir), checkpoint_path, args.overwrite)
 
-    trainer = Trainer(cfg, data, system, process_start_time())
+    trainer = Trainer(cfg, data, system, process_start_time(), collectives)
     if checkpoint is not None:
         trainer.resume(checkpoint, checkpoint_path)  # the summary before training says so
     elif start_from is not None:
         trainer.load_weights(start_from)
-        print(f"starting from the weights of {args.load_model_only}", flush=True)
+        if main:
+            print(f"starting from the weights of {args.load_model_only}", flush=True)
     return trainer
 
 
 def main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(argv)
     cfg, checkpoint, checkpoint_path = resolve_run_config(args)
-    system = resolve_system(cfg.system.device, cfg.system.dtype, cfg.system.compile)
+    ranks = ranks_from_environment()
+    system = resolve_system(cfg.system.device, cfg.system.dtype, cfg.system.compile, ranks)
     if args.show_config:
         print(describe_config(cfg, system, local_data(cfg)))
         return 0
@@ -183,12 +201,14 @@ def main(argv: Sequence[str]) -> int:
         print(f"saved the resolved config to {args.save_config}")
         return 0
 
-    trainer = build_trainer(args, cfg, checkpoint, checkpoint_path, system)
-    if trainer.step >= trainer.max_steps:
-        print(f"already trained to step {trainer.step} of {trainer.max_steps}; "
-              "raise --max_steps to train further")
-        return 0
-    result = trainer.train()
+    with Collectives(ranks, system.device) as collectives:
+        trainer = build_trainer(args, cfg, checkpoint, checkpoint_path, system, collectives)
+        if trainer.step >= trainer.max_steps:
+            if ranks.is_main:
+                print(f"already trained to step {trainer.step} of {trainer.max_steps}; "
+                      "raise --max_steps to train further")
+            return 0
+        result = trainer.train()
     # The shell's convention for a run ended by a signal: 130 for SIGINT, 143 for SIGTERM.
     return 128 + result.stopped_by_signal if result.stopped_by_signal else 0
 

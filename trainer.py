@@ -4,103 +4,64 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Iterator, Optional
 
 import torch
 
 from checkpoint import LATEST, copy_checkpoint, keep_rolling_copy, save_checkpoint
 from config import Config, config_to_dict, tokens_per_step
-from data_loader import PreparedData, SequentialWindows, batch_at, get_batch, place_on_device, split_windows
+from data_loader import (
+    PreparedData,
+    SequentialWindows,
+    batch_at,
+    place_on_device,
+    random_starts,
+    split_windows,
+)
+from distributed import Collectives, ParallelModel, QuietMonitor, Ranks, shard_evenly
 from errors import UserError
 from guards import DeferredSkips, StepTimer, StopSignals, TimeLimit
 from model import GPT, counted_targets
 from monitor import LogWindow, LossRecord, RunFacts, RunMonitor, RunResult
-from optim import learning_rate, make_optimizer, set_learning_rates, total_steps
+from optim import (
+    accumulate_gradients,
+    learning_rate,
+    make_optimizer,
+    optimizer_step,
+    set_learning_rates,
+    total_steps,
+    weights_are_finite,
+)
 from report import environment
 from utils import DeviceInfo, autocast_context
 
 EVAL_SEED = 20240101  # every evaluation scores the same batches, so evaluations compare
-
-
-def accumulate_gradients(
-    model: torch.nn.Module,
-    micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    n_micro: int,
-    autocast: AbstractContextManager,
-    scaler: torch.amp.GradScaler,
-) -> torch.Tensor:
-    """Backpropagate the mean loss over `n_micro` micro-batches; return it (detached).
-
-    Each micro-batch's loss is divided by n_micro, so the summed gradients equal those of
-    one batch n_micro times larger.
-    """
-    losses = []
-    for x, y in micro_batches:
-        with autocast:
-            _, loss = model(x, y)
-        loss = loss / n_micro
-        scaler.scale(loss).backward()
-        losses.append(loss.detach())
-    return torch.stack(losses).sum()
-
-
-def optimizer_step(
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    grad_clip: float,
-    loss: torch.Tensor,
-    check_on_host: bool = True,
-) -> torch.Tensor:
-    """Clip the gradients, update the weights unless the loss or gradients are not finite,
-    clear the gradients; return (on the device) whether the step was finite.
-
-    check_on_host: skip a bad update exactly, at the price of one host-device sync per step.
-    Otherwise a bad step's gradients are zeroed on the device and the update runs (the
-    optimizer's momentum still moves the weights), so the host never waits for the GPU.
-    """
-    scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
-    max_norm = grad_clip if grad_clip > 0 else math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    # With fp16 the scaler itself skips steps whose gradients overflowed and lowers the scale;
-    # otherwise a non-finite gradient norm means the update would poison the weights.
-    finite = torch.isfinite(loss) & (torch.isfinite(grad_norm) | scaler.is_enabled())
-    if check_on_host:
-        if bool(finite):  # the step's one host-device sync
-            scaler.step(optimizer)
-    else:
-        drop_gradients_unless(finite, model.parameters())
-        scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return finite
-
-
-def drop_gradients_unless(finite: torch.Tensor, params: Iterable[torch.nn.Parameter]) -> None:
-    """Zero every gradient when `finite` (a device bool) is false, without reading it."""
-    bad = ~finite
-    for param in params:
-        if param.grad is not None:
-            param.grad.masked_fill_(bad, 0.0)
-
-
-def weights_are_finite(model: torch.nn.Module) -> bool:
-    return bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all())
+STOP_REASONS = ("finished", "target", "time", "signal")  # when ranks differ, the later one wins
 
 
 class Trainer:
-    """Owns the model, optimizer and data sampling of one run, and the loop that drives them."""
+    """Owns the model, optimizer and data sampling of one run, and the loop that drives them.
 
-    def __init__(self, cfg: Config, data: PreparedData, system: DeviceInfo, process_start: float):
+    Under torchrun every rank runs this same loop on its own share of each step's batch;
+    `collectives` keeps them at the same step, and rank 0 alone writes.
+    """
+
+    def __init__(self, cfg: Config, data: PreparedData, system: DeviceInfo, process_start: float,
+                 collectives: Optional[Collectives] = None):
         self.cfg, self.system = cfg, system
+        self.collectives = collectives or Collectives(Ranks(), system.device)
+        self.ranks = self.collectives.ranks
         self.data = place_on_device(data, system.device, cfg.system.data_on_device)
         self.out_dir = Path(cfg.training.out_dir)
         t = cfg.training
-        self.model = GPT(cfg.model).to(system.device)
-        self.forward_model = (torch.compile(self.model, mode=cfg.system.compile_mode) if system.compile
-                              else self.model)
+        self.model = GPT(cfg.model).to(system.device)  # the same seed gives every rank the same start
+        self.parallel = ParallelModel(self.model, self.ranks, system.device, cfg.system.fsdp)
+        wrapped = self.parallel.wrapped
+        self.forward_model = (torch.compile(wrapped, mode=cfg.system.compile_mode) if system.compile
+                              else wrapped)
+        if self.ranks.rank:
+            torch.manual_seed(cfg.system.seed + self.ranks.rank)  # its own dropout masks
         self.optimizer = make_optimizer(self.model, t, system.device, system.dtype)
         # the config, not a checkpoint, decides hyperparameters: kept to re-apply after a resume
         self.group_settings = [{k: v for k, v in g.items() if k != "params"}
@@ -112,7 +73,7 @@ class Trainer:
         self.sequential = (SequentialWindows(len(self.data.train), cfg.model.block_size, cfg.system.seed)
                            if cfg.data.sampling == "sequential" else None)
         self.windows_drawn = 0  # training windows taken so far (the sequential order's position)
-        self.tokens_per_step = tokens_per_step(cfg)
+        self.tokens_per_step = tokens_per_step(cfg, self.ranks.world_size)
         self.max_steps = total_steps(t, len(data.train), self.tokens_per_step)
         self.time_limit = TimeLimit.from_config(t, cfg.system, process_start)
         # a first guess at the save time: weights and two Adam moments at about 100 MB/s
@@ -129,8 +90,9 @@ class Trainer:
         self.elapsed_before_s = 0.0  # training time of earlier sessions of this run
         self._session_start: Optional[float] = None
         self.resumed_from: Optional[Path] = None
-        self.environment = environment(system.device)
-        self.monitor = RunMonitor(cfg, system, self._facts(), self.out_dir)
+        self.environment = environment(system.device) if self.ranks.is_main else {}  # for rank 0's files
+        self.monitor = (RunMonitor(cfg, system, self._facts(), self.out_dir) if self.ranks.is_main
+                        else QuietMonitor())
 
     def _facts(self) -> RunFacts:
         return RunFacts(
@@ -148,15 +110,23 @@ class Trainer:
 
     # ------------------------------------------------------------ checkpoints
 
-    def state_dict(self) -> dict:
-        """Return everything needed to continue this run exactly, as plain data."""
-        rng = {"torch": torch.get_rng_state(), "data": self.data_rng.get_state(),
-               "windows_drawn": self.windows_drawn}
+    def _rng_states(self) -> dict:
+        """Return this process's random states; dropout's differ between ranks."""
+        states = {"torch": torch.get_rng_state()}
         if self.system.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state_all()
+            states["cuda"] = torch.cuda.get_rng_state_all()
+        return states
+
+    def state_dict(self) -> dict:
+        """Return everything needed to continue this run exactly, as plain data (every rank
+        must call it: under torchrun it gathers each rank's random states)."""
+        per_rank = self.collectives.gather_objects(self._rng_states())
+        rng = {**per_rank[0], "data": self.data_rng.get_state(), "windows_drawn": self.windows_drawn}
+        if len(per_rank) > 1:
+            rng["ranks"] = per_rank
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": self.parallel.model_state(),
+            "optimizer": self.parallel.optimizer_state(self.optimizer),
             "scaler": self.scaler.state_dict(),
             "step": self.step,
             "config": config_to_dict(self.cfg),
@@ -173,25 +143,30 @@ class Trainer:
         return self.elapsed_before_s + session
 
     def load_weights(self, checkpoint: dict) -> None:
-        self.model.load_state_dict(checkpoint["model"])
+        self.parallel.load_model_state(checkpoint["model"])
 
     def resume(self, checkpoint: dict, path: Path) -> None:
         """Continue from a checkpoint: weights, optimizer, step, losses and random states."""
         self.resumed_from = path
         self.elapsed_before_s = checkpoint["elapsed_s"]
         self.load_weights(checkpoint)
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.parallel.load_optimizer_state(self.optimizer, checkpoint["optimizer"])
         self._apply_config_hyperparameters()
         if checkpoint["scaler"]:
             self.scaler.load_state_dict(checkpoint["scaler"])
         self.step = self.saved_step = checkpoint["step"]
         self.losses = LossRecord(**checkpoint["losses"])
         rng = checkpoint["rng"]
-        torch.set_rng_state(rng["torch"])
-        self.data_rng.set_state(rng["data"])
+        self.data_rng.set_state(rng["data"])  # the same on every rank: they share each draw
         self.windows_drawn = rng.get("windows_drawn", 0)
-        if "cuda" in rng and self.system.device.type == "cuda":
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        mine = rng
+        if self.ranks.launched:  # a rank missing from the checkpoint keeps its own seed
+            saved = rng.get("ranks", [rng])
+            mine = saved[self.ranks.rank] if self.ranks.rank < len(saved) else {}
+        if "torch" in mine:
+            torch.set_rng_state(mine["torch"])
+        if "cuda" in mine and self.system.device.type == "cuda":
+            torch.cuda.set_rng_state_all(mine["cuda"])
 
     def _apply_config_hyperparameters(self) -> None:
         """Let the current config, not the checkpoint, decide learning rates, betas and decay."""
@@ -205,33 +180,48 @@ class Trainer:
 
     def save_latest(self) -> Path:
         """Write ckpt.pt (what --resume continues from) and its rolling ckpt-<step>.pt copy."""
-        if not weights_are_finite(self.model):
+        if self.collectives.agree([int(not weights_are_finite(self.model))])[0]:  # any rank's slice
             raise UserError(f"the weights are no longer finite at step {self.step}, so they were not "
                             f"saved; {self._last_checkpoint()}; try a lower --lr")
         started = time.perf_counter()
-        path = save_checkpoint(self.state_dict(), self.out_dir / LATEST)
-        keep_rolling_copy(path, self.step, self.cfg.training.keep_last)
+        state, path = self.state_dict(), self.out_dir / LATEST
+        if self.ranks.is_main:
+            save_checkpoint(state, path)
+            keep_rolling_copy(path, self.step, self.cfg.training.keep_last)
+        self.collectives.barrier()  # no rank runs ahead of a checkpoint being written
         self.timer.save_s = time.perf_counter() - started
         self.saved_step = self.step
         return path
 
     # ------------------------------------------------------------ steps and evaluation
 
-    def _batch(self, split: str, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def _split(self, split: str) -> tuple:
+        """Return the split's tokens and loss mask (None where every target counts)."""
         data = self.data
-        tokens, mask = (data.train, data.train_mask) if split == "train" else (data.val, data.val_mask)
-        return get_batch(tokens, self.cfg.training.batch_size, self.cfg.model.block_size,
-                         generator, self.system.device, mask)
+        return (data.train, data.train_mask) if split == "train" else (data.val, data.val_mask)
 
     def _train_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next training batch: random windows, or the next ones of the sequential order."""
+        """This rank's next training batch: its slice of the step's random windows, or of the
+        next ones of the sequential order.
+
+        Every rank draws the windows of all ranks from the same generator and keeps its own
+        slice, so the ranks train on different windows and a step trains on the same ones
+        whatever the number of processes: runs compare, and resume under another count.
+        """
+        block_size = self.cfg.model.block_size
+        count = self.cfg.training.batch_size * self.ranks.world_size
         if self.sequential is None:
-            return self._batch("train", self.data_rng)
-        batch_size = self.cfg.training.batch_size
-        starts = self.sequential.starts(self.windows_drawn, batch_size)
-        self.windows_drawn += batch_size
-        return batch_at(self.data.train, starts, self.cfg.model.block_size, self.system.device,
-                        self.data.train_mask)
+            starts = random_starts(len(self.data.train), count, block_size, self.data_rng)
+        else:
+            starts = self.sequential.starts(self.windows_drawn, count)
+            self.windows_drawn += count
+        tokens, mask = self._split("train")
+        return batch_at(tokens, self._my_slice(starts), block_size, self.system.device, mask)
+
+    def _my_slice(self, starts: torch.Tensor) -> torch.Tensor:
+        """Return this rank's batch_size windows of the windows drawn for all ranks."""
+        batch_size, rank = self.cfg.training.batch_size, self.ranks.rank
+        return starts[rank * batch_size:(rank + 1) * batch_size]
 
     def train_step(self) -> Optional[torch.Tensor]:
         """Run one optimizer step over grad_accum_steps micro-batches; return the mean loss,
@@ -241,8 +231,9 @@ class Trainer:
         self.lr = learning_rate(self.step, t, self.max_steps)
         set_learning_rates(self.optimizer, self.lr / t.lr)
         micro_batches = (self._train_batch() for _ in range(t.grad_accum_steps))
-        loss = accumulate_gradients(self.forward_model, micro_batches, t.grad_accum_steps,
-                                    self.autocast, self.scaler)
+        loss = accumulate_gradients(self.forward_model, micro_batches, t.grad_accum_steps, self.autocast,
+                                    self.scaler, self.parallel.sync)
+        loss = self.collectives.mean(loss)  # so every rank reports, and skips on, the same loss
         check_on_host = t.nonfinite_check == "step"
         finite = optimizer_step(self.model, self.optimizer, self.scaler, t.grad_clip, loss, check_on_host)
         if not check_on_host:
@@ -281,33 +272,38 @@ class Trainer:
                 f"--lr (now {t.lr:g}) or another --precision (now "
                 f"{str(self.system.dtype).removeprefix('torch.')})")
 
-    def _eval_batches(self, split: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The batches an evaluation scores: the same random ones every time, or, for the
-        validation split with eval_full_val, every token of it once."""
-        t = self.cfg.training
+    def _eval_batches(self, split: str) -> Iterator[tuple[tuple[torch.Tensor, torch.Tensor], bool]]:
+        """The batches this rank scores in an evaluation, each with whether it counts: its
+        slice of the same random windows every time, or, for the validation split with
+        eval_full_val, its share of every window of the split (see shard_evenly)."""
+        t, block_size = self.cfg.training, self.cfg.model.block_size
+        tokens, mask = self._split(split)
         if split == "val" and t.eval_full_val:
-            yield from split_windows(self.data.val, t.batch_size, self.cfg.model.block_size,
-                                     self.system.device, self.data.val_mask)
+            windows = split_windows(tokens, t.batch_size, block_size, self.system.device, mask)
+            yield from shard_evenly(windows, self.ranks)
             return
         generator = torch.Generator().manual_seed(EVAL_SEED)
         for _ in range(t.eval_iters):
-            yield self._batch(split, generator)
+            starts = random_starts(len(tokens), t.batch_size * self.ranks.world_size, block_size, generator)
+            yield batch_at(tokens, self._my_slice(starts), block_size, self.system.device, mask), True
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Return the mean loss per token on each split, over the batches of _eval_batches."""
+        """Return the mean loss per token on each split, over the batches of _eval_batches
+        (under torchrun each rank scores its share, and the ranks' sums are added up)."""
         self.forward_model.eval()
         losses = {}
         for split in ("train", "val"):
             total = torch.zeros((), device=self.system.device)
             targets = torch.zeros((), dtype=torch.int64, device=self.system.device)
-            for x, y in self._eval_batches(split):
+            for (x, y), counts in self._eval_batches(split):
                 with self.autocast:
                     _, loss = self.forward_model(x, y)
-                counted = counted_targets(y)  # all B x T of them, but for masked chat data
-                total += loss.float() * counted
-                targets += counted
-            losses[split] = total.item() / targets.item()
+                if counts:
+                    counted = counted_targets(y)  # all B x T of them, but for masked chat data
+                    total += loss.float() * counted
+                    targets += counted
+            losses[split] = self.collectives.sum_(total).item() / self.collectives.sum_(targets).item()
         self.forward_model.train()
         return losses
 
@@ -340,17 +336,12 @@ class Trainer:
         start_step, train_seconds = self.step, 0.0
         self.skips_read_at = self.step
         window = LogWindow()
-        reason = "finished"
+        reason, signal = "finished", None
         self.monitor.start(self.step, self.resumed_from)
         self.forward_model.train()
         with StopSignals() as stop:
             while self.step < self.max_steps:
-                if stop.received is not None:
-                    reason = "signal"
-                elif self.target_reached:
-                    reason = "target"
-                elif self._out_of_time():
-                    reason = "time"
+                reason, signal = self._stop_reason(stop.received)
                 if reason != "finished":
                     break
                 step_start = time.perf_counter()
@@ -377,9 +368,18 @@ class Trainer:
             if self.saved_step != self.step:
                 self.save_latest()
         result = RunResult(start_step, self.step, time.perf_counter() - started, train_seconds, self.losses,
-                           reason, stop.received, self.skipped_steps)
+                           reason, signal if reason == "signal" else None, self.skipped_steps)
         self.monitor.finish(result, self.elapsed_s())
         return result
+
+    def _stop_reason(self, signal: Optional[int]) -> tuple[str, Optional[int]]:
+        """Return why the run stops before the next step ("finished": it does not) and the
+        signal that stopped it; under torchrun every rank gets the same answer, so all stop
+        at one step (a signal reaching one rank first, a deadline on another's clock)."""
+        reason = ("signal" if signal is not None else "target" if self.target_reached
+                  else "time" if self._out_of_time() else "finished")
+        code, signal_number = self.collectives.agree([STOP_REASONS.index(reason), signal or 0])
+        return STOP_REASONS[code], signal_number or None
 
     def _evaluate_and_save(self) -> None:
         started = time.perf_counter()
@@ -389,7 +389,8 @@ class Trainer:
         elapsed_s = self.elapsed_s()  # before the save, so a resumed run's clock never goes back
         saved = [self.save_latest()]
         if improved:  # the same bytes: copy the file rather than serialize the state again
-            saved.append(copy_checkpoint(saved[0], self.out_dir / "best.pt"))
+            best = self.out_dir / "best.pt"
+            saved.append(copy_checkpoint(saved[0], best) if self.ranks.is_main else best)
         self.monitor.evaluation(self.step, losses, improved, saved, elapsed_s)
         target = self.cfg.training.target_val_loss
         self.target_reached = target is not None and losses["val"] <= target

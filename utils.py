@@ -15,6 +15,7 @@ import psutil
 import torch
 
 from config import SystemConfig
+from distributed import Ranks
 from errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -151,21 +152,38 @@ class DeviceInfo:
     device: torch.device
     dtype: torch.dtype
     compile: bool
+    processes: int = 1  # torchrun's WORLD_SIZE: this device is one of that many alike
 
     def describe(self) -> str:
         name = self.device.type
         if self.device.type == "cuda":
             name = f"cuda:{self.device.index} ({torch.cuda.get_device_name(self.device)})"
+        if self.processes > 1:
+            name += f" x {self.processes} processes"
         dtype = str(self.dtype).removeprefix("torch.")
         return f"{name}, {dtype}, compile {'on' if self.compile else 'off'}"
 
 
-def resolve_system(device: str, dtype: str, compile_requested: bool | None) -> DeviceInfo:
+def device_for_rank(requested: str, ranks: Ranks) -> torch.device:
+    """Return this process's device: under torchrun on CUDA, the GPU of its local rank."""
+    if ranks.launched and requested in ("auto", "cuda") and torch.cuda.is_available():
+        if ranks.local_rank >= torch.cuda.device_count():
+            raise UserError(f"local rank {ranks.local_rank} has no GPU: this machine has "
+                            f"{torch.cuda.device_count()}; lower torchrun's --nproc_per_node")
+        return torch.device("cuda", ranks.local_rank)
+    chosen = select_device(requested)
+    if ranks.launched and chosen.type == "mps":
+        raise UserError("torchrun cannot share a model across processes on MPS; use --device cpu")
+    return chosen
+
+
+def resolve_system(device: str, dtype: str, compile_requested: bool | None,
+                   ranks: Ranks = Ranks()) -> DeviceInfo:
     """Return the device, dtype and compile choice for the system section of a config.
 
     Compilation is on by default on CUDA only; on CPU it is used when asked for explicitly.
     """
-    chosen = select_device(device)
+    chosen = device_for_rank(device, ranks)
     use_compile = compile_requested if compile_requested is not None else chosen.type == "cuda"
     if use_compile:
         ok, why = compile_supported(chosen)
@@ -173,7 +191,7 @@ def resolve_system(device: str, dtype: str, compile_requested: bool | None) -> D
             if compile_requested:
                 notice(f"{why}; running without it")
             use_compile = False
-    return DeviceInfo(chosen, select_dtype(chosen, dtype), use_compile)
+    return DeviceInfo(chosen, select_dtype(chosen, dtype), use_compile, ranks.world_size)
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -8,9 +8,8 @@ import torch
 
 from config import TrainingConfig
 from model import GPT
-from optim import make_optimizer
+from optim import accumulate_gradients, make_optimizer, optimizer_step
 from tests.conftest import tiny_model_config
-from trainer import accumulate_gradients, optimizer_step
 
 
 def build(seed: int = 0, **changes) -> GPT:

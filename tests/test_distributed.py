@@ -1,0 +1,177 @@
+"""Several processes with torchrun (Gloo on CPU): the same weights on every rank, the same
+result as one process with the same global batch, portable checkpoints, clean stops."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from checkpoint import load_checkpoint
+from cli import run_cli
+from distributed import Collectives, Ranks, ranks_from_environment, shard_evenly
+from errors import UserError
+from guards import StopSignals
+from tests.conftest import REPO_ROOT
+from utils import resolve_system
+
+PROBE = REPO_ROOT / "tests" / "ddp_probe.py"
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def torchrun_env() -> dict:
+    # one thread per process: two processes share this machine's cores
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1",
+            "PYTHONPATH": str(REPO_ROOT)}
+
+
+def run_torchrun(record: Path, *flags: str, cwd: Path) -> str:
+    """Run the probe (train.py's main) in two processes; return their output."""
+    record.mkdir(exist_ok=True)
+    done = subprocess.run([*TORCHRUN, str(PROBE), str(record), *flags], cwd=cwd, env=torchrun_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path)["model"]
+
+
+def assert_close_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-5, msg=name)
+
+
+# ---------------------------------------------------------------- the pieces, in one process
+
+
+def test_ranks_come_from_torchruns_environment():
+    assert ranks_from_environment({}) == Ranks()
+    ranks = ranks_from_environment({"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4"})
+    assert ranks == Ranks(rank=3, local_rank=1, world_size=4, launched=True) and not ranks.is_main
+    with pytest.raises(UserError, match="torchrun"):
+        ranks_from_environment({"RANK": "x", "WORLD_SIZE": "2"})
+
+
+@pytest.mark.parametrize("n_items", [0, 1, 5, 6, 7])
+def test_shard_evenly_splits_items_and_pads_to_the_same_count(n_items):
+    world = 3
+    shares = [list(shard_evenly(iter(range(n_items)), Ranks(rank=r, world_size=world))) for r in range(world)]
+    counted = sorted(item for share in shares for item, counts in share if counts)
+    assert counted == list(range(n_items))  # each item scored once, by exactly one rank
+    assert len({len(share) for share in shares}) == 1  # every rank runs as many forward passes
+    assert all(item in range(n_items) for share in shares for item, _ in share)
+
+
+def test_each_rank_trains_on_its_slice_of_the_one_process_batch(tiny_config_file):
+    """Two ranks of batch 4 see exactly the windows one process of batch 8 sees."""
+    def batches(rank: int, world: int, batch_size: int) -> list[torch.Tensor]:
+        args = train.build_parser().parse_args(["--config", str(tiny_config_file),
+                                                "--batch_size", str(batch_size), "--overwrite"])
+        cfg, _, _ = train.resolve_run_config(args)
+        system = resolve_system("cpu", "auto", False)
+        collectives = Collectives(Ranks(rank=rank, world_size=world), system.device)  # no process group
+        trainer = train.build_trainer(args, cfg, None, None, system, collectives)
+        return [trainer._train_batch()[0] for _ in range(3)]
+
+    one = batches(0, 1, 8)
+    first, second = batches(0, 2, 4), batches(1, 2, 4)
+    for whole, a, b in zip(one, first, second):
+        assert torch.equal(whole, torch.cat([a, b]))
+    assert not torch.equal(first[0], second[0])
+
+
+def test_a_relayed_signal_is_not_a_second_one(monkeypatch):
+    """torchrun relays the SIGTERM a worker already got; only a later one quits at once."""
+    with StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.received == signal.SIGTERM
+        monkeypatch.setattr(StopSignals, "RELAY_S", 0.0)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+# ---------------------------------------------------------------- two processes under torchrun
+
+
+@pytest.fixture
+def ddp_config(workdir, small_corpus_file) -> Path:
+    settings = {
+        "model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 16},
+        "data": {"dataset": str(small_corpus_file)},
+        "training": {"max_steps": 4, "batch_size": 4, "grad_accum_steps": 2, "eval_interval": 2,
+                     "eval_iters": 3, "log_interval": 1, "warmup_steps": 1, "optimizer": "muon"},
+        "system": {"device": "cpu"},
+    }
+    path = workdir / "ddp.json"
+    path.write_text(json.dumps(settings))
+    return path
+
+
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_two_processes_equal_one_and_checkpoints_move_between_them(workdir, ddp_config, sharding):
+    record = workdir / "record"
+    fsdp = ["--system.fsdp", "true"] if sharding == "fsdp" else []
+    output = run_torchrun(record, "--config", str(ddp_config), "--out_dir", "two", "--record_weights", *fsdp,
+                          cwd=workdir)
+    assert "tokens per step    256 = 2 processes x batch 4 x accumulation 2 x context 16" in output
+    for step in range(1, 5):  # the ranks never drift apart
+        ranks = [torch.load(record / f"weights-rank{r}-step{step}.pt") for r in (0, 1)]
+        for name in ranks[0]:
+            assert torch.equal(ranks[0][name], ranks[1][name]), (step, name)
+    writes = json.loads((record / "writes-rank1.json").read_text())
+    assert [w for w in writes if str(workdir) in w] == []  # rank 1 wrote nothing of the run's
+
+    # one process, the same global batch (8 = 2 x 4), trains to the same weights and losses
+    assert run_cli(train.main, ["--config", str(ddp_config), "--out_dir", "one", "--batch_size", "8"]) == 0
+    two, one = load_checkpoint(workdir / "two" / "ckpt.pt"), load_checkpoint(workdir / "one" / "ckpt.pt")
+    assert_close_weights(two["model"], one["model"])
+    assert two["losses"]["final_val"] == pytest.approx(one["losses"]["final_val"], abs=1e-5)
+
+    # a two-process checkpoint continues in one process, a one-process one under two
+    assert run_cli(train.main, ["--resume", "two/ckpt.pt", "--max_steps", "6", "--batch_size", "8"]) == 0
+    run_torchrun(record, "--resume", "one/ckpt.pt", "--max_steps", "6", "--batch_size", "4", *fsdp,
+                 cwd=workdir)
+    two_then_one, one_then_two = load_checkpoint(workdir / "two" / "ckpt.pt"), load_checkpoint(
+        workdir / "one" / "ckpt.pt")
+    assert two_then_one["step"] == one_then_two["step"] == 6
+    assert_close_weights(two_then_one["model"], one_then_two["model"])
+
+
+def test_sigterm_to_the_torchrun_group_stops_every_rank_with_one_checkpoint(workdir, ddp_config):
+    command = [*TORCHRUN, str(PROBE), str(workdir / "record"), "--config", str(ddp_config),
+               "--max_steps", "100000", "--eval_interval", "100000", "--training.keep_last", "0"]
+    (workdir / "record").mkdir()
+    process = subprocess.Popen(command, cwd=workdir, env=torchrun_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 120
+    while not any(re.match(r"step +3/", line) for line in lines) and time.monotonic() < deadline:
+        assert process.poll() is None, "".join(lines)[-3000:]
+        time.sleep(0.1)
+    os.killpg(process.pid, signal.SIGTERM)  # what a scheduler or `kill -- -PGID` does
+    process.wait(timeout=90)
+    reader.join(timeout=10)
+    output = "".join(lines)
+    with pytest.raises(ProcessLookupError):  # no rank is left behind
+        os.killpg(process.pid, 0)
+    stopped = re.search(r"stopped by a signal at step (\d+)", output)
+    assert stopped, output[-3000:]
+    assert sorted(p.name for p in (workdir / "models" / "ddp").glob("*.pt")) == ["ckpt.pt"]
+    checkpoint = load_checkpoint(workdir / "models" / "ddp" / "ckpt.pt")  # whole and verified
+    assert checkpoint["step"] == int(stopped.group(1))
+    assert "Traceback" not in output.split("stopped by a signal")[0]
