@@ -175,3 +175,47 @@ def test_sigterm_to_the_torchrun_group_stops_every_rank_with_one_checkpoint(work
     checkpoint = load_checkpoint(workdir / "models" / "ddp" / "ckpt.pt")  # whole and verified
     assert checkpoint["step"] == int(stopped.group(1))
     assert "Traceback" not in output.split("stopped by a signal")[0]
+
+
+# ---------------------------------------------------------------- the SLURM script, with stand-ins
+
+
+def fake_slurm(workdir: Path, minutes_left: str) -> dict:
+    """Return the environment of a one-node SLURM job whose srun, squeue and scontrol are
+    stand-ins on PATH (squeue reports `minutes_left`; scontrol requeue is recorded)."""
+    bin_dir = workdir / "fake-slurm"
+    bin_dir.mkdir(exist_ok=True)
+    stand_ins = {
+        "srun": 'while [[ "$1" == --* ]]; do shift; done\nexec "$@"',
+        "squeue": f'echo "{minutes_left}"',
+        "scontrol": 'if [[ "$1" == show ]]; then echo localhost; else echo "$2" >> requeued.txt; fi',
+        "torchrun": f'exec "{sys.executable}" -m torch.distributed.run "$@"',
+    }
+    for name, body in stand_ins.items():
+        (bin_dir / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    (workdir / "train.py").symlink_to(REPO_ROOT / "train.py")
+    return {**torchrun_env(), "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "42",
+            "SLURM_JOB_NODELIST": "node1", "SLURM_JOB_NUM_NODES": "1", "GPUS_PER_NODE": "2",
+            "RDZV_PORT": "29517", "OUT_DIR": "run"}
+
+
+def test_slurm_script_stops_before_the_limit_requeues_and_resumes(workdir, ddp_config):
+    script = REPO_ROOT / "scripts" / "slurm_train.sh"
+    env = fake_slurm(workdir, "5:20")  # 320 s left, minus the 300 s margin: --max_time 20
+    first = subprocess.run(["bash", str(script), str(ddp_config), "--max_steps", "100000",
+                            "--eval_interval", "100000"], cwd=workdir, env=env,
+                           capture_output=True, text=True, timeout=240)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "to stay within --max_time 20s" in first.stdout
+    assert (workdir / "requeued.txt").read_text() == "42\n"
+    stopped_at = load_checkpoint(workdir / "run" / "ckpt.pt")["step"]
+
+    # the requeued job finds the checkpoint and goes on from it
+    finish = str(stopped_at + 2)
+    second = subprocess.run(["bash", str(script), str(ddp_config), "--max_steps", finish], cwd=workdir,
+                            env=env, capture_output=True, text=True, timeout=240)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "resuming from run" in second.stdout
+    assert load_checkpoint(workdir / "run" / "ckpt.pt")["step"] == stopped_at + 2
+    assert (workdir / "requeued.txt").read_text() == "42\n"  # finished: not queued again
