@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from errors import UserError
 
-# Rank 0 may tokenize a large corpus while the others wait at a barrier.
+# How long a barrier waits: rank 0 may tokenize a large corpus while the others wait.
 SETUP_TIMEOUT = timedelta(hours=2)
 
 T = TypeVar("T")
@@ -55,8 +55,9 @@ def ranks_from_environment(env: Mapping[str, str] = os.environ) -> Ranks:
 class Collectives:
     """The process group of a torchrun run, and the agreements the loop needs from it.
 
-    Host-side decisions (stop or not, barriers) go through a Gloo group, so on GPUs they never
-    wait for the CUDA stream; tensors on the device go through the default group (NCCL there).
+    Host-side decisions (stop or not, barriers) go through a Gloo group of their own, so on GPUs
+    they never wait for the CUDA stream; tensors on the device go through the default group
+    (NCCL there).
     """
 
     def __init__(self, ranks: Ranks, device: torch.device):
@@ -69,8 +70,8 @@ class Collectives:
             backend = "nccl" if self.device.type == "cuda" else "gloo"
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
-            dist.init_process_group(backend, timeout=SETUP_TIMEOUT)
-            self._control = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
+            dist.init_process_group(backend)
+            self._control = dist.new_group(backend="gloo", timeout=SETUP_TIMEOUT)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -88,12 +89,25 @@ class Collectives:
     @contextlib.contextmanager
     def main_first(self) -> Iterator[None]:
         """Let rank 0 do something (build the token cache, prepare out_dir) before the others
-        read what it made."""
-        if not self.ranks.is_main:
-            self.barrier()
-        yield
+        read what it made; if it fails, the others stop too, with one line and exit status 2
+        rather than a lost connection's traceback."""
+        if not self.active:
+            yield
+            return
+        failed = torch.zeros(1, dtype=torch.int64)
         if self.ranks.is_main:
-            self.barrier()
+            try:
+                yield
+            except BaseException:
+                failed.fill_(1)
+                raise
+            finally:
+                dist.broadcast(failed, src=0, group=self._control)
+        else:
+            dist.broadcast(failed, src=0, group=self._control)
+            if failed.item():
+                raise UserError("rank 0 could not prepare the run; its error is above")
+            yield
 
     def agree(self, values: list[int]) -> list[int]:
         """Return the largest of each value over all ranks (host integers, e.g. stop reasons)."""

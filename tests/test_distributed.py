@@ -219,3 +219,44 @@ def test_slurm_script_stops_before_the_limit_requeues_and_resumes(workdir, ddp_c
     assert "resuming from run" in second.stdout
     assert load_checkpoint(workdir / "run" / "ckpt.pt")["step"] == stopped_at + 2
     assert (workdir / "requeued.txt").read_text() == "42\n"  # finished: not queued again
+
+
+class PeerSays(Collectives):
+    """One process playing rank 0 of two, whose peer's values are given: agree() takes the
+    larger of each, as the all-reduce would."""
+
+    def __init__(self, peer: list[int]):
+        super().__init__(Ranks(rank=0, world_size=2), torch.device("cpu"))
+        self.peer = peer
+
+    def agree(self, values: list[int]) -> list[int]:
+        return [max(mine, theirs) for mine, theirs in zip(values, self.peer)]
+
+
+@pytest.mark.parametrize("peer, expected", [
+    ([0, 0], ("finished", None)),
+    ([1, 0], ("target", None)),
+    ([2, 0], ("time", None)),
+    ([3, int(signal.SIGTERM)], ("signal", signal.SIGTERM)),
+])
+def test_a_stop_seen_by_one_rank_stops_both(tiny_config_file, peer, expected):
+    args = train.build_parser().parse_args(["--config", str(tiny_config_file), "--overwrite"])
+    cfg, _, _ = train.resolve_run_config(args)
+    system = resolve_system("cpu", "auto", False)
+    trainer = train.build_trainer(args, cfg, None, None, system, PeerSays(peer))
+    assert trainer._stop_reason(None) == expected  # this rank saw nothing itself
+
+
+def test_an_error_on_rank_0_during_setup_stops_rank_1_with_one_line(workdir, ddp_config):
+    (workdir / "earlier").mkdir()
+    (workdir / "earlier" / "ckpt.pt").write_bytes(b"an earlier run's")
+    (workdir / "record").mkdir()
+    done = subprocess.run([*TORCHRUN, str(PROBE), str(workdir / "record"), "--config", str(ddp_config),
+                           "--out_dir", "earlier"], cwd=workdir, env=torchrun_env(), capture_output=True,
+                          text=True, timeout=120)
+    output = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert "error: earlier already holds a checkpoint of an earlier run" in output
+    assert "error (rank 1): rank 0 could not prepare the run; its error is above" in output
+    assert "[rank1]: Traceback" not in output and "[rank0]: Traceback" not in output
+    assert (workdir / "earlier" / "ckpt.pt").read_bytes() == b"an earlier run's"  # nothing lost
