@@ -15,6 +15,7 @@ import torch
 
 from config import ModelConfig
 from errors import UserError
+from model import GPT
 from utils import notice, write_file_atomic
 
 FORMAT = "gpt-trainer checkpoint"
@@ -203,3 +204,15 @@ def check_same_architecture(checkpoint: dict, model_cfg: ModelConfig, path: str 
 
 def model_config_from_checkpoint(checkpoint: dict) -> ModelConfig:
     return ModelConfig(**checkpoint["config"]["model"])
+
+
+def load_model(checkpoint: dict, device: torch.device, path: str,
+               dtype: torch.dtype = torch.float32) -> GPT:
+    """Return the checkpoint's model in eval mode on `device`, its weights in `dtype`: decoding
+    reads every weight once per token, so half-size weights halve its memory traffic."""
+    model = GPT(model_config_from_checkpoint(checkpoint))
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError:
+        raise UserError(f"the weights in {path} do not match the model its config describes") from None
+    return model.to(device=device, dtype=dtype).eval()

@@ -16,7 +16,7 @@ from typing import Optional, Sequence, TextIO
 import torch
 
 from chat import chat_session
-from checkpoint import find_checkpoint, load_checkpoint, model_config_from_checkpoint
+from checkpoint import find_checkpoint, load_checkpoint, load_model
 from cli import CliParser, run_cli
 from config import DTYPE_ALIASES
 from errors import UserError
@@ -104,18 +104,6 @@ def read_prompt(args: argparse.Namespace) -> str:
     except OSError:  # stdin closed or not readable (a test runner's, say): no piped prompt
         piped = ""
     return piped or "\n"
-
-
-def load_model(checkpoint: dict, device: torch.device, path: str,
-               dtype: torch.dtype = torch.float32) -> GPT:
-    """Return the checkpoint's model in eval mode on `device`, its weights in `dtype`: decoding
-    reads every weight once per token, so half-size weights halve its memory traffic."""
-    model = GPT(model_config_from_checkpoint(checkpoint))
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except RuntimeError:
-        raise UserError(f"the weights in {path} do not match the model its config describes") from None
-    return model.to(device=device, dtype=dtype).eval()
 
 
 @dataclass

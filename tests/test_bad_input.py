@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import checkpoint
+import eval as eval_cli
 import gen
 import train
 from cli import run_cli
@@ -50,6 +51,7 @@ def bad_files(corpus: Path) -> dict[str, bytes]:
         "chats.jsonl": b'{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": [}\n',
         "roles.jsonl": b'{"messages": [{"role": "narrator", "content": "Once"}]}\n',
         "notes/empty.md": b"",
+        "unknown_chars.txt": "ROMEO: ☃ snow".encode(),
         "no_text/readme.rst": b"not a source",
     }
 
@@ -144,6 +146,13 @@ CASES = [
     ("gen", ["bad/truncated.pt"], "is corrupt or not a checkpoint"),
     ("gen", ["bad/random.pt"], "is corrupt or not a checkpoint"),
     ("gen", ["bad/evil.pt"], "is corrupt or not a checkpoint"),
+    ("eval", ["models/none.pt"], "checkpoint models/none.pt does not exist"),
+    ("eval", ["bad/truncated.pt"], "is corrupt or not a checkpoint"),
+    ("eval", [CKPT, "--text", "missing.txt"], "--text missing.txt does not exist"),
+    ("eval", [CKPT, "--text", "bad/latin1.txt"], "is not UTF-8 text"),
+    ("eval", [CKPT, "--text", "bad/empty.txt"], "fewer than 2 tokens"),
+    ("eval", [CKPT, "--batch_size", "0"], "--batch_size must be at least 1"),
+    ("eval", [CKPT, "--text", "bad/unknown_chars.txt"], "the character .☃. is not in this model"),
     ("gen", ["bad/foreign.pt"], "not a checkpoint written by this trainer"),
     ("gen", [CKPT, "--prompt", "ü"], "'ü' is not in this model's vocabulary"),
     ("gen", [CKPT, "--prompt", ""], "--prompt is empty"),
@@ -170,7 +179,7 @@ if not torch.cuda.is_available():
 @pytest.mark.parametrize("command, args, message", CASES, ids=lambda v: v if isinstance(v, str) else None)
 def test_bad_input_is_one_clear_line(user_dir, capsys, command, args, message):
     before = fingerprints(user_dir)
-    main = train.main if command == "train" else gen.main
+    main = {"train": train.main, "gen": gen.main, "eval": eval_cli.main}[command]
     assert run_cli(main, args) == 2
     captured = capsys.readouterr()
     error = captured.err.strip()

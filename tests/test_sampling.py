@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import gen
-from checkpoint import load_checkpoint, save_checkpoint
+from checkpoint import load_checkpoint, load_model, save_checkpoint
 from cli import run_cli
 from config import Config, config_to_dict
 from model import GPT, KVCache
@@ -72,8 +72,8 @@ def test_half_precision_weights_decode_like_float32(chat_checkpoint):
     """gen.py converts the weights to the run's dtype once (no autocast per op)."""
     checkpoint = load_checkpoint(chat_checkpoint)
     greedy = SamplingSettings(max_new_tokens=5, temperature=0)
-    full = gen.load_model(checkpoint, torch.device("cpu"), "x")
-    half = gen.load_model(checkpoint, torch.device("cpu"), "x", torch.bfloat16)
+    full = load_model(checkpoint, torch.device("cpu"), "x")
+    half = load_model(checkpoint, torch.device("cpu"), "x", torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in half.parameters())
     tokens = list(generate(half, [1, 2, 3], greedy, vocab_limit=35))
     assert len(tokens) == 5 and max(tokens) < 35
