@@ -129,6 +129,7 @@ class Trainer:
             "optimizer": self.parallel.optimizer_state(self.optimizer),
             "scaler": self.scaler.state_dict(),
             "step": self.step,
+            "processes": self.ranks.world_size,  # batch_size is per process: the run's tokens need it
             "config": config_to_dict(self.cfg),
             "tokenizer": self.data.tokenizer.to_dict(),
             "losses": dataclasses.asdict(self.losses),

@@ -1,0 +1,100 @@
+"""export.py: a checkpoint that transformers loads and runs exactly as we do."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import export
+from checkpoint import save_checkpoint
+from cli import run_cli
+from config import Config, ModelConfig, config_to_dict, padded_vocab_size
+from errors import UserError
+from model import GPT
+from model_card import CARD_SECTIONS
+from tokenizer import IM_END, IM_START, CharTokenizer
+
+transformers = pytest.importorskip("transformers")
+
+TEXT = "ROMEO: What light through yonder window breaks? — Ça, c'est l'été. ✓\n"
+UNICODE_LINE = "ROMEO: l'été — ✓ breaks? Ça"  # characters of TEXT only: ours refuses others
+
+
+def save_model(path, **options) -> tuple[GPT, CharTokenizer]:
+    """Save a random tiny model (options: ModelConfig fields) over TEXT's characters."""
+    tokenizer = CharTokenizer.train([TEXT])
+    settings = dict(n_layer=2, n_head=2, n_embd=32, block_size=64,
+                    vocab_size=padded_vocab_size(tokenizer.vocab_size, 64))
+    model_cfg = ModelConfig(**{**settings, **options})
+    torch.manual_seed(0)
+    model = GPT(model_cfg).eval()
+    with torch.no_grad():  # biases and gains away from their 0 and 1, so a mix-up shows
+        for name, param in model.named_parameters():
+            if name.endswith("bias") or "ln" in name:
+                param.add_(0.1 * torch.randn_like(param))
+    save_checkpoint({"model": model.state_dict(), "config": config_to_dict(Config(model=model_cfg)),
+                     "step": 7, "tokenizer": tokenizer.to_dict(), "losses": {}}, path)
+    return model, tokenizer
+
+
+@pytest.mark.parametrize("options", [{}, {"bias": True, "tie_embeddings": False}])
+def test_transformers_loads_the_export_and_computes_the_same_logits(workdir, options):
+    model, tokenizer = save_model(workdir / "model.pt", **options)
+    export.export(workdir / "model.pt", workdir / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(workdir / "hf").eval()
+    assert type(hf).__name__ == "GPT2LMHeadModel"
+    ids = torch.tensor([tokenizer.encode(TEXT[:20])])
+    with torch.no_grad():
+        ours, _ = model(ids)
+        theirs = hf(ids).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+
+    greedy = ids
+    for _ in range(20):  # ours, recomputed each time, argmax over every row of the head
+        with torch.no_grad():
+            next_id = model(greedy)[0][:, -1].argmax(-1, keepdim=True)
+        greedy = torch.cat([greedy, next_id], dim=1)
+    generated = hf.generate(ids, max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert generated.tolist() == greedy.tolist()
+
+
+def test_the_exported_tokenizer_encodes_and_decodes_as_ours(workdir):
+    _, tokenizer = save_model(workdir / "model.pt")
+    export.export(workdir / "model.pt", workdir / "hf")
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(workdir / "hf")
+    ids = hf_tokenizer(UNICODE_LINE).input_ids
+    assert ids == tokenizer.encode(UNICODE_LINE)
+    assert hf_tokenizer.decode(ids) == UNICODE_LINE
+    assert hf_tokenizer.eos_token == "<|endoftext|>"
+    assert hf_tokenizer.convert_tokens_to_ids(IM_START) == tokenizer.special_ids[IM_START]
+    chat = hf_tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                            add_generation_prompt=True)
+    assert chat == f"{IM_START}user\nhi{IM_END}\n{IM_START}assistant\n"
+
+
+def test_the_model_card_has_every_section(workdir, capsys):
+    save_model(workdir / "model.pt")
+    assert run_cli(export.main, ["model.pt", "--out", "hf"]) == 0
+    card = (workdir / "hf" / "README.md").read_text()
+    for section in CARD_SECTIONS:
+        assert f"\n## {section}\n" in card
+    assert "AutoModelForCausalLM.from_pretrained" in card and "step 7" in card
+    assert "`<\\|endoftext\\|>`" in card  # escaped inside the table
+    assert "model.safetensors" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("option, value", [("position", "rope"), ("norm", "rmsnorm"), ("mlp", "swiglu"),
+                                           ("qk_norm", True), ("n_kv_head", 1)])
+def test_an_option_gpt2_cannot_represent_is_refused_by_name(workdir, option, value):
+    save_model(workdir / "model.pt", **{option: value})
+    with pytest.raises(UserError, match=f"model.{option}"):
+        export.export(workdir / "model.pt", workdir / "hf")
+    assert not (workdir / "hf").exists()  # nothing half-written
+
+
+def test_a_folder_with_files_is_not_written_over(workdir):
+    save_model(workdir / "model.pt")
+    (workdir / "hf").mkdir()
+    (workdir / "hf" / "mine.txt").write_text("keep")
+    with pytest.raises(UserError, match="not empty"):
+        export.export(workdir / "model.pt", workdir / "hf")
+    assert (workdir / "hf" / "mine.txt").read_text() == "keep"
