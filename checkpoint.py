@@ -5,6 +5,7 @@ A checkpoint is data, never code: plain tensors, numbers, strings, lists and dic
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 import shutil
@@ -13,7 +14,7 @@ from typing import Any, BinaryIO, Callable, Iterator
 
 import torch
 
-from config import ModelConfig
+from config import Config, ModelConfig
 from errors import UserError
 from model import GPT
 from utils import notice, write_file_atomic
@@ -200,6 +201,14 @@ def check_same_architecture(checkpoint: dict, model_cfg: ModelConfig, path: str 
                 f"checkpoint {path} is from another architecture: it has model.{name}="
                 f"{saved.get(name)} but the config says {ours}; use the config it was trained with"
             )
+
+
+def with_architecture_of(cfg: Config, checkpoint: dict) -> Config:
+    """Return `cfg` with the model's shape taken from the checkpoint: for an imported model,
+    whose weights fix it (dropout and the other settings stay the config's)."""
+    saved = checkpoint["config"]["model"]
+    shape = {name: saved[name] for name in ARCHITECTURE_FIELDS}
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **shape))
 
 
 def model_config_from_checkpoint(checkpoint: dict) -> ModelConfig:

@@ -57,8 +57,9 @@ class ModelConfig:
     position: str = option("learned", "position encoding: learned embeddings (GPT-2) or rotary (RoPE)",
                            choices=("learned", "rope"))
     norm: str = option("layernorm", "normalisation layer", choices=("layernorm", "rmsnorm"))
-    mlp: str = option("gelu", "MLP: GELU (GPT-2), ReLU squared, SwiGLU (LLaMA) or GeGLU (Gemma)",
-                      choices=("gelu", "relu2", "swiglu", "geglu"))
+    mlp: str = option("gelu", "MLP: GELU, GELU's tanh approximation (OpenAI's GPT-2), ReLU squared, "
+                      "SwiGLU (LLaMA) or GeGLU (Gemma)",
+                      choices=("gelu", "gelu_tanh", "relu2", "swiglu", "geglu"))
     n_kv_head: Optional[int] = option(
         None, "key/value heads (grouped-query attention; must divide n_head); null: n_head")
     qk_norm: bool = option(False, "RMS-normalise queries and keys per head before attention")

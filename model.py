@@ -168,6 +168,8 @@ class MLP(nn.Module):
             h = F.gelu(gate, approximate="tanh") * value
         elif self.kind == "relu2":
             h = F.relu(h).square()
+        elif self.kind == "gelu_tanh":  # OpenAI's GPT-2 used this approximation
+            h = F.gelu(h, approximate="tanh")
         else:
             h = F.gelu(h)
         return self.dropout(self.c_proj(h))

@@ -15,6 +15,7 @@ from checkpoint import (
     load_latest_valid,
     load_resumable,
     rolling_checkpoints,
+    with_architecture_of,
 )
 from cli import CliParser, add_config_flags, overrides_from_args, run_cli
 from config import (
@@ -35,6 +36,7 @@ from data_loader import (
 )
 from distributed import Collectives, ranks_from_environment
 from errors import UserError
+from huggingface import checkpoint_from_hf, is_hf_folder
 from model import GPT
 from monitor import RunFacts, Style, describe_run, format_sections
 from optim import total_steps
@@ -134,9 +136,12 @@ def local_data(cfg: Config) -> Optional[PreparedData]:
 
 
 def starting_checkpoint(args: argparse.Namespace, checkpoint: Optional[dict]) -> Optional[dict]:
-    """Return the checkpoint the run starts from: the one it resumes, or --load_model_only's."""
+    """Return the checkpoint the run starts from: the one it resumes, or --load_model_only's
+    (a checkpoint, a run directory, or a Hugging Face GPT-2 folder)."""
     if checkpoint is not None or not args.load_model_only:
         return checkpoint
+    if is_hf_folder(args.load_model_only):
+        return checkpoint_from_hf(args.load_model_only)
     return load_checkpoint(find_checkpoint(args.load_model_only))
 
 
@@ -164,6 +169,8 @@ def build_trainer(args: argparse.Namespace, cfg: Config, checkpoint: Optional[di
                "so it keeps the whole model")
     configure_torch(cfg.system)
     start_from = starting_checkpoint(args, checkpoint)
+    if start_from is not None and "source" in start_from:  # imported: its weights fix the shape
+        cfg = with_architecture_of(cfg, start_from)
     with collectives.main_first():
         data = prepare_run_data(args, cfg, start_from, rebuild=args.no_cache and main)
     check_enough_tokens(data, cfg.model.block_size)
@@ -180,7 +187,8 @@ def build_trainer(args: argparse.Namespace, cfg: Config, checkpoint: Optional[di
     elif start_from is not None:
         trainer.load_weights(start_from)
         if main:
-            print(f"starting from the weights of {args.load_model_only}", flush=True)
+            print(f"starting from the weights of {start_from.get('source', args.load_model_only)}",
+                  flush=True)
     return trainer
 
 

@@ -1,14 +1,18 @@
 """export.py: a checkpoint that transformers loads and runs exactly as we do."""
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
 import export
-from checkpoint import save_checkpoint
+import train
+from checkpoint import load_checkpoint, load_model, save_checkpoint
 from cli import run_cli
 from config import Config, ModelConfig, config_to_dict, padded_vocab_size
 from errors import UserError
+from huggingface import checkpoint_from_hf
 from model import GPT
 from model_card import CARD_SECTIONS
 from tokenizer import IM_END, IM_START, CharTokenizer
@@ -98,3 +102,58 @@ def test_a_folder_with_files_is_not_written_over(workdir):
     with pytest.raises(UserError, match="not empty"):
         export.export(workdir / "model.pt", workdir / "hf")
     assert (workdir / "hf" / "mine.txt").read_text() == "keep"
+
+
+# ---------------------------------------------------------------- importing folders back
+
+
+def test_export_then_import_gives_back_the_same_model(workdir):
+    model, _ = save_model(workdir / "model.pt")
+    export.export(workdir / "model.pt", workdir / "hf")
+    imported = checkpoint_from_hf(workdir / "hf")
+    again = load_model(imported, torch.device("cpu"), "hf")
+    assert again.config == model.config  # the same shape, biases off again
+    ids = torch.tensor([list(range(10))])
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids)[0], model(ids)[0], rtol=0, atol=0)
+
+
+def test_a_gpt2_made_by_transformers_imports_with_the_same_logits(workdir):
+    """OpenAI's GPT-2 shape: tanh GELU, biases, its own config; our tokenizer file beside it."""
+    _, tokenizer = save_model(workdir / "model.pt")
+    export.export(workdir / "model.pt", workdir / "ours")
+    config = transformers.GPT2Config(vocab_size=128, n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                                     activation_function="gelu_new", tie_word_embeddings=False)
+    torch.manual_seed(1)
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():  # transformers starts biases at zero; real GPT-2's are not
+        for name, param in hf.named_parameters():
+            if name.endswith("bias"):
+                param.add_(0.1 * torch.randn_like(param))
+    hf.save_pretrained(workdir / "gpt2", safe_serialization=True)
+    shutil.copyfile(workdir / "ours" / "tokenizer.json", workdir / "gpt2" / "tokenizer.json")
+    imported = checkpoint_from_hf(workdir / "gpt2")
+    assert imported["config"]["model"]["mlp"] == "gelu_tanh" and imported["config"]["model"]["bias"]
+    ours = load_model(imported, torch.device("cpu"), "gpt2")
+    ids = torch.tensor([tokenizer.encode(TEXT[:30])])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids)[0], hf(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_train_starts_from_a_hugging_face_folder(workdir, tiny_config_file, capsys):
+    save_model(workdir / "model.pt")
+    export.export(workdir / "model.pt", workdir / "hf")
+    text = workdir / "play.txt"
+    text.write_text(TEXT * 200)
+    assert run_cli(train.main, ["--config", str(tiny_config_file), "--load_model_only", "hf", "--dataset",
+                                str(text), "--max_steps", "2", "--out_dir", "tuned"]) == 0
+    assert "starting from the weights of Hugging Face folder hf" in capsys.readouterr().out
+    tuned = load_checkpoint(workdir / "tuned" / "ckpt.pt")
+    assert tuned["config"]["model"]["block_size"] == 64 and tuned["step"] == 2  # the folder's shape
+
+
+def test_a_folder_of_another_architecture_is_refused(workdir):
+    (workdir / "llama").mkdir()
+    (workdir / "llama" / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(UserError, match="only GPT-2 folders import"):
+        checkpoint_from_hf(workdir / "llama")

@@ -1,0 +1,243 @@
+"""Our checkpoints in Hugging Face's GPT-2 format and back: config.json, the weights of
+GPT2LMHeadModel, and the tokenizer's files. export.py writes folders with it; train.py's
+--load_model_only reads them (a GPT-2 of your own, or one you trained here and exported).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from config import Config, ModelConfig, config_to_dict, padded_vocab_size
+from errors import UserError
+from tokenizer import END_OF_TEXT, IM_END, IM_START, CharTokenizer, TiktokenTokenizer, Tokenizer
+
+# The GPT-2 shape: each option a model needs for GPT2LMHeadModel to compute exactly what it does.
+GPT2_SHAPE = {"position": ("learned",), "norm": ("layernorm",), "mlp": ("gelu", "gelu_tanh"),
+              "qk_norm": (False,)}
+LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which model.py uses
+# our MLP activation -> transformers' name for the same function, and back
+ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_new"}
+IMPORTED_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
+
+# ChatML, as chat.py writes it, in the Jinja that transformers' apply_chat_template runs.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '" + IM_START + "' + message['role'] + '\\n' + message['content'] + '"
+    + IM_END + "\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '" + IM_START + "assistant\\n' }}"
+    "{% endif %}"
+)
+
+
+def check_gpt2_shape(cfg: ModelConfig) -> None:
+    """Refuse, naming the option, a model that GPT2LMHeadModel cannot compute exactly."""
+    for name, allowed in GPT2_SHAPE.items():
+        value = getattr(cfg, name)
+        if value not in allowed:
+            needed = " or ".join(json.dumps(a) for a in allowed)
+            raise UserError(f"model.{name} {json.dumps(value)} has no exact equivalent in a GPT-2 model "
+                            f"(it needs {needed}), so this checkpoint cannot be exported yet")
+    if cfg.n_kv_head not in (None, cfg.n_head):
+        raise UserError(f"model.n_kv_head {cfg.n_kv_head} (grouped-query attention) has no exact equivalent "
+                        "in a GPT-2 model, so this checkpoint cannot be exported yet")
+
+
+def gpt2_weights(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Return GPT2LMHeadModel's state dict for ours: its Conv1D layers hold (in, out) matrices,
+    so the four per block are transposed; absent biases become zeros; a tied head is left out
+    (transformers ties it to the embedding again)."""
+    state = {name.removeprefix("_orig_mod.").removeprefix("module."): t for name, t in state.items()}
+    width = cfg.n_embd
+
+    def bias(name: str, size: int) -> torch.Tensor:
+        return state.get(name, torch.zeros(size))
+
+    hf = {"transformer.wte.weight": state["wte.weight"], "transformer.wpe.weight": state["wpe.weight"]}
+    for i in range(cfg.n_layer):
+        ours, theirs = f"blocks.{i}", f"transformer.h.{i}"
+        for norm in ("ln_1", "ln_2"):
+            hf[f"{theirs}.{norm}.weight"] = state[f"{ours}.{norm}.weight"]
+            hf[f"{theirs}.{norm}.bias"] = bias(f"{ours}.{norm}.bias", width)
+        for layer in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+            weight = state[f"{ours}.{layer}.weight"]
+            hf[f"{theirs}.{layer}.weight"] = weight.t()
+            hf[f"{theirs}.{layer}.bias"] = bias(f"{ours}.{layer}.bias", weight.shape[0])
+    hf["transformer.ln_f.weight"] = state["ln_f.weight"]
+    hf["transformer.ln_f.bias"] = bias("ln_f.bias", width)
+    if not cfg.tie_embeddings:
+        hf["lm_head.weight"] = state["lm_head.weight"]
+    return {name: tensor.detach().to(torch.float32).contiguous().clone() for name, tensor in hf.items()}
+
+
+def gpt2_config(cfg: ModelConfig, tokenizer: Tokenizer) -> dict:
+    """Return config.json for GPT2LMHeadModel with our sizes and exact activation."""
+    end = tokenizer.special_ids.get(END_OF_TEXT)
+    return {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+        "vocab_size": cfg.vocab_size, "n_positions": cfg.block_size, "n_embd": cfg.n_embd,
+        "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": 4 * cfg.n_embd,
+        "activation_function": ACTIVATIONS[cfg.mlp],  # exact GELU, or OpenAI GPT-2's tanh one
+        "layer_norm_epsilon": LAYER_NORM_EPS, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+        "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False, "tie_word_embeddings": cfg.tie_embeddings,
+        "bos_token_id": end, "eos_token_id": end, "use_cache": True, "torch_dtype": "float32",
+    }
+
+
+def generation_config(tokenizer: Tokenizer) -> dict:
+    """gen.py's defaults, so `model.generate(do_sample=True)` samples as this project does."""
+    end = tokenizer.special_ids.get(END_OF_TEXT)
+    return {"bos_token_id": end, "eos_token_id": end, "do_sample": True, "temperature": 0.8, "top_k": 200}
+
+
+def char_tokenizer_json(tokenizer: Tokenizer) -> str:
+    """Return tokenizer.json (the `tokenizers` library's format) that encodes as our character
+    tokenizer does: every character alone looked up in the vocabulary, the special tokens after."""
+    from tokenizers import Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    vocab = {ch: i for i, ch in enumerate(tokenizer.chars)}
+    hf = HFTokenizer(models.WordLevel(vocab, unk_token=None))
+    hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    hf.decoder = decoders.Fuse()
+    hf.add_special_tokens(list(tokenizer.special_ids))
+    for name, index in tokenizer.special_ids.items():
+        if hf.token_to_id(name) != index:
+            raise UserError(f"the exported tokenizer numbers {name} {hf.token_to_id(name)}, not {index}")
+    return hf.to_str()
+
+
+def tokenizer_files(tokenizer: Tokenizer, block_size: int) -> dict[str, str]:
+    """Return the tokenizer's files for AutoTokenizer, by name."""
+    if tokenizer.kind != "char":
+        raise UserError(f"exporting a {tokenizer.kind} tokenizer is not built yet; only character "
+                        "tokenizers export for now")
+    settings = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": block_size,
+                "clean_up_tokenization_spaces": False}
+    if END_OF_TEXT in tokenizer.special_ids:
+        settings.update(bos_token=END_OF_TEXT, eos_token=END_OF_TEXT)
+    if IM_START in tokenizer.special_ids:
+        settings["chat_template"] = CHATML_TEMPLATE
+    return {"tokenizer.json": char_tokenizer_json(tokenizer),
+            "tokenizer_config.json": json.dumps(settings, indent=2)}
+
+
+
+
+# ---------------------------------------------------------------- reading a folder back
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"cannot read {path}: {error}") from None
+
+
+def is_hf_folder(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / "config.json").is_file() and path.is_dir()
+
+
+def model_config_from_hf(hf: dict, where: Path) -> ModelConfig:
+    """Return our ModelConfig for a GPT-2 config.json, or refuse what we cannot compute exactly."""
+    if hf.get("model_type") != "gpt2":
+        raise UserError(f"{where} holds a {hf.get('model_type')!r} model; only GPT-2 folders import")
+    activation = hf.get("activation_function", "gelu_new")
+    n_embd = hf["n_embd"]
+    problems = {
+        f"activation_function {activation!r}": activation not in IMPORTED_ACTIVATIONS,
+        f"layer_norm_epsilon {hf.get('layer_norm_epsilon', 1e-5)}": hf.get("layer_norm_epsilon", 1e-5)
+        != LAYER_NORM_EPS,
+        f"n_inner {hf.get('n_inner')}": hf.get("n_inner") not in (None, 4 * n_embd),
+        "scale_attn_by_inverse_layer_idx": hf.get("scale_attn_by_inverse_layer_idx", False),
+        "scale_attn_weights false": not hf.get("scale_attn_weights", True),
+    }
+    for what, bad in problems.items():
+        if bad:
+            raise UserError(f"{where}: {what} has no equivalent in this project's model, so it cannot "
+                            "be imported")
+    return ModelConfig(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=n_embd,
+                       block_size=hf["n_positions"], vocab_size=hf["vocab_size"], bias=True,
+                       mlp=IMPORTED_ACTIVATIONS[activation],
+                       tie_embeddings=hf.get("tie_word_embeddings", True), dropout=0.0)
+
+
+def weights_from_hf(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Return our state dict for GPT2LMHeadModel's (the inverse of gpt2_weights)."""
+    hf = {name.removeprefix("transformer."): t for name, t in hf.items()}
+    ours = {"wte.weight": hf["wte.weight"], "wpe.weight": hf["wpe.weight"],
+            "ln_f.weight": hf["ln_f.weight"], "ln_f.bias": hf["ln_f.bias"]}
+    for i in range(cfg.n_layer):
+        for norm in ("ln_1", "ln_2"):
+            for kind in ("weight", "bias"):
+                ours[f"blocks.{i}.{norm}.{kind}"] = hf[f"h.{i}.{norm}.{kind}"]
+        for layer in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+            ours[f"blocks.{i}.{layer}.weight"] = hf[f"h.{i}.{layer}.weight"].t()
+            ours[f"blocks.{i}.{layer}.bias"] = hf[f"h.{i}.{layer}.bias"]
+    ours["lm_head.weight"] = hf["wte.weight"] if cfg.tie_embeddings else hf["lm_head.weight"]
+    return {name: tensor.to(torch.float32).contiguous() for name, tensor in ours.items()}
+
+
+def tokenizer_from_hf(folder: Path) -> Tokenizer:
+    """Return our tokenizer for the folder's: a character vocabulary as export.py writes it, or
+    GPT-2's byte-level BPE (tiktoken's gpt2 encoding, the same tokens)."""
+    path = folder / "tokenizer.json"
+    if path.is_file():
+        spec = _read_json(path)
+        model = spec.get("model", {})
+        if model.get("type") == "WordLevel":
+            chars = sorted(model["vocab"], key=model["vocab"].get)
+            if all(len(ch) == 1 for ch in chars):
+                return CharTokenizer("".join(chars))
+        if model.get("type") == "BPE" and len(model.get("vocab", {})) == 50257:
+            return TiktokenTokenizer("gpt2")
+    elif (folder / "vocab.json").is_file() and len(_read_json(folder / "vocab.json")) == 50257:
+        return TiktokenTokenizer("gpt2")
+    raise UserError(f"{folder} has no tokenizer this project can use (a character tokenizer.json as "
+                    "export.py writes it, or GPT-2's own BPE)")
+
+
+def grow_vocabulary(weights: dict[str, torch.Tensor], cfg: ModelConfig, needed: int) -> ModelConfig:
+    """Give the embedding (and an untied head) rows for tokens the model lacks (GPT-2's
+    vocabulary gains the ChatML pair), at the mean embedding, up to a multiple of 64."""
+    if needed <= cfg.vocab_size:
+        return cfg
+    size = padded_vocab_size(needed, 64)
+    for name in ("wte.weight", "lm_head.weight"):
+        rows = weights[name]
+        extra = rows.mean(dim=0, keepdim=True).expand(size - rows.shape[0], -1)
+        weights[name] = torch.cat([rows, extra])
+    if cfg.tie_embeddings:
+        weights["lm_head.weight"] = weights["wte.weight"]
+    return ModelConfig(**{**config_to_dict(Config(model=cfg))["model"], "vocab_size": size})
+
+
+def checkpoint_from_hf(folder: str | Path) -> dict:
+    """Return a Hugging Face GPT-2 folder as a checkpoint-like dict (model, config, tokenizer)
+    that --load_model_only starts from."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    cfg = model_config_from_hf(_read_json(folder / "config.json"), folder)
+    weights_path = folder / "model.safetensors"
+    if not weights_path.is_file():
+        raise UserError(f"{folder} has no model.safetensors (other weight formats are not read); "
+                        "save it with save_pretrained(..., safe_serialization=True)")
+    try:
+        hf_weights = load_file(weights_path)
+    except (SafetensorError, OSError) as error:
+        raise UserError(f"{weights_path} is damaged or not safetensors: {error}") from None
+    try:
+        weights = weights_from_hf(hf_weights, cfg)
+    except KeyError as error:
+        raise UserError(f"{weights_path} lacks the GPT-2 weight {error.args[0]}") from None
+    tokenizer = tokenizer_from_hf(folder)
+    cfg = grow_vocabulary(weights, cfg, tokenizer.vocab_size)
+    biases = [name for name in weights if name.endswith(".bias")]
+    if not any(weights[name].any() for name in biases):  # exported from a model without biases
+        weights = {name: t for name, t in weights.items() if name not in biases}
+        cfg = ModelConfig(**{**config_to_dict(Config(model=cfg))["model"], "bias": False})
+    return {"model": weights, "config": config_to_dict(Config(model=cfg)), "tokenizer": tokenizer.to_dict(),
+            "source": f"Hugging Face folder {folder}"}
