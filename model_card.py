@@ -82,7 +82,9 @@ def card_text(checkpoint: dict, checkpoint_path: Path, has_plot: bool, name: str
               f'tokenizer = AutoTokenizer.from_pretrained("{name}")',
               f'model = AutoModelForCausalLM.from_pretrained("{name}")',
               'ids = tokenizer("ROMEO:", return_tensors="pt").input_ids',
-              "print(tokenizer.decode(model.generate(ids, max_new_tokens=200, do_sample=True)[0]))",
+              f"new = {max(1, model_cfg.block_size - 6)}  # prompt and new tokens fit the context of "
+              f"{model_cfg.block_size} (learned positions end there)",
+              "print(tokenizer.decode(model.generate(ids, max_new_tokens=new, do_sample=True)[0]))",
               "```", "", "With gpt-trainer, from the original checkpoint:", "", "```bash",
               f"python gen.py {checkpoint_path.name} --prompt \"ROMEO:\"",
               f"python eval.py {checkpoint_path.name} --text some.txt", "```", ""]
