@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -23,11 +24,18 @@ from huggingface import check_gpt2_shape, generation_config, gpt2_config, gpt2_w
 from model_card import write_model_card
 from tokenizer import tokenizer_from_dict
 
+REPO_ID = re.compile(r"(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = CliParser(description="Export a checkpoint as a Hugging Face model folder.", allow_abbrev=False)
     parser.add_argument("checkpoint", help="a checkpoint file, or a run directory (best.pt, else ckpt.pt)")
     parser.add_argument("--out", required=True, help="the folder to write (created; must be empty)")
+    parser.add_argument("--push_to_hub", metavar="REPO_ID",
+                        help="then upload the folder to this Hugging Face repository (name or owner/name)")
+    parser.add_argument("--private", action="store_true", help="create the repository private")
+    parser.add_argument("--dry_run", action="store_true",
+                        help="say what --push_to_hub would upload, and touch no network")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     return parser
 
@@ -60,12 +68,57 @@ def export(checkpoint_path: Path, out: Path) -> list[Path]:
     return sorted(out.iterdir())
 
 
+def check_repo_id(repo_id: str) -> None:
+    if not REPO_ID.fullmatch(repo_id):
+        raise UserError(f"--push_to_hub {repo_id!r} is not a repository id: use 'name' or 'owner/name' "
+                        "(letters, digits, '-', '_', '.')")
+
+
+def describe_upload(folder: Path, repo_id: str, private: bool) -> str:
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    total = sum(p.stat().st_size for p in files)
+    lines = [f"would upload {len(files)} files ({total / 1e6:.1f} MB) to https://huggingface.co/{repo_id} "
+             f"({'private' if private else 'public'}):"]
+    lines += [f"  {p.name}  {p.stat().st_size:,} bytes" for p in files]
+    return "\n".join(lines)
+
+
+def push_to_hub(folder: Path, repo_id: str, private: bool) -> str:
+    """Create the repository if needed and upload the folder; return its URL."""
+    import huggingface_hub
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    if huggingface_hub.get_token() is None:
+        raise UserError("no Hugging Face token: run `hf auth login` (or set HF_TOKEN), then export again "
+                        "with --push_to_hub; the folder is written already")
+    api = huggingface_hub.HfApi()
+    try:
+        url = api.create_repo(repo_id, private=private, exist_ok=True)
+        api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message="Upload from export.py")
+    except OfflineModeIsEnabled:
+        raise UserError("HF_HUB_OFFLINE is set, so nothing was uploaded; unset it to --push_to_hub") from None
+    except (HfHubHTTPError, OSError, ValueError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserError(f"the upload to {repo_id} failed ({reason}); the exported folder {folder} is "
+                        "intact, so try again later") from None
+    return str(url)
+
+
 def main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(argv)
+    if args.push_to_hub:
+        check_repo_id(args.push_to_hub)
+    elif args.private or args.dry_run:
+        raise UserError("--private and --dry_run go with --push_to_hub REPO_ID")
     path = find_checkpoint(args.checkpoint, prefer=("best.pt", "ckpt.pt"))
-    written = export(path, Path(args.out))
-    print(f"exported {path} to {args.out}: {', '.join(p.name for p in written)}")
-    print(f"load it with transformers: AutoModelForCausalLM.from_pretrained({str(args.out)!r})")
+    out = Path(args.out)
+    written = export(path, out)
+    print(f"exported {path} to {out}: {', '.join(p.name for p in written)}")
+    print(f"load it with transformers: AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    if args.push_to_hub and args.dry_run:
+        print(describe_upload(out, args.push_to_hub, args.private))
+    elif args.push_to_hub:
+        print(f"uploaded to {push_to_hub(out, args.push_to_hub, args.private)}")
     return 0
 
 

@@ -157,3 +157,44 @@ def test_a_folder_of_another_architecture_is_refused(workdir):
     (workdir / "llama" / "config.json").write_text('{"model_type": "llama"}')
     with pytest.raises(UserError, match="only GPT-2 folders import"):
         checkpoint_from_hf(workdir / "llama")
+
+
+# ---------------------------------------------------------------- uploading
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a network connection fails the test."""
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a network connection was attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+
+
+def test_a_dry_run_lists_the_upload_and_touches_no_network(workdir, no_network, capsys):
+    save_model(workdir / "model.pt")
+    assert run_cli(export.main, ["model.pt", "--out", "hf", "--push_to_hub", "me/tiny", "--private",
+                                 "--dry_run"]) == 0
+    out = capsys.readouterr().out
+    assert "would upload 6 files" in out and "https://huggingface.co/me/tiny (private)" in out
+    assert "model.safetensors" in out and "README.md" in out
+
+
+def test_an_upload_without_a_token_or_network_is_one_line(workdir, no_network, monkeypatch, capsys):
+    save_model(workdir / "model.pt")
+    monkeypatch.setenv("HF_HOME", str(workdir / "hf-home"))  # no stored token there
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    assert run_cli(export.main, ["model.pt", "--out", "hf", "--push_to_hub", "me/tiny"]) == 2
+    assert "no Hugging Face token" in capsys.readouterr().err
+    assert (workdir / "hf" / "model.safetensors").is_file()  # the export itself stands
+
+
+@pytest.mark.parametrize("repo", ["me/", "a b", "me/tiny/extra", ".bad"])
+def test_a_bad_repository_id_is_refused_before_anything_is_written(workdir, repo, capsys):
+    save_model(workdir / "model.pt")
+    assert run_cli(export.main, ["model.pt", "--out", "hf", "--push_to_hub", repo]) == 2
+    assert "is not a repository id" in capsys.readouterr().err and not (workdir / "hf").exists()
