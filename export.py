@@ -3,7 +3,8 @@
 `transformers.AutoModelForCausalLM.from_pretrained(DIR)` and `AutoTokenizer.from_pretrained(DIR)`
 load the folder with no code from this project. A GPT-2-shaped model (learned positions,
 LayerNorm, GELU MLP, one key/value head per query head, no QK-norm) becomes a GPT2LMHeadModel;
-any other option has no exact GPT-2 equivalent and is refused by name. Files written:
+one with rotary positions, RMSNorm, SwiGLU and no biases (grouped-query attention allowed) a
+LlamaForCausalLM; an option neither has is refused by name. Files written:
 config.json, model.safetensors, generation_config.json, the tokenizer's files and README.md
 (the model card).
 """
@@ -20,7 +21,7 @@ from typing import Sequence
 from checkpoint import find_checkpoint, load_checkpoint, model_config_from_checkpoint
 from cli import CliParser, run_cli
 from errors import UserError
-from huggingface import check_gpt2_shape, generation_config, gpt2_config, gpt2_weights, tokenizer_files
+from huggingface import generation_config, hf_family, hf_model, tokenizer_files
 from model_card import write_model_card
 from tokenizer import tokenizer_from_dict
 
@@ -47,22 +48,22 @@ def export(checkpoint_path: Path, out: Path) -> list[Path]:
     checkpoint = load_checkpoint(checkpoint_path)
     cfg = model_config_from_checkpoint(checkpoint)
     tokenizer = tokenizer_from_dict(checkpoint["tokenizer"])
-    check_gpt2_shape(cfg)
+    family = hf_family(cfg)  # refuses, by name, an option transformers has no exact equivalent of
     files = tokenizer_files(tokenizer, cfg.block_size)  # before anything is written: it may refuse
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} is not empty; choose a new --out folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        weights = gpt2_weights(checkpoint["model"], cfg)
+        weights, config = hf_model(checkpoint["model"], cfg, tokenizer)
         save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
-        files["config.json"] = json.dumps(gpt2_config(cfg, tokenizer), indent=2)
+        files["config.json"] = json.dumps(config, indent=2)
         files["generation_config.json"] = json.dumps(generation_config(tokenizer), indent=2)
         for name, text in files.items():
             (out / name).write_text(text + "\n", encoding="utf-8")
         plot = checkpoint_path.parent / "loss.png"
         if plot.is_file():
             shutil.copyfile(plot, out / "loss.png")
-        write_model_card(out / "README.md", checkpoint, checkpoint_path, plot.is_file())
+        write_model_card(out / "README.md", checkpoint, checkpoint_path, plot.is_file(), family)
     except OSError as error:
         raise UserError(f"cannot write {out}: {error.strerror}") from None
     return sorted(out.iterdir())

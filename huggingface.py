@@ -11,11 +11,18 @@ import torch
 
 from config import Config, ModelConfig, config_to_dict, padded_vocab_size
 from errors import UserError
+from model import mlp_hidden_size
 from tokenizer import END_OF_TEXT, IM_END, IM_START, CharTokenizer, TiktokenTokenizer, Tokenizer
 
-# The GPT-2 shape: each option a model needs for GPT2LMHeadModel to compute exactly what it does.
-GPT2_SHAPE = {"position": ("learned",), "norm": ("layernorm",), "mlp": ("gelu", "gelu_tanh"),
-              "qk_norm": (False,)}
+# The options a model needs for transformers to compute exactly what it does: learned positions
+# make it a GPT2LMHeadModel, rotary ones a LlamaForCausalLM.
+FAMILIES = {
+    "GPT-2": {"position": ("learned",), "norm": ("layernorm",), "mlp": ("gelu", "gelu_tanh"),
+              "qk_norm": (False,)},
+    "Llama": {"position": ("rope",), "norm": ("rmsnorm",), "mlp": ("swiglu",), "qk_norm": (False,),
+              "bias": (False,)},
+}
+ROPE_BASE = 10000.0  # model.rotary_tables' default
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which model.py uses
 # our MLP activation -> transformers' name for the same function, and back
 ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_new"}
@@ -29,24 +36,37 @@ CHATML_TEMPLATE = (
 )
 
 
-def check_gpt2_shape(cfg: ModelConfig) -> None:
-    """Refuse, naming the option, a model that GPT2LMHeadModel cannot compute exactly."""
-    for name, allowed in GPT2_SHAPE.items():
+def hf_family(cfg: ModelConfig) -> str:
+    """Return "GPT-2" or "Llama", the transformers model that computes exactly what ours does,
+    or refuse naming the option that neither has."""
+    family = "GPT-2" if cfg.position == "learned" else "Llama"
+    for name, allowed in FAMILIES[family].items():
         value = getattr(cfg, name)
         if value not in allowed:
             needed = " or ".join(json.dumps(a) for a in allowed)
-            raise UserError(f"model.{name} {json.dumps(value)} has no exact equivalent in a GPT-2 model "
-                            f"(it needs {needed}), so this checkpoint cannot be exported yet")
-    if cfg.n_kv_head not in (None, cfg.n_head):
+            raise UserError(f"model.{name} {json.dumps(value)} has no exact equivalent in a {family} model "
+                            f"(model.position {cfg.position} makes it one; it needs {needed}), so this "
+                            "checkpoint cannot be exported")
+    if family == "GPT-2" and cfg.n_kv_head not in (None, cfg.n_head):
         raise UserError(f"model.n_kv_head {cfg.n_kv_head} (grouped-query attention) has no exact equivalent "
-                        "in a GPT-2 model, so this checkpoint cannot be exported yet")
+                        "in a GPT-2 model, so this checkpoint cannot be exported")
+    return family
+
+
+def hf_model(state: dict[str, torch.Tensor], cfg: ModelConfig, tokenizer: Tokenizer) -> tuple[dict, dict]:
+    """Return (transformers' state dict, config.json) for our model's weights."""
+    state = {name.removeprefix("_orig_mod.").removeprefix("module."): t for name, t in state.items()}
+    if hf_family(cfg) == "GPT-2":
+        weights, config = gpt2_weights(state, cfg), gpt2_config(cfg, tokenizer)
+    else:
+        weights, config = llama_weights(state, cfg), llama_config(cfg, tokenizer)
+    return {name: t.detach().to(torch.float32).contiguous().clone() for name, t in weights.items()}, config
 
 
 def gpt2_weights(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Return GPT2LMHeadModel's state dict for ours: its Conv1D layers hold (in, out) matrices,
     so the four per block are transposed; absent biases become zeros; a tied head is left out
     (transformers ties it to the embedding again)."""
-    state = {name.removeprefix("_orig_mod.").removeprefix("module."): t for name, t in state.items()}
     width = cfg.n_embd
 
     def bias(name: str, size: int) -> torch.Tensor:
@@ -66,7 +86,48 @@ def gpt2_weights(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, 
     hf["transformer.ln_f.bias"] = bias("ln_f.bias", width)
     if not cfg.tie_embeddings:
         hf["lm_head.weight"] = state["lm_head.weight"]
-    return {name: tensor.detach().to(torch.float32).contiguous().clone() for name, tensor in hf.items()}
+    return hf
+
+
+def llama_weights(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Return LlamaForCausalLM's state dict for ours: the fused q/k/v matrix split in three, the
+    SwiGLU input matrix in its gate and up halves (model.MLP takes the gate first)."""
+    head_size = cfg.n_embd // cfg.n_head
+    kv_width = (cfg.n_kv_head or cfg.n_head) * head_size
+    hf = {"model.embed_tokens.weight": state["wte.weight"], "model.norm.weight": state["ln_f.weight"]}
+    for i in range(cfg.n_layer):
+        ours, theirs = f"blocks.{i}", f"model.layers.{i}"
+        q, k, v = state[f"{ours}.attn.c_attn.weight"].split([cfg.n_embd, kv_width, kv_width])
+        gate, up = state[f"{ours}.mlp.c_fc.weight"].chunk(2)
+        hf.update({
+            f"{theirs}.input_layernorm.weight": state[f"{ours}.ln_1.weight"],
+            f"{theirs}.self_attn.q_proj.weight": q, f"{theirs}.self_attn.k_proj.weight": k,
+            f"{theirs}.self_attn.v_proj.weight": v,
+            f"{theirs}.self_attn.o_proj.weight": state[f"{ours}.attn.c_proj.weight"],
+            f"{theirs}.post_attention_layernorm.weight": state[f"{ours}.ln_2.weight"],
+            f"{theirs}.mlp.gate_proj.weight": gate, f"{theirs}.mlp.up_proj.weight": up,
+            f"{theirs}.mlp.down_proj.weight": state[f"{ours}.mlp.c_proj.weight"]})
+    if not cfg.tie_embeddings:
+        hf["lm_head.weight"] = state["lm_head.weight"]
+    return hf
+
+
+def llama_config(cfg: ModelConfig, tokenizer: Tokenizer) -> dict:
+    """Return config.json for LlamaForCausalLM with our sizes, RoPE base and RMSNorm epsilon."""
+    end = tokenizer.special_ids.get(END_OF_TEXT)
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.n_embd, "intermediate_size": mlp_hidden_size(cfg),
+        "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
+        "num_key_value_heads": cfg.n_kv_head or cfg.n_head, "head_dim": cfg.n_embd // cfg.n_head,
+        "hidden_act": "silu", "max_position_embeddings": cfg.block_size,
+        # torch.nn.RMSNorm without an eps uses float32's machine epsilon, as model.py does
+        "rms_norm_eps": torch.finfo(torch.float32).eps,
+        "rope_theta": ROPE_BASE, "rope_parameters": {"rope_type": "default", "rope_theta": ROPE_BASE},
+        "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False,
+        "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": end, "eos_token_id": end,
+        "use_cache": True, "torch_dtype": "float32",
+    }
 
 
 def gpt2_config(cfg: ModelConfig, tokenizer: Tokenizer) -> dict:

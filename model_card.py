@@ -23,7 +23,11 @@ def _loss(value: float) -> str:
     return f"{value:.4f}" if math.isfinite(value) else "not evaluated"
 
 
-def card_text(checkpoint: dict, checkpoint_path: Path, has_plot: bool, name: str) -> str:
+ARCHITECTURES = {"GPT-2": "GPT-2 (`GPT2LMHeadModel`): learned positions, pre-LayerNorm blocks, GELU MLP",
+                 "Llama": "Llama (`LlamaForCausalLM`): rotary positions, RMSNorm, SwiGLU MLP, no biases"}
+
+
+def card_text(checkpoint: dict, checkpoint_path: Path, has_plot: bool, name: str, family: str) -> str:
     """Return the model card's Markdown for a checkpoint."""
     cfg: Config = config_from_dict(checkpoint["config"], "the checkpoint's config")
     model_cfg = model_config_from_checkpoint(checkpoint)
@@ -35,11 +39,12 @@ def card_text(checkpoint: dict, checkpoint_path: Path, has_plot: bool, name: str
     step = checkpoint.get("step", 0)
     tokens = step * tokens_per_step(cfg, processes)
     lines = ["---", "library_name: transformers", "pipeline_tag: text-generation",
-             "tags: [gpt2, text-generation, gpt-trainer]", "---", "", f"# {name}", "",
+             f"tags: [{family.lower().replace('-', '')}, text-generation, gpt-trainer]", "---", "",
+             f"# {name}", "",
              f"A small GPT language model trained from scratch with gpt-trainer (plain PyTorch), "
              f"exported from `{checkpoint_path.name}` at step {step:,}.", ""]
     lines += ["## Model", "", *_table([
-        ("architecture", "GPT-2 (`GPT2LMHeadModel`): learned positions, pre-LayerNorm blocks, GELU MLP"),
+        ("architecture", ARCHITECTURES[family]),
         ("shape", f"{model_cfg.n_layer} layers, {model_cfg.n_head} heads, {model_cfg.n_embd} wide, "
                   f"context {model_cfg.block_size} tokens"),
         ("parameters", f"{params:,}"),
@@ -91,6 +96,8 @@ def card_text(checkpoint: dict, checkpoint_path: Path, has_plot: bool, name: str
     return "\n".join(lines)
 
 
-def write_model_card(path: Path, checkpoint: dict, checkpoint_path: Path, has_plot: bool) -> None:
-    path.write_text(card_text(checkpoint, checkpoint_path, has_plot, path.parent.name), encoding="utf-8")
+def write_model_card(path: Path, checkpoint: dict, checkpoint_path: Path, has_plot: bool,
+                     family: str) -> None:
+    text = card_text(checkpoint, checkpoint_path, has_plot, path.parent.name, family)
+    path.write_text(text, encoding="utf-8")
 

@@ -86,11 +86,29 @@ def test_the_model_card_has_every_section(workdir, capsys):
     assert "model.safetensors" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("option, value", [("position", "rope"), ("norm", "rmsnorm"), ("mlp", "swiglu"),
-                                           ("qk_norm", True), ("n_kv_head", 1)])
-def test_an_option_gpt2_cannot_represent_is_refused_by_name(workdir, option, value):
-    save_model(workdir / "model.pt", **{option: value})
-    with pytest.raises(UserError, match=f"model.{option}"):
+LLAMA = {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu"}
+
+
+@pytest.mark.parametrize("options", [{}, {"n_kv_head": 1, "tie_embeddings": False}])
+def test_a_llama_shaped_model_exports_as_llama_with_the_same_logits(workdir, options):
+    model, tokenizer = save_model(workdir / "model.pt", **LLAMA, **options)
+    export.export(workdir / "model.pt", workdir / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(workdir / "hf").eval()
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    ids = torch.tensor([tokenizer.encode(TEXT[:40])])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids)[0], rtol=1e-5, atol=1e-5)
+    assert "LlamaForCausalLM" in (workdir / "hf" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("options, named", [
+    ({"norm": "rmsnorm"}, "model.norm"), ({"mlp": "swiglu"}, "model.mlp"),
+    ({"qk_norm": True}, "model.qk_norm"), ({"n_kv_head": 1}, "model.n_kv_head"),
+    ({**LLAMA, "mlp": "relu2"}, "model.mlp"),
+    ({**LLAMA, "bias": True}, "model.bias"), ({**LLAMA, "qk_norm": True}, "model.qk_norm")])
+def test_an_option_transformers_cannot_represent_is_refused_by_name(workdir, options, named):
+    save_model(workdir / "model.pt", **options)
+    with pytest.raises(UserError, match=named):
         export.export(workdir / "model.pt", workdir / "hf")
     assert not (workdir / "hf").exists()  # nothing half-written
 
