@@ -1,6 +1,7 @@
-"""Our checkpoints in Hugging Face's GPT-2 format and back: config.json, the weights of
-GPT2LMHeadModel, and the tokenizer's files. export.py writes folders with it; train.py's
---load_model_only reads them (a GPT-2 of your own, or one you trained here and exported).
+"""Our checkpoints in Hugging Face's formats and back: config.json, the weights of
+GPT2LMHeadModel or LlamaForCausalLM, and the tokenizer's files. export.py writes folders with
+it; train.py's --load_model_only reads GPT-2 folders (a GPT-2 of your own, or one you trained
+here and exported).
 """
 from __future__ import annotations
 
