@@ -49,7 +49,8 @@ def export(checkpoint_path: Path, out: Path) -> list[Path]:
     cfg = model_config_from_checkpoint(checkpoint)
     tokenizer = tokenizer_from_dict(checkpoint["tokenizer"])
     family = hf_family(cfg)  # refuses, by name, an option transformers has no exact equivalent of
-    files = tokenizer_files(tokenizer, cfg.block_size)  # before anything is written: it may refuse
+    model_type = checkpoint["config"]["data"].get("sentencepiece_model", "bpe")
+    files = tokenizer_files(tokenizer, cfg.block_size, model_type)  # before writing: it may refuse
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} is not empty; choose a new --out folder")
     try:
@@ -58,8 +59,11 @@ def export(checkpoint_path: Path, out: Path) -> list[Path]:
         save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
         files["config.json"] = json.dumps(config, indent=2)
         files["generation_config.json"] = json.dumps(generation_config(tokenizer), indent=2)
-        for name, text in files.items():
-            (out / name).write_text(text + "\n", encoding="utf-8")
+        for name, content in files.items():
+            if isinstance(content, bytes):
+                (out / name).write_bytes(content)
+            else:
+                (out / name).write_text(content + "\n", encoding="utf-8")
         plot = checkpoint_path.parent / "loss.png"
         if plot.is_file():
             shutil.copyfile(plot, out / "loss.png")

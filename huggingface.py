@@ -13,7 +13,15 @@ import torch
 from config import Config, ModelConfig, config_to_dict, padded_vocab_size
 from errors import UserError
 from model import mlp_hidden_size
-from tokenizer import END_OF_TEXT, IM_END, IM_START, CharTokenizer, TiktokenTokenizer, Tokenizer
+from tokenizer import (
+    END_OF_TEXT,
+    IM_END,
+    IM_START,
+    CharTokenizer,
+    SentencePieceTokenizer,
+    TiktokenTokenizer,
+    Tokenizer,
+)
 
 # The options a model needs for transformers to compute exactly what it does: learned positions
 # make it a GPT2LMHeadModel, rotary ones a LlamaForCausalLM.
@@ -152,7 +160,7 @@ def generation_config(tokenizer: Tokenizer) -> dict:
     return {"bos_token_id": end, "eos_token_id": end, "do_sample": True, "temperature": 0.8, "top_k": 200}
 
 
-def char_tokenizer_json(tokenizer: Tokenizer) -> str:
+def char_tokenizer_json(tokenizer: CharTokenizer) -> str:
     """Return tokenizer.json (the `tokenizers` library's format) that encodes as our character
     tokenizer does: every character alone looked up in the vocabulary, the special tokens after."""
     from tokenizers import Regex, decoders, models, pre_tokenizers
@@ -162,6 +170,46 @@ def char_tokenizer_json(tokenizer: Tokenizer) -> str:
     hf = HFTokenizer(models.WordLevel(vocab, unk_token=None))
     hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     hf.decoder = decoders.Fuse()
+    return _with_specials(hf, tokenizer)
+
+
+def bpe_merges(pieces: list[tuple[str, float, bool]]) -> list[tuple[str, str]]:
+    """Return the merges that rebuild SentencePiece's BPE pieces, in the order of its pieces
+    (their scores): every split of a piece into two pieces of the vocabulary."""
+    vocab = {text: i for i, (text, _, _) in enumerate(pieces)}
+    merges = []
+    for text, _, ordinary in pieces:
+        splits = [(text[:k], text[k:]) for k in range(1, len(text)) if ordinary
+                  and text[:k] in vocab and text[k:] in vocab]
+        merges += sorted(splits, key=lambda pair: (vocab[pair[0]], vocab[pair[1]]))
+    return merges
+
+
+def sentencepiece_tokenizer_json(tokenizer: SentencePieceTokenizer, model_type: str) -> str:
+    """Return tokenizer.json that encodes as our SentencePiece model does: spaces as '▁', byte
+    fallback, BPE merges in score order (or the unigram scores), never across a line break
+    (we encode line by line, at str.splitlines' boundaries)."""
+    from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    pieces = tokenizer.pieces()
+    if model_type == "bpe":
+        vocab = {text: i for i, (text, _, _) in enumerate(pieces)}
+        model = models.BPE(vocab, bpe_merges(pieces), unk_token=pieces[0][0], byte_fallback=True,
+                           fuse_unk=True)
+    else:
+        model = models.Unigram([(text, score) for text, score, _ in pieces], unk_id=0, byte_fallback=True)
+    hf = HFTokenizer(model)
+    hf.normalizer = normalizers.Replace(" ", "\u2581")
+    line_breaks = Regex("\r\n|[\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
+    hf.pre_tokenizer = pre_tokenizers.Split(line_breaks, behavior="merged_with_previous")
+    hf.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                    decoders.Fuse()])
+    return _with_specials(hf, tokenizer)
+
+
+def _with_specials(hf, tokenizer: Tokenizer) -> str:
+    """Add our special tokens at our ids and return the tokenizer.json text."""
     hf.add_special_tokens(list(tokenizer.special_ids))
     for name, index in tokenizer.special_ids.items():
         if hf.token_to_id(name) != index:
@@ -169,21 +217,25 @@ def char_tokenizer_json(tokenizer: Tokenizer) -> str:
     return hf.to_str()
 
 
-def tokenizer_files(tokenizer: Tokenizer, block_size: int) -> dict[str, str]:
-    """Return the tokenizer's files for AutoTokenizer, by name."""
-    if tokenizer.kind != "char":
-        raise UserError(f"exporting a {tokenizer.kind} tokenizer is not built yet; only character "
-                        "tokenizers export for now")
+def tokenizer_files(tokenizer: Tokenizer, block_size: int, sentencepiece_model: str = "bpe") -> dict:
+    """Return the tokenizer's files for AutoTokenizer, by name (text, or bytes for
+    SentencePiece's own tokenizer.model, which importing reads back)."""
+    if isinstance(tokenizer, CharTokenizer):
+        files: dict = {"tokenizer.json": char_tokenizer_json(tokenizer)}
+    elif isinstance(tokenizer, SentencePieceTokenizer):
+        files = {"tokenizer.json": sentencepiece_tokenizer_json(tokenizer, sentencepiece_model),
+                 "tokenizer.model": tokenizer.model}
+    else:
+        raise UserError(f"exporting a {tokenizer.kind} tokenizer is not built yet; character and "
+                        "SentencePiece tokenizers export")
     settings = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": block_size,
                 "clean_up_tokenization_spaces": False}
     if END_OF_TEXT in tokenizer.special_ids:
         settings.update(bos_token=END_OF_TEXT, eos_token=END_OF_TEXT)
     if IM_START in tokenizer.special_ids:
         settings["chat_template"] = CHATML_TEMPLATE
-    return {"tokenizer.json": char_tokenizer_json(tokenizer),
-            "tokenizer_config.json": json.dumps(settings, indent=2)}
-
-
+    files["tokenizer_config.json"] = json.dumps(settings, indent=2)
+    return files
 
 
 # ---------------------------------------------------------------- reading a folder back
@@ -242,9 +294,11 @@ def weights_from_hf(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, 
 
 
 def tokenizer_from_hf(folder: Path) -> Tokenizer:
-    """Return our tokenizer for the folder's: a character vocabulary as export.py writes it, or
-    GPT-2's byte-level BPE (tiktoken's gpt2 encoding, the same tokens)."""
+    """Return our tokenizer for the folder's: a SentencePiece model or a character vocabulary as
+    export.py writes them, or GPT-2's byte-level BPE (tiktoken's gpt2 encoding, the same tokens)."""
     path = folder / "tokenizer.json"
+    if (folder / "tokenizer.model").is_file():  # SentencePiece's own model, as export.py writes it
+        return SentencePieceTokenizer((folder / "tokenizer.model").read_bytes())
     if path.is_file():
         spec = _read_json(path)
         model = spec.get("model", {})

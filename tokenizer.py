@@ -189,6 +189,14 @@ class SentencePieceTokenizer(_ListEncoder, _AppendedSpecials):
     def _decode_base(self, ids: list[int]) -> str:
         return self._processor.decode(ids)
 
+    def pieces(self) -> list[tuple[str, float, bool]]:
+        """Return every piece of the base vocabulary in id order: (text, score, whether it is
+        an ordinary piece rather than <unk> or a byte)."""
+        sp = self._processor
+        special = (sp.is_unknown, sp.is_byte, sp.is_control)
+        return [(sp.id_to_piece(i), sp.get_score(i), not any(test(i) for test in special))
+                for i in range(sp.get_piece_size())]
+
     def to_dict(self) -> dict:
         return {"kind": self.kind, "model": base64.b64encode(self.model).decode("ascii")}
 

@@ -15,7 +15,7 @@ from errors import UserError
 from huggingface import checkpoint_from_hf
 from model import GPT
 from model_card import CARD_SECTIONS
-from tokenizer import IM_END, IM_START, CharTokenizer
+from tokenizer import IM_END, IM_START, CharTokenizer, SentencePieceTokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -216,3 +216,26 @@ def test_a_bad_repository_id_is_refused_before_anything_is_written(workdir, repo
     save_model(workdir / "model.pt")
     assert run_cli(export.main, ["model.pt", "--out", "hf", "--push_to_hub", repo]) == 2
     assert "is not a repository id" in capsys.readouterr().err and not (workdir / "hf").exists()
+
+
+# ---------------------------------------------------------------- SentencePiece tokenizers
+
+
+@pytest.mark.parametrize("model_type", ["bpe", "unigram"])
+def test_a_sentencepiece_tokenizer_exports_and_imports_exactly(workdir, small_corpus_file, model_type):
+    text = small_corpus_file.read_text()
+    sp = SentencePieceTokenizer.train(iter(text.splitlines(keepends=True)), 300, model_type)
+    model_cfg = ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=32, vocab_size=320)
+    cfg = Config(model=model_cfg)
+    cfg.data.sentencepiece_model = model_type
+    save_checkpoint({"model": GPT(model_cfg).state_dict(), "config": config_to_dict(cfg), "step": 1,
+                     "tokenizer": sp.to_dict(), "losses": {}}, workdir / "sp.pt")
+    export.export(workdir / "sp.pt", workdir / "hf")
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(workdir / "hf")
+    # spaces, line breaks of every kind str.splitlines knows, and characters only bytes can spell
+    probe = text[:3000] + "  double  spaces,\r\nCRLF \u2028 é — ✓ 🎉\n\nend"
+    ids = hf_tokenizer(probe).input_ids
+    assert ids == sp.encode(probe)
+    assert hf_tokenizer.decode(ids) == probe
+    assert hf_tokenizer.convert_tokens_to_ids(IM_END) == sp.special_ids[IM_END]
+    assert checkpoint_from_hf(workdir / "hf")["tokenizer"] == sp.to_dict()  # tokenizer.model comes back
