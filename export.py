@@ -21,7 +21,8 @@ from typing import Sequence
 from checkpoint import find_checkpoint, load_checkpoint, model_config_from_checkpoint
 from cli import CliParser, run_cli
 from errors import UserError
-from huggingface import generation_config, hf_family, hf_model, tokenizer_files
+from hf_tokenizer import tokenizer_files
+from huggingface import generation_config, hf_family, hf_model
 from model_card import write_model_card
 from tokenizer import tokenizer_from_dict
 

@@ -1,7 +1,7 @@
-"""Our checkpoints in Hugging Face's formats and back: config.json, the weights of
-GPT2LMHeadModel or LlamaForCausalLM, and the tokenizer's files. export.py writes folders with
-it; train.py's --load_model_only reads GPT-2 folders (a GPT-2 of your own, or one you trained
-here and exported).
+"""Our models in Hugging Face's formats and back: config.json and the weights of
+GPT2LMHeadModel or LlamaForCausalLM (hf_tokenizer.py writes the tokenizer files). export.py
+writes folders with it; train.py's --load_model_only reads GPT-2 folders back (a GPT-2 of your
+own, or one you trained here and exported), tokenizer included.
 """
 from __future__ import annotations
 
@@ -15,8 +15,6 @@ from errors import UserError
 from model import mlp_hidden_size
 from tokenizer import (
     END_OF_TEXT,
-    IM_END,
-    IM_START,
     CharTokenizer,
     SentencePieceTokenizer,
     TiktokenTokenizer,
@@ -36,14 +34,6 @@ LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which model.py uses
 # our MLP activation -> transformers' name for the same function, and back
 ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_new"}
 IMPORTED_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
-
-# ChatML, as chat.py writes it, in the Jinja that transformers' apply_chat_template runs.
-CHATML_TEMPLATE = (
-    "{% for message in messages %}{{ '" + IM_START + "' + message['role'] + '\\n' + message['content'] + '"
-    + IM_END + "\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '" + IM_START + "assistant\\n' }}"
-    "{% endif %}"
-)
-
 
 def hf_family(cfg: ModelConfig) -> str:
     """Return "GPT-2" or "Llama", the transformers model that computes exactly what ours does,
@@ -158,84 +148,6 @@ def generation_config(tokenizer: Tokenizer) -> dict:
     """gen.py's defaults, so `model.generate(do_sample=True)` samples as this project does."""
     end = tokenizer.special_ids.get(END_OF_TEXT)
     return {"bos_token_id": end, "eos_token_id": end, "do_sample": True, "temperature": 0.8, "top_k": 200}
-
-
-def char_tokenizer_json(tokenizer: CharTokenizer) -> str:
-    """Return tokenizer.json (the `tokenizers` library's format) that encodes as our character
-    tokenizer does: every character alone looked up in the vocabulary, the special tokens after."""
-    from tokenizers import Regex, decoders, models, pre_tokenizers
-    from tokenizers import Tokenizer as HFTokenizer
-
-    vocab = {ch: i for i, ch in enumerate(tokenizer.chars)}
-    hf = HFTokenizer(models.WordLevel(vocab, unk_token=None))
-    hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    hf.decoder = decoders.Fuse()
-    return _with_specials(hf, tokenizer)
-
-
-def bpe_merges(pieces: list[tuple[str, float, bool]]) -> list[tuple[str, str]]:
-    """Return the merges that rebuild SentencePiece's BPE pieces, in the order of its pieces
-    (their scores): every split of a piece into two pieces of the vocabulary."""
-    vocab = {text: i for i, (text, _, _) in enumerate(pieces)}
-    merges = []
-    for text, _, ordinary in pieces:
-        splits = [(text[:k], text[k:]) for k in range(1, len(text)) if ordinary
-                  and text[:k] in vocab and text[k:] in vocab]
-        merges += sorted(splits, key=lambda pair: (vocab[pair[0]], vocab[pair[1]]))
-    return merges
-
-
-def sentencepiece_tokenizer_json(tokenizer: SentencePieceTokenizer, model_type: str) -> str:
-    """Return tokenizer.json that encodes as our SentencePiece model does: spaces as '▁', byte
-    fallback, BPE merges in score order (or the unigram scores), never across a line break
-    (we encode line by line, at str.splitlines' boundaries)."""
-    from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers
-    from tokenizers import Tokenizer as HFTokenizer
-
-    pieces = tokenizer.pieces()
-    if model_type == "bpe":
-        vocab = {text: i for i, (text, _, _) in enumerate(pieces)}
-        model = models.BPE(vocab, bpe_merges(pieces), unk_token=pieces[0][0], byte_fallback=True,
-                           fuse_unk=True)
-    else:
-        model = models.Unigram([(text, score) for text, score, _ in pieces], unk_id=0, byte_fallback=True)
-    hf = HFTokenizer(model)
-    hf.normalizer = normalizers.Replace(" ", "\u2581")
-    line_breaks = Regex("\r\n|[\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
-    hf.pre_tokenizer = pre_tokenizers.Split(line_breaks, behavior="merged_with_previous")
-    hf.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
-                                    decoders.Fuse()])
-    return _with_specials(hf, tokenizer)
-
-
-def _with_specials(hf, tokenizer: Tokenizer) -> str:
-    """Add our special tokens at our ids and return the tokenizer.json text."""
-    hf.add_special_tokens(list(tokenizer.special_ids))
-    for name, index in tokenizer.special_ids.items():
-        if hf.token_to_id(name) != index:
-            raise UserError(f"the exported tokenizer numbers {name} {hf.token_to_id(name)}, not {index}")
-    return hf.to_str()
-
-
-def tokenizer_files(tokenizer: Tokenizer, block_size: int, sentencepiece_model: str = "bpe") -> dict:
-    """Return the tokenizer's files for AutoTokenizer, by name (text, or bytes for
-    SentencePiece's own tokenizer.model, which importing reads back)."""
-    if isinstance(tokenizer, CharTokenizer):
-        files: dict = {"tokenizer.json": char_tokenizer_json(tokenizer)}
-    elif isinstance(tokenizer, SentencePieceTokenizer):
-        files = {"tokenizer.json": sentencepiece_tokenizer_json(tokenizer, sentencepiece_model),
-                 "tokenizer.model": tokenizer.model}
-    else:
-        raise UserError(f"exporting a {tokenizer.kind} tokenizer is not built yet; character and "
-                        "SentencePiece tokenizers export")
-    settings = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": block_size,
-                "clean_up_tokenization_spaces": False}
-    if END_OF_TEXT in tokenizer.special_ids:
-        settings.update(bos_token=END_OF_TEXT, eos_token=END_OF_TEXT)
-    if IM_START in tokenizer.special_ids:
-        settings["chat_template"] = CHATML_TEMPLATE
-    files["tokenizer_config.json"] = json.dumps(settings, indent=2)
-    return files
 
 
 # ---------------------------------------------------------------- reading a folder back

@@ -236,7 +236,9 @@ class TiktokenTokenizer(_ListEncoder):
             if token not in specials:
                 specials[token], next_id = next_id, next_id + 1
         self.name = name
+        self.ranks, self.pattern = base._mergeable_ranks, base._pat_str  # the BPE, for export.py
         self.special_ids = {token: specials[token] for token in SPECIAL_TOKENS}
+        self.all_special_ids = specials  # the encoding's own (gpt2: <|endoftext|>) and ChatML's
         self._encoding = tiktoken.Encoding(f"{name}+chatml", pat_str=base._pat_str,
                                            mergeable_ranks=base._mergeable_ranks, special_tokens=specials)
 

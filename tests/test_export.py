@@ -15,7 +15,7 @@ from errors import UserError
 from huggingface import checkpoint_from_hf
 from model import GPT
 from model_card import CARD_SECTIONS
-from tokenizer import IM_END, IM_START, CharTokenizer, SentencePieceTokenizer
+from tokenizer import IM_END, IM_START, CharTokenizer, SentencePieceTokenizer, TiktokenTokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -239,3 +239,28 @@ def test_a_sentencepiece_tokenizer_exports_and_imports_exactly(workdir, small_co
     assert hf_tokenizer.decode(ids) == probe
     assert hf_tokenizer.convert_tokens_to_ids(IM_END) == sp.special_ids[IM_END]
     assert checkpoint_from_hf(workdir / "hf")["tokenizer"] == sp.to_dict()  # tokenizer.model comes back
+
+
+def test_a_tiktoken_tokenizer_exports_as_byte_level_bpe(workdir, monkeypatch):
+    """tiktoken's files are downloads, so a small BPE trained here stands in for 'gpt2'."""
+    import tiktoken
+    from tiktoken._educational import bpe_train
+
+    text = "ROMEO: What light through yonder window breaks? It is the east, and Juliet is the sun. " * 20
+    pattern = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""  # GPT-2's
+    ranks = bpe_train(text, 300, pattern, visualise=None)
+    small = tiktoken.Encoding("gpt2", pat_str=pattern, mergeable_ranks=ranks,
+                              special_tokens={"<|endoftext|>": 300})
+    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: small)
+    ours = TiktokenTokenizer("gpt2")
+    model_cfg = ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=32, vocab_size=320)
+    save_checkpoint({"model": GPT(model_cfg).state_dict(), "config": config_to_dict(Config(model=model_cfg)),
+                     "step": 1, "tokenizer": ours.to_dict(), "losses": {}}, workdir / "bpe.pt")
+    export.export(workdir / "bpe.pt", workdir / "hf")
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(workdir / "hf")
+    probe = text[:400] + " they'll  go — é ✓ 🎉\n\n  12345 end"
+    ids = hf_tokenizer(probe).input_ids
+    assert ids == ours.encode(probe)
+    assert hf_tokenizer.decode(ids) == probe
+    specials = ("<|endoftext|>", IM_START, IM_END)
+    assert [hf_tokenizer.convert_tokens_to_ids(t) for t in specials] == [300, 301, 302]
