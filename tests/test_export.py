@@ -52,12 +52,18 @@ def test_transformers_loads_the_export_and_computes_the_same_logits(workdir, opt
         theirs = hf(ids).logits
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
 
+    assert_same_greedy_tokens(model, hf, ids)
+
+
+def assert_same_greedy_tokens(model: GPT, hf, ids: torch.Tensor, count: int = 20) -> None:
+    """transformers' greedy generate and ours (recomputed each time, argmax over every row of
+    the head) pick the same `count` tokens."""
     greedy = ids
-    for _ in range(20):  # ours, recomputed each time, argmax over every row of the head
+    for _ in range(count):
         with torch.no_grad():
             next_id = model(greedy)[0][:, -1].argmax(-1, keepdim=True)
         greedy = torch.cat([greedy, next_id], dim=1)
-    generated = hf.generate(ids, max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)
+    generated = hf.generate(ids, max_new_tokens=count, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert generated.tolist() == greedy.tolist()
 
 
@@ -98,6 +104,7 @@ def test_a_llama_shaped_model_exports_as_llama_with_the_same_logits(workdir, opt
     ids = torch.tensor([tokenizer.encode(TEXT[:40])])
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, model(ids)[0], rtol=1e-5, atol=1e-5)
+    assert_same_greedy_tokens(model, hf, ids[:, :20])
     assert "LlamaForCausalLM" in (workdir / "hf" / "README.md").read_text()
 
 
