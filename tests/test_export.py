@@ -228,17 +228,23 @@ def test_a_bad_repository_id_is_refused_before_anything_is_written(workdir, repo
 # ---------------------------------------------------------------- SentencePiece tokenizers
 
 
+def export_with_tokenizer(workdir, tokenizer, **data_settings):
+    """Export a random one-layer model with `tokenizer`; return transformers' tokenizer for it."""
+    model_cfg = ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=32, vocab_size=320)
+    cfg = Config(model=model_cfg)
+    for name, value in data_settings.items():
+        setattr(cfg.data, name, value)
+    save_checkpoint({"model": GPT(model_cfg).state_dict(), "config": config_to_dict(cfg), "step": 1,
+                     "tokenizer": tokenizer.to_dict(), "losses": {}}, workdir / "model.pt")
+    export.export(workdir / "model.pt", workdir / "hf")
+    return transformers.AutoTokenizer.from_pretrained(workdir / "hf")
+
+
 @pytest.mark.parametrize("model_type", ["bpe", "unigram"])
 def test_a_sentencepiece_tokenizer_exports_and_imports_exactly(workdir, small_corpus_file, model_type):
     text = small_corpus_file.read_text()
     sp = SentencePieceTokenizer.train(iter(text.splitlines(keepends=True)), 300, model_type)
-    model_cfg = ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=32, vocab_size=320)
-    cfg = Config(model=model_cfg)
-    cfg.data.sentencepiece_model = model_type
-    save_checkpoint({"model": GPT(model_cfg).state_dict(), "config": config_to_dict(cfg), "step": 1,
-                     "tokenizer": sp.to_dict(), "losses": {}}, workdir / "sp.pt")
-    export.export(workdir / "sp.pt", workdir / "hf")
-    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(workdir / "hf")
+    hf_tokenizer = export_with_tokenizer(workdir, sp, sentencepiece_model=model_type)
     # spaces, line breaks of every kind str.splitlines knows, and characters only bytes can spell
     probe = text[:3000] + "  double  spaces,\r\nCRLF \u2028 é — ✓ 🎉\n\nend"
     ids = hf_tokenizer(probe).input_ids
@@ -260,11 +266,7 @@ def test_a_tiktoken_tokenizer_exports_as_byte_level_bpe(workdir, monkeypatch):
                               special_tokens={"<|endoftext|>": 300})
     monkeypatch.setattr(tiktoken, "get_encoding", lambda name: small)
     ours = TiktokenTokenizer("gpt2")
-    model_cfg = ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=32, vocab_size=320)
-    save_checkpoint({"model": GPT(model_cfg).state_dict(), "config": config_to_dict(Config(model=model_cfg)),
-                     "step": 1, "tokenizer": ours.to_dict(), "losses": {}}, workdir / "bpe.pt")
-    export.export(workdir / "bpe.pt", workdir / "hf")
-    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(workdir / "hf")
+    hf_tokenizer = export_with_tokenizer(workdir, ours)
     probe = text[:400] + " they'll  go — é ✓ 🎉\n\n  12345 end"
     ids = hf_tokenizer(probe).input_ids
     assert ids == ours.encode(probe)
