@@ -192,6 +192,8 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    gpt2_compatible = True  # with a GPT-2-shaped config it has GPT-2's parameters (check_model.py)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         if cfg.vocab_size is None:
