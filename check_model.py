@@ -81,7 +81,8 @@ def check_shapes(cls: type) -> None:
            f"logits must be (batch, time, vocab_size) = {(*x.shape, tiny_config().vocab_size)}, "
            f"got {tuple(logits.shape)}")
     expect(loss is None, "without targets, forward must return None for the loss")
-    expect(model(x, y)[1] is not None and model(x, y)[1].dim() == 0,
+    loss = model(x, y)[1]
+    expect(loss is not None and loss.dim() == 0,
            "with targets, forward must return the loss as a scalar tensor")
 
 

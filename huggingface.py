@@ -5,6 +5,7 @@ own, or one you trained here and exported), tokenizer included.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -238,7 +239,7 @@ def grow_vocabulary(weights: dict[str, torch.Tensor], cfg: ModelConfig, needed: 
         weights[name] = torch.cat([rows, extra])
     if cfg.tie_embeddings:
         weights["lm_head.weight"] = weights["wte.weight"]
-    return ModelConfig(**{**config_to_dict(Config(model=cfg))["model"], "vocab_size": size})
+    return dataclasses.replace(cfg, vocab_size=size)
 
 
 def checkpoint_from_hf(folder: str | Path) -> dict:
@@ -266,6 +267,6 @@ def checkpoint_from_hf(folder: str | Path) -> dict:
     biases = [name for name in weights if name.endswith(".bias")]
     if not any(weights[name].any() for name in biases):  # exported from a model without biases
         weights = {name: t for name, t in weights.items() if name not in biases}
-        cfg = ModelConfig(**{**config_to_dict(Config(model=cfg))["model"], "bias": False})
+        cfg = dataclasses.replace(cfg, bias=False)
     return {"model": weights, "config": config_to_dict(Config(model=cfg)), "tokenizer": tokenizer.to_dict(),
             "source": f"Hugging Face folder {folder}"}
