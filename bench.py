@@ -31,10 +31,10 @@ import torch
 
 from cli import CliParser, add_config_flags, overrides_from_args, run_cli
 from config import Config, deep_merge, fill_vocab_size, resolve_config
+from contract import build_model
 from corpus import worker_count
 from data_loader import check_enough_tokens, dataset_files, prepare_data, synthetic_data
 from errors import UserError
-from model import GPT
 from monitor import RunMonitor
 from optim import accumulate_gradients, make_optimizer, optimizer_step
 from trainer import Trainer
@@ -134,7 +134,7 @@ def max_batch(cfg: Config, data_vocab: int) -> dict:
     system = resolve_system(cfg.system.device, cfg.system.dtype, False)
     if system.device.type != "cuda":
         raise UserError("--max_batch searches GPU memory; run it with a CUDA device")
-    model = GPT(fill_vocab_size(cfg, data_vocab).model).to(system.device)
+    model = build_model(fill_vocab_size(cfg, data_vocab).model).to(system.device)
     optimizer = make_optimizer(model, cfg.training, system.device, system.dtype)
     scaler = torch.amp.GradScaler("cuda", enabled=system.dtype == torch.float16)
     autocast = autocast_context(system.device, system.dtype)

@@ -64,7 +64,7 @@ def chat_session(session: "Session", system_prompt: str, stdin: TextIO) -> None:
     system = render_turn(tokenizer, "system", system_prompt) if system_prompt else []
     header = [tokenizer.special_ids[IM_START], *tokenizer.encode("assistant\n")]
     stop_ids = frozenset(tokenizer.special_ids[name] for name in (IM_END, END_OF_TEXT))
-    block = session.model.config.block_size
+    block = session.block_size
     budget = block - min(session.settings.max_new_tokens, block // 2)  # room left for the reply
     turns: list[list[int]] = []
     if interactive:

@@ -1,14 +1,14 @@
 """Grade a GPT implementation against the contract the trainer relies on:
 `python check_model.py path/to/my_gpt.py:MyGPT` (our own: `python check_model.py model.py:GPT`).
 
-The contract: a torch.nn.Module built from a ModelConfig, whose forward(idx, targets=None)
-returns (logits of shape (B, T, vocab_size), loss or None), and num_params(). Each check prints
-one line, PASS or FAIL with a hint naming what to look at; the exit status is 0 when all pass,
-1 when one fails, 2 when the class cannot be loaded at all.
+The contract is written down in contract.py: a torch.nn.Module built from a ModelConfig,
+whose forward(idx, targets=None) returns (logits of shape (B, T, vocab_size), loss or None), and
+num_params(). Each check prints one line, PASS or FAIL with a hint naming what to look at (a
+check not reached says what it would check); the exit status is 0 when all pass, 1 when one
+fails, 2 when the class cannot be loaded at all. docs/build-your-own-gpt.md meets them in order.
 """
 from __future__ import annotations
 
-import importlib.util
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +19,7 @@ from torch.nn import functional as F
 
 from cli import CliParser, run_cli
 from config import ModelConfig
-from errors import UserError
+from contract import REQUIRED_METHODS, load_class
 
 
 class ContractError(Exception):
@@ -34,6 +34,7 @@ class NotApplicable(Exception):
 class Check:
     name: str
     run: Callable[[type], None]  # raises ContractError with a hint
+    goal: str  # what it checks, in a line
 
 
 def tiny_config(**changes) -> ModelConfig:
@@ -63,15 +64,22 @@ def expect(condition: bool, hint: str) -> None:
 
 
 def check_builds(cls: type) -> None:
+    """MyGPT(config) builds a torch.nn.Module whose num_params() counts its parameters"""
+    expect(issubclass(cls, torch.nn.Module), "the class must subclass torch.nn.Module")
+    for method in REQUIRED_METHODS:
+        expect(getattr(cls, method, None) not in (None, getattr(torch.nn.Module, method, None)),
+               f"add the method {method}(), which the contract requires (contract.py)")
     try:
         model = build(cls)
     except NotImplementedError as error:
-        raise ContractError(f"__init__ is not written yet: {error}") from None
-    expect(isinstance(model, torch.nn.Module), "the class must subclass torch.nn.Module")
-    expect(callable(getattr(model, "num_params", None)), "add num_params(), returning the parameter count")
+        raise ContractError(f"not written yet: {error}") from None
+    counted, actual = model.num_params(), sum(p.numel() for p in model.parameters())
+    expect(counted == actual, f"num_params() returns {counted!r} but the model has {actual:,} parameters: "
+                              "return sum(p.numel() for p in self.parameters()) (a shared tensor once)")
 
 
 def check_shapes(cls: type) -> None:
+    """forward(idx) returns (logits (batch, time, vocab_size), None); with targets, a scalar loss"""
     model = build(cls)
     x, y = batch()
     output = model(x)
@@ -87,6 +95,7 @@ def check_shapes(cls: type) -> None:
 
 
 def check_causality(cls: type) -> None:
+    """changing a token never changes the logits of the positions before it"""
     model = build(cls).eval()
     x, _ = batch()
     changed = x.clone()
@@ -99,6 +108,7 @@ def check_causality(cls: type) -> None:
 
 
 def check_loss(cls: type) -> None:
+    """the loss is the cross-entropy of the logits against the targets"""
     model = build(cls).eval()
     x, y = batch()
     with torch.no_grad():
@@ -110,6 +120,7 @@ def check_loss(cls: type) -> None:
 
 
 def check_gradients(cls: type) -> None:
+    """a gradient reaches every parameter"""
     model = build(cls)
     x, y = batch()
     model(x, y)[1].backward()
@@ -120,6 +131,7 @@ def check_gradients(cls: type) -> None:
 
 
 def check_gradcheck(cls: type) -> None:
+    """autograd's gradients match finite differences (float64, one layer)"""
     model = build(cls, n_layer=1, n_embd=8, n_head=2, block_size=4, vocab_size=5).double()
     x = torch.tensor([[1, 2, 3, 4], [0, 4, 2, 1]]) % 5
     y = torch.tensor([[2, 3, 4, 0], [4, 2, 1, 3]]) % 5
@@ -135,6 +147,7 @@ def check_gradcheck(cls: type) -> None:
 
 
 def check_overfits(cls: type) -> None:
+    """150 AdamW steps memorise one batch (loss under 0.2)"""
     model = build(cls)
     x, y = batch(batch_size=2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
@@ -151,6 +164,7 @@ def check_overfits(cls: type) -> None:
 
 
 def check_state_dict(cls: type) -> None:
+    """a copy loaded from state_dict() computes the same logits"""
     model, other = build(cls, seed=0).eval(), build(cls, seed=1).eval()
     other.load_state_dict(model.state_dict())
     x, _ = batch()
@@ -161,6 +175,7 @@ def check_state_dict(cls: type) -> None:
 
 
 def check_deterministic(cls: type) -> None:
+    """the same torch.manual_seed builds the same model"""
     x, _ = batch()
     with torch.no_grad():
         first, second = build(cls, seed=3).eval()(x)[0], build(cls, seed=3).eval()(x)[0]
@@ -169,7 +184,7 @@ def check_deterministic(cls: type) -> None:
 
 
 def check_gpt2_param_count(cls: type) -> None:
-    """Only for classes that say `gpt2_compatible = True`: GPT-2's count, tied head once."""
+    """num_params() is GPT-2's count (for classes that say gpt2_compatible = True)"""
     if not getattr(cls, "gpt2_compatible", False):
         raise NotApplicable("the class does not say gpt2_compatible = True")
     cfg = tiny_config()
@@ -180,7 +195,7 @@ def check_gpt2_param_count(cls: type) -> None:
                                 "(V*d + T*d + L*(12*d*d + 13*d) + 2*d, the tied head counted once)")
 
 
-CHECKS = [Check(f.__name__.removeprefix("check_"), f) for f in (
+CHECKS = [Check(f.__name__.removeprefix("check_"), f, f.__doc__) for f in (
     check_builds, check_shapes, check_causality, check_loss, check_gradients, check_gradcheck,
     check_overfits, check_state_dict, check_deterministic, check_gpt2_param_count)]
 
@@ -201,7 +216,8 @@ def run_checks(cls: type, checks: Sequence[Check] = CHECKS) -> list[Outcome]:
     results: list[Outcome] = []
     for check in checks:
         if results and results[0].name == "builds" and results[0].status == "FAIL":
-            results.append(Outcome(check.name, "FAIL", "skipped: the class must build first"))
+            results.append(Outcome(check.name, "FAIL", f"not reached, the class must build first; it checks: "
+                                                         f"{check.goal}"))
             continue
         try:
             check.run(cls)
@@ -215,28 +231,6 @@ def run_checks(cls: type, checks: Sequence[Check] = CHECKS) -> list[Outcome]:
         except Exception as error:  # a learner's bug: report it as this check's failure
             results.append(Outcome(check.name, "FAIL", f"raised {type(error).__name__}: {error}"))
     return results
-
-
-def load_class(spec: str) -> type:
-    """Return the class named by 'path/to/file.py:ClassName', or raise UserError."""
-    path_text, _, name = spec.rpartition(":")
-    if not path_text or not name:
-        raise UserError(f"{spec!r} must look like path/to/my_gpt.py:MyGPT")
-    path = Path(path_text)
-    if not path.is_file():
-        raise UserError(f"{path} does not exist")
-    module_spec = importlib.util.spec_from_file_location(f"user_model_{path.stem}", path)
-    module = importlib.util.module_from_spec(module_spec)
-    try:
-        module_spec.loader.exec_module(module)
-    except Exception as error:
-        raise UserError(f"importing {path} failed: {type(error).__name__}: {error}") from None
-    cls = getattr(module, name, None)
-    if not isinstance(cls, type):
-        found = [n for n, v in vars(module).items()
-                 if isinstance(v, type) and v.__module__ == module.__name__]
-        raise UserError(f"{path} has no class {name}; it defines {', '.join(found) or 'no classes'}")
-    return cls
 
 
 def main(argv: Sequence[str]) -> int:

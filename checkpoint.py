@@ -10,13 +10,13 @@ import hashlib
 import re
 import shutil
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO, Callable, Iterator, Optional
 
 import torch
 
 from config import Config, ModelConfig
+from contract import build_model
 from errors import UserError
-from model import GPT
 from utils import notice, write_file_atomic
 
 FORMAT = "gpt-trainer checkpoint"
@@ -215,13 +215,36 @@ def model_config_from_checkpoint(checkpoint: dict) -> ModelConfig:
     return ModelConfig(**checkpoint["config"]["model"])
 
 
-def load_model(checkpoint: dict, device: torch.device, path: str,
-               dtype: torch.dtype = torch.float32) -> GPT:
+def weights_mismatch(expected: dict, given: dict) -> Optional[str]:
+    """Say how the tensors `given` fail to fit a model whose state dict is `expected`, or None."""
+    missing = [name for name in expected if name not in given]
+    if missing:
+        more = f" and {len(missing) - 1} more tensors" if len(missing) > 1 else ""
+        return f"they lack {missing[0]}{more}"
+    extra = [name for name in given if name not in expected]
+    if extra:
+        return f"they hold {extra[0]}, which the model has no place for"
+    for name, tensor in expected.items():
+        if tuple(tensor.shape) != tuple(given[name].shape):
+            return f"{name} is {tuple(given[name].shape)} there but {tuple(tensor.shape)} in the model"
+    return None
+
+
+def load_model(checkpoint: dict, device: torch.device, path: str, dtype: torch.dtype = torch.float32,
+               impl: Optional[str] = None) -> torch.nn.Module:
     """Return the checkpoint's model in eval mode on `device`, its weights in `dtype`: decoding
-    reads every weight once per token, so half-size weights halve its memory traffic."""
-    model = GPT(model_config_from_checkpoint(checkpoint))
+    reads every weight once per token, so half-size weights halve its memory traffic. `impl`
+    names the class where the one it was trained with has moved (--model_impl)."""
+    cfg = model_config_from_checkpoint(checkpoint)
+    if impl is not None:
+        cfg = dataclasses.replace(cfg, impl=impl)
     try:
-        model.load_state_dict(checkpoint["model"])
-    except RuntimeError:
-        raise UserError(f"the weights in {path} do not match the model its config describes") from None
+        model = build_model(cfg)
+    except UserError as error:
+        hint = "; pass --model_impl path/to/file.py:Class" if cfg.impl else ""
+        raise UserError(f"cannot build the model of {path}: {error}{hint}") from None
+    mismatch = weights_mismatch(model.state_dict(), checkpoint["model"])
+    if mismatch:
+        raise UserError(f"the weights in {path} do not fit {type(model).__name__}: {mismatch}")
+    model.load_state_dict(checkpoint["model"])
     return model.to(device=device, dtype=dtype).eval()

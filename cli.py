@@ -33,6 +33,7 @@ SHORT_FLAGS: dict[str, str] = {
     "max_time": "training.max_time_s",
     "budget": "training.budget_usd",
     "precision": "system.dtype",
+    "model_impl": "model.impl",
 }
 
 

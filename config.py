@@ -69,6 +69,8 @@ class ModelConfig:
     loss_chunk_size: int = option(
         0, "compute the output head and loss this many positions at a time, recomputed in the "
         "backward pass, so the tokens x vocabulary logits never exist whole; 0: all at once")
+    impl: str = option("", "the model class: empty for model.py's GPT, or 'path/to/my_gpt.py:MyGPT' for "
+                       "one of your own (contract.py, docs/build-your-own-gpt.md)")
 
 
 @dataclass

@@ -213,7 +213,7 @@ def shard_fully(model: torch.nn.Module) -> None:
     except ImportError:
         raise UserError(f"system.fsdp needs torch >= 2.6 (torch.distributed.fsdp.fully_shard); this is "
                         f"torch {torch.__version__}: upgrade it, or train without --system.fsdp") from None
-    for block in model.blocks:
+    for block in getattr(model, "blocks", ()):  # a user's model without them: one unit
         fully_shard(block)
     fully_shard(model)
 

@@ -26,7 +26,7 @@ from cli import CliParser, run_cli
 from config import DTYPE_ALIASES, Config, config_from_dict
 from data_loader import prepare_data
 from errors import UserError
-from model import GPT, IGNORE_INDEX
+from model import IGNORE_INDEX
 from tokenizer import Tokenizer, tokenizer_from_dict
 from utils import autocast_context, resolve_system
 
@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     parser.add_argument("--dtype", default="float32", choices=("auto", "float32", "bfloat16", "float16",
                                                                 *DTYPE_ALIASES))
+    parser.add_argument("--model_impl", metavar="PATH.py:CLASS",
+                        help="the model's class, where the file the checkpoint names has moved")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     return parser
 
@@ -98,13 +100,15 @@ def batches(spans: list[slice], batch_size: int) -> Iterator[list[slice]]:
 
 
 @torch.no_grad()
-def score(model: GPT, tokens: np.ndarray, tokenizer: Tokenizer, mask: Optional[np.ndarray] = None,
-          batch_size: int = 16, dtype: torch.dtype = torch.float32, progress: bool = False) -> Scored:
-    """Return the model's summed loss over every target of `tokens` (those the mask keeps)."""
+def score(model: torch.nn.Module, block_size: int, tokens: np.ndarray, tokenizer: Tokenizer,
+          mask: Optional[np.ndarray] = None, batch_size: int = 16, dtype: torch.dtype = torch.float32,
+          progress: bool = False) -> Scored:
+    """Return the model's summed loss over every target of `tokens` (those the mask keeps), in
+    windows of block_size."""
     if len(tokens) < 2:
         raise UserError("the text has fewer than 2 tokens: nothing to predict")
     device = next(model.parameters()).device
-    spans = list(windows(len(tokens), model.config.block_size))
+    spans = list(windows(len(tokens), block_size))
     nats, counted = 0.0, 0
     autocast = autocast_context(device, dtype)
     for group in tqdm(list(batches(spans, batch_size)), desc="scoring", unit="batch", disable=not progress,
@@ -117,7 +121,7 @@ def score(model: GPT, tokens: np.ndarray, tokenizer: Tokenizer, mask: Optional[n
         with autocast:
             _, loss = model(x, y)  # the mean over the batch's counted targets
         n = int((y != IGNORE_INDEX).sum())
-        nats += float(loss.float()) * n
+        nats += float(loss.float()) * n if n else 0.0  # a batch with no target may have loss NaN
         counted += n
     if counted == 0:
         raise UserError("no token of the text is scored: its loss mask leaves out every one")
@@ -167,13 +171,14 @@ def main(argv: Sequence[str]) -> int:
     path = find_checkpoint(args.checkpoint, prefer=("best.pt", "ckpt.pt"))
     checkpoint = load_checkpoint(path)
     system = resolve_system(args.device, DTYPE_ALIASES.get(args.dtype, args.dtype), compile_requested=False)
-    model = load_model(checkpoint, system.device, str(path))  # float32 weights; autocast for bf16/fp16
+    model = load_model(checkpoint, system.device, str(path), impl=args.model_impl)  # fp32; autocast for bf16
     tokenizer = tokenizer_from_dict(checkpoint["tokenizer"])
     if args.text:
         tokens, mask, source = text_tokens(args.text, tokenizer), None, args.text
     else:
         tokens, mask, source = dataset_tokens(checkpoint, args.dataset, args.split, tokenizer)
-    scored = score(model, tokens, tokenizer, mask, args.batch_size, system.dtype,
+    block_size = checkpoint["config"]["model"]["block_size"]
+    scored = score(model, block_size, tokens, tokenizer, mask, args.batch_size, system.dtype,
                    progress=not args.json and sys.stderr.isatty())
     if args.json:
         print(json.dumps(report(scored, path, source)))

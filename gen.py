@@ -19,8 +19,8 @@ from chat import chat_session
 from checkpoint import find_checkpoint, load_checkpoint, load_model
 from cli import CliParser, run_cli
 from config import DTYPE_ALIASES
+from contract import has_kv_cache
 from errors import UserError
-from model import GPT
 from sampling import SamplingSettings, TextStream, generate
 from tokenizer import END_OF_TEXT, Tokenizer, tokenizer_from_dict
 from utils import notice, process_start_time, resolve_system
@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16",
                                                              *DTYPE_ALIASES))
+    parser.add_argument("--model_impl", metavar="PATH.py:CLASS",
+                        help="the model's class, where the file the checkpoint names has moved")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     return parser
 
@@ -110,7 +112,8 @@ def read_prompt(args: argparse.Namespace) -> str:
 class Session:
     """What every mode needs: the model and its tokenizer, the settings, where text goes."""
 
-    model: GPT
+    model: torch.nn.Module
+    block_size: int  # the most tokens the model sees at once
     tokenizer: Tokenizer
     settings: SamplingSettings
     device: torch.device
@@ -120,7 +123,7 @@ class Session:
 
     def encode_prompt(self, text: str) -> list[int]:
         ids = self.tokenizer.encode(text)
-        limit = self.model.config.block_size
+        limit = self.block_size
         if len(ids) > limit:
             notice(f"the prompt has {len(ids)} tokens, more than the model's context of {limit}; "
                    f"keeping its last {limit}")
@@ -131,7 +134,8 @@ class Session:
         """Generate one sample after prompt_ids, printing it as it comes (when streaming)."""
         generator = torch.Generator(device=self.device).manual_seed(seed)
         text = TextStream(self.tokenizer, self.settings.stop)
-        for token in generate(self.model, prompt_ids, self.settings, self.tokenizer.vocab_size, stop_ids,
+        vocab = self.tokenizer.vocab_size
+        for token in generate(self.model, self.block_size, prompt_ids, self.settings, vocab, stop_ids,
                               generator, on_slide=self._slide_notice):
             piece = text.add(token)
             if self.stream:
@@ -144,7 +148,7 @@ class Session:
         return text.result
 
     def _slide_notice(self) -> None:
-        limit = self.model.config.block_size
+        limit = self.block_size
         notice(f"the context of {limit} tokens is full; from here on the model sees the last "
                f"{3 * limit // 4} tokens, recomputed each time it fills")
 
@@ -183,14 +187,14 @@ def interactive(session: Session, count: int) -> None:
 def benchmark(session: Session, prompt: str, process_start: float) -> dict:
     """Time a generation after the prompt (repeated to half the context): the prefill up to
     the first new token, then the decoding of the others."""
-    block = session.model.config.block_size
+    block = session.block_size
     ids = session.tokenizer.encode(prompt)
     ids = (ids * (block // (2 * len(ids)) + 1))[: block // 2]
     vocab = session.tokenizer.vocab_size
     started = time.perf_counter()
     first = None
     count = 0
-    for count, _ in enumerate(generate(session.model, ids, session.settings, vocab), start=1):
+    for count, _ in enumerate(generate(session.model, block, ids, session.settings, vocab), start=1):
         first = first or time.perf_counter()
     done = time.perf_counter()
     return {"device": str(session.device), "params": session.model.num_params(), "prompt_tokens": len(ids),
@@ -206,9 +210,13 @@ def main(argv: Sequence[str]) -> int:
     path = find_checkpoint(args.checkpoint, prefer=("best.pt", "ckpt.pt"))
     checkpoint = load_checkpoint(path)
     system = resolve_system(args.device, DTYPE_ALIASES.get(args.dtype, args.dtype), compile_requested=False)
-    model = load_model(checkpoint, system.device, str(path), system.dtype)
-    session = Session(model, tokenizer_from_dict(checkpoint["tokenizer"]), settings_from(args), system.device,
-                      args.seed, stream=not args.no_stream)
+    model = load_model(checkpoint, system.device, str(path), system.dtype, impl=args.model_impl)
+    if not has_kv_cache(model):
+        notice(f"{type(model).__name__} has no KV-cache hooks (new_cache(), forward(..., cache=)); each new "
+               "token recomputes the whole context, which is slower (contract.py says how to add them)")
+    block_size = checkpoint["config"]["model"]["block_size"]
+    session = Session(model, block_size, tokenizer_from_dict(checkpoint["tokenizer"]), settings_from(args),
+                      system.device, args.seed, stream=not args.no_stream)
     if args.chat:
         chat_session(session, args.system, sys.stdin)
         return 0

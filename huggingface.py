@@ -39,6 +39,9 @@ IMPORTED_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_t
 def hf_family(cfg: ModelConfig) -> str:
     """Return "GPT-2" or "Llama", the transformers model that computes exactly what ours does,
     or refuse naming the option that neither has."""
+    if cfg.impl:
+        raise UserError(f"this checkpoint's model is your own class ({cfg.impl}); export maps model.py's "
+                        "weights to transformers' and knows no mapping for another class")
     family = "GPT-2" if cfg.position == "learned" else "Llama"
     for name, allowed in FAMILIES[family].items():
         value = getattr(cfg, name)

@@ -267,6 +267,10 @@ class GPT(nn.Module):
             loss = summed / counted_targets(targets)
         return logits, loss
 
+    def new_cache(self) -> KVCache:
+        """An empty KV cache for forward(..., cache=) (the contract's optional hook)."""
+        return KVCache(self.config.n_layer)
+
     def _chunked_loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Return the mean cross-entropy, computing the head's logits for a few positions at a
         time and again in the backward pass: memory for one chunk's logits instead of all."""

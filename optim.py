@@ -18,6 +18,7 @@ import torch
 
 from config import TrainingConfig
 from distributed import local, shard_like, whole
+from utils import notice
 
 # The quintic Newton-Schulz coefficients from the Muon write-up: they push every singular
 # value of a matrix scaled to norm <= 1 towards 1 within a handful of steps.
@@ -125,6 +126,9 @@ def make_optimizer(model: torch.nn.Module, t: TrainingConfig, device: torch.devi
         fused = device.type == "cuda"  # one kernel for all parameters instead of one per tensor
         return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=fused)
     hidden = [p for n, p in named if uses_muon(n, p)]
+    if not hidden:
+        notice(f"training.optimizer muon found no 2-D weights under 'blocks.' in {type(model).__name__}, "
+               "so AdamW trains them all; keep the transformer layers in self.blocks for Muon")
     embeddings = [p for n, p in named if p.dim() >= 2 and not uses_muon(n, p)]
     groups = [
         {"params": hidden, "muon": True, "lr": t.muon_lr, "initial_lr": t.muon_lr},  # no decay

@@ -12,7 +12,7 @@ from typing import Callable, Iterator, Optional
 import torch
 from torch.nn import functional as F
 
-from model import GPT, KVCache
+from contract import has_kv_cache
 from tokenizer import Tokenizer
 
 REPLACEMENT = "\ufffd"  # what decoding shows for the first bytes of an unfinished character
@@ -84,26 +84,33 @@ def choose_token(logits: torch.Tensor, previous: torch.Tensor, s: SamplingSettin
 class Decoder:
     """Feeds a model one token at a time against its KV cache. When the context is full, it
     keeps the last three quarters, computes their cache afresh, and goes on (calling
-    `on_slide` once, so the user hears of it)."""
+    `on_slide` once, so the user hears of it). A model without the cache hooks (contract.py)
+    is run on the whole context, up to block_size tokens, for every new token."""
 
-    def __init__(self, model: GPT, on_slide: Callable[[], None] = lambda: None):
-        self.model, self.on_slide = model, on_slide
-        self.block_size = model.config.block_size
-        self.cache = KVCache(model.config.n_layer)
+    def __init__(self, model: torch.nn.Module, block_size: int, on_slide: Callable[[], None] = lambda: None):
+        self.model, self.block_size, self.on_slide = model, block_size, on_slide
+        self.cached = has_kv_cache(model)
+        self.cache = None
+        self.cache_length = 0  # tokens in the cache
         self.device = next(model.parameters()).device
         self.slid = False
 
     @torch.inference_mode()
     def start(self, tokens: list[int]) -> torch.Tensor:
         """Prefill the cache with `tokens` (the last block_size of them); return the next logits."""
-        self.cache.reset()
-        context = torch.tensor([tokens[-self.block_size:]], device=self.device)
-        return self.model(context, cache=self.cache)[0][0, -1]
+        context = tokens[-self.block_size:]
+        if not self.cached:
+            return self.model(torch.tensor([context], device=self.device))[0][0, -1]
+        self.cache, self.cache_length = self.model.new_cache(), len(context)
+        return self.model(torch.tensor([context], device=self.device), cache=self.cache)[0][0, -1]
 
     @torch.inference_mode()
     def step(self, tokens: list[int]) -> torch.Tensor:
         """Feed the last of `tokens` (all so far); return the logits for the one after it."""
-        if self.cache.length < self.block_size:
+        if not self.cached:
+            return self.start(tokens)
+        if self.cache_length < self.block_size:
+            self.cache_length += 1
             return self.model(torch.tensor([tokens[-1:]], device=self.device), cache=self.cache)[0][0, -1]
         if not self.slid:
             self.slid = True
@@ -112,17 +119,19 @@ class Decoder:
         return self.start(tokens[-keep:])
 
 
-def generate(model: GPT, prompt: list[int], settings: SamplingSettings, vocab_limit: int,
-             stop_ids: frozenset[int] = frozenset(), generator: Optional[torch.Generator] = None,
+def generate(model: torch.nn.Module, block_size: int, prompt: list[int], settings: SamplingSettings,
+             vocab_limit: int, stop_ids: frozenset[int] = frozenset(),
+             generator: Optional[torch.Generator] = None,
              on_slide: Callable[[], None] = lambda: None) -> Iterator[int]:
     """Yield new token ids after `prompt` until max_new_tokens or a token in `stop_ids` (not
-    yielded). Ids from vocab_limit up (the vocabulary's padding) are never chosen."""
-    decoder = Decoder(model, on_slide)
+    yielded), the model seeing at most block_size tokens. Ids from vocab_limit up (the
+    vocabulary's padding) are never chosen."""
+    decoder = Decoder(model, block_size, on_slide)
     tokens = list(prompt)
     logits = decoder.start(tokens)
     no_penalty = torch.empty(0, dtype=torch.long, device=logits.device)
     for count in range(settings.max_new_tokens):
-        recent = (torch.tensor(tokens[-model.config.block_size:], device=logits.device)
+        recent = (torch.tensor(tokens[-block_size:], device=logits.device)
                   if settings.repetition_penalty != 1.0 else no_penalty)
         token = choose_token(logits[:vocab_limit], recent, settings, generator)  # padding ids cut off
         if token in stop_ids:

@@ -27,6 +27,7 @@ from config import (
     save_config,
     tokens_per_step,
 )
+from contract import build_model, params_without_embeddings
 from data_loader import (
     PreparedData,
     check_enough_tokens,
@@ -37,12 +38,17 @@ from data_loader import (
 from distributed import Collectives, ranks_from_environment
 from errors import UserError
 from huggingface import checkpoint_from_hf, is_hf_folder
-from model import GPT
 from monitor import RunFacts, Style, describe_run, format_sections
 from optim import total_steps
 from tokenizer import tokenizer_from_dict
 from trainer import Trainer
-from utils import DeviceInfo, configure_torch, notice, process_start_time, resolve_system
+from utils import (
+    DeviceInfo,
+    configure_torch,
+    notice,
+    process_start_time,
+    resolve_system,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,9 +100,9 @@ def describe_config(cfg: Config, system: DeviceInfo, data: Optional[PreparedData
     facts = None
     if data is not None:
         with torch.device("meta"):  # shapes only: no memory, no initialisation
-            model = GPT(fill_vocab_size(cfg, data.tokenizer.vocab_size).model)
+            model = build_model(fill_vocab_size(cfg, data.tokenizer.vocab_size).model)
         facts = RunFacts(params=model.num_params(),
-                         params_without_embeddings=model.num_params(include_embeddings=False),
+                         params_without_embeddings=params_without_embeddings(model),
                          vocab_size=data.tokenizer.vocab_size, train_tokens=len(data.train),
                          val_tokens=len(data.val),
                          max_steps=total_steps(cfg.training, len(data.train), tokens_per_step(cfg)))

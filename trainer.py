@@ -9,8 +9,15 @@ from typing import Iterator, Optional
 
 import torch
 
-from checkpoint import LATEST, copy_checkpoint, keep_rolling_copy, save_checkpoint
+from checkpoint import (
+    LATEST,
+    copy_checkpoint,
+    keep_rolling_copy,
+    save_checkpoint,
+    weights_mismatch,
+)
 from config import Config, config_to_dict, tokens_per_step
+from contract import build_model, flops_per_token, params_without_embeddings
 from data_loader import (
     PreparedData,
     SequentialWindows,
@@ -22,7 +29,7 @@ from data_loader import (
 from distributed import Collectives, ParallelModel, QuietMonitor, Ranks, shard_evenly
 from errors import UserError
 from guards import DeferredSkips, StepTimer, StopSignals, TimeLimit
-from model import GPT, counted_targets
+from model import counted_targets
 from monitor import LogWindow, LossRecord, RunFacts, RunMonitor, RunResult
 from optim import (
     accumulate_gradients,
@@ -55,7 +62,7 @@ class Trainer:
         self.data = place_on_device(data, system.device, cfg.system.data_on_device)
         self.out_dir = Path(cfg.training.out_dir)
         t = cfg.training
-        self.model = GPT(cfg.model).to(system.device)  # the same seed gives every rank the same start
+        self.model = build_model(cfg.model).to(system.device)  # the same seed gives every rank the same start
         self.parallel = ParallelModel(self.model, self.ranks, system.device, cfg.system.fsdp)
         wrapped = self.parallel.wrapped
         self.forward_model = (torch.compile(wrapped, mode=cfg.system.compile_mode) if system.compile
@@ -97,12 +104,12 @@ class Trainer:
     def _facts(self) -> RunFacts:
         return RunFacts(
             params=self.model.num_params(),
-            params_without_embeddings=self.model.num_params(include_embeddings=False),
+            params_without_embeddings=params_without_embeddings(self.model),
             vocab_size=self.data.tokenizer.vocab_size,
             train_tokens=len(self.data.train),
             val_tokens=len(self.data.val),
             max_steps=self.max_steps,
-            flops_per_token=self.model.flops_per_token(),
+            flops_per_token=flops_per_token(self.model, self.cfg.model),
             char_level=self.data.tokenizer.kind == "char",
             environment=self.environment,
             time_limit=self.time_limit.reason if self.time_limit else None,
@@ -144,6 +151,9 @@ class Trainer:
         return self.elapsed_before_s + session
 
     def load_weights(self, checkpoint: dict) -> None:
+        mismatch = weights_mismatch(self.model.state_dict(), checkpoint["model"])  # another model.impl?
+        if mismatch:
+            raise UserError(f"the checkpoint's weights do not fit {type(self.model).__name__}: {mismatch}")
         self.parallel.load_model_state(checkpoint["model"])
 
     def resume(self, checkpoint: dict, path: Path) -> None:

@@ -113,7 +113,7 @@ class ExtraBias(GPT):
 
 
 @pytest.mark.parametrize("broken, check, hint", [
-    (Unbuilt, "builds", "__init__ is not written yet: write the embeddings first"),
+    (Unbuilt, "builds", "not written yet: write the embeddings first"),
     (LastPositionOnly, "shapes", "logits must be (batch, time, vocab_size)"),
     (PeeksAhead, "causality", "the model sees the future"),
     (DoubledLoss, "loss", "use F.cross_entropy"),
@@ -129,7 +129,7 @@ def test_each_broken_model_fails_its_check_with_its_hint(broken, check, hint):
     outcomes = {o.name: o for o in check_model.run_checks(broken, checks)}
     assert outcomes[check].status == "FAIL" and hint in outcomes[check].hint, outcomes[check].line()
     if broken is Unbuilt:
-        assert all(o.status == "FAIL" and "must build first" in o.hint
+        assert all(o.status == "FAIL" and "must build first; it checks: " in o.hint
                    for name, o in outcomes.items() if name != "builds")
 
 

@@ -65,7 +65,7 @@ def test_a_loss_mask_scores_only_the_tokens_it_keeps(model_and_file):
     ids = np.array(tokenizer.encode(TEXT))
     mask = np.zeros(len(ids), dtype=np.uint8)
     mask[40:60] = 1  # targets 40..59 only
-    scored = eval_cli.score(model, ids, tokenizer, mask, batch_size=3)
+    scored = eval_cli.score(model, model.config.block_size, ids, tokenizer, mask, batch_size=3)
     assert scored.tokens == 20 and scored.characters == 20
     with torch.no_grad():
         logits, _ = model(torch.tensor(ids[32:49])[None, :-1])

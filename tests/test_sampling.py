@@ -12,7 +12,8 @@ import gen
 from checkpoint import load_checkpoint, load_model, save_checkpoint
 from cli import run_cli
 from config import Config, config_to_dict
-from model import GPT, KVCache
+from contract import has_kv_cache
+from model import GPT
 from sampling import (
     SamplingSettings,
     TextStream,
@@ -47,7 +48,7 @@ def test_cached_decoding_gives_the_logits_of_full_recomputation(variant):
     tokens = torch.randint(0, 11, (1, 16))
     with torch.no_grad():
         full = model(tokens)[0][0]  # every position's logits, the whole context at once
-        cache = KVCache(model.config.n_layer)
+        cache = model.new_cache()
         cached = [model(tokens[:, :5], cache=cache)[0][0, -1]]  # a prefill of 5, then one at a time
         cached += [model(tokens[:, t : t + 1], cache=cache)[0][0, -1] for t in range(5, 16)]
     torch.testing.assert_close(torch.stack(cached), full[4:], atol=1e-5, rtol=1e-5)
@@ -60,12 +61,36 @@ def test_greedy_tokens_equal_recomputing_the_context(variant):
     model = build(**variant)
     prompt = [1, 2, 3]
     greedy = SamplingSettings(max_new_tokens=12, temperature=0)  # 3 + 12 <= 16: no sliding yet
-    cached = list(generate(model, prompt, greedy, vocab_limit=11))
+    cached = list(generate(model, 16, prompt, greedy, vocab_limit=11))
     tokens = list(prompt)
     with torch.no_grad():
         for _ in range(12):
             tokens.append(int(model(torch.tensor([tokens]))[0][0, -1].argmax()))
     assert cached == tokens[3:]
+
+
+class WithoutCache(GPT):
+    """A model without the optional KV-cache hooks, as a user's may be."""
+
+    new_cache = None
+
+    def forward(self, idx, targets=None):
+        return super().forward(idx, targets)
+
+
+def test_a_model_without_cache_hooks_recomputes_the_context_and_picks_the_same_tokens():
+    torch.manual_seed(0)
+    cached, plain = build(), WithoutCache(build().config)
+    plain.load_state_dict(cached.state_dict())
+    plain.eval()
+    assert has_kv_cache(cached) and not has_kv_cache(plain)
+    greedy = SamplingSettings(max_new_tokens=12, temperature=0)
+    recomputed, from_cache = (list(generate(m, 16, [1, 2, 3], greedy, 11)) for m in (plain, cached))
+    assert recomputed == from_cache
+    longer = SamplingSettings(max_new_tokens=40, temperature=0)  # past the context: the last 16 tokens
+    notices = []
+    assert len(list(generate(plain, 16, [1, 2, 3], longer, 11, on_slide=lambda: notices.append(1)))) == 40
+    assert notices == []  # nothing slides: every token sees the 16 before it
 
 
 def test_half_precision_weights_decode_like_float32(chat_checkpoint):
@@ -75,7 +100,7 @@ def test_half_precision_weights_decode_like_float32(chat_checkpoint):
     full = load_model(checkpoint, torch.device("cpu"), "x")
     half = load_model(checkpoint, torch.device("cpu"), "x", torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in half.parameters())
-    tokens = list(generate(half, [1, 2, 3], greedy, vocab_limit=35))
+    tokens = list(generate(half, half.config.block_size, [1, 2, 3], greedy, vocab_limit=35))
     assert len(tokens) == 5 and max(tokens) < 35
     with torch.no_grad():
         logits_full = full(torch.tensor([[1, 2, 3]]))[0][0, -1]
@@ -86,7 +111,7 @@ def test_half_precision_weights_decode_like_float32(chat_checkpoint):
 def test_a_full_context_slides_with_one_notice():
     model = build()
     notices = []
-    out = list(generate(model, [1, 2, 3], SamplingSettings(max_new_tokens=40, temperature=0), 11,
+    out = list(generate(model, 16, [1, 2, 3], SamplingSettings(max_new_tokens=40, temperature=0), 11,
                         on_slide=lambda: notices.append(1)))
     assert len(out) == 40 and notices == [1]
 
@@ -121,7 +146,7 @@ def test_sampling_repeats_with_a_seed_and_never_picks_padding():
 
     def sample(seed):
         generator = torch.Generator().manual_seed(seed)
-        return list(generate(model, [1], settings, vocab_limit=6, generator=generator))
+        return list(generate(model, 16, [1], settings, vocab_limit=6, generator=generator))
 
     assert sample(7) == sample(7) != sample(8)
     assert max(sample(9)) < 6
