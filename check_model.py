@@ -74,7 +74,8 @@ def check_builds(cls: type) -> None:
     except NotImplementedError as error:
         raise ContractError(f"not written yet: {error}") from None
     counted, actual = model.num_params(), sum(p.numel() for p in model.parameters())
-    expect(counted == actual, f"num_params() returns {counted!r} but the model has {actual:,} parameters: "
+    shown = f"{counted:,}" if isinstance(counted, int) else repr(counted)
+    expect(counted == actual, f"num_params() returns {shown} but the model has {actual:,} parameters: "
                               "return sum(p.numel() for p in self.parameters()) (a shared tensor once)")
 
 

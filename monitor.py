@@ -113,7 +113,8 @@ def describe_run(cfg: Config, system: DeviceInfo,
     step_tokens = tokens_per_step(cfg, system.processes)
     params = (f"{facts.params:,} ({facts.params_without_embeddings:,} without embeddings)" if facts
               else "known once the dataset is downloaded (vocabulary size)")
-    model = [("shape", f"{m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, context {m.block_size}"),
+    model = [("class", m.impl or "GPT (model.py)"),
+             ("shape", f"{m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, context {m.block_size}"),
              ("parameters", params)]
     data = [("source", cfg.data.dataset), ("tokenizer", cfg.data.tokenizer)]
     if facts:

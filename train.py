@@ -181,6 +181,8 @@ def build_trainer(args: argparse.Namespace, cfg: Config, checkpoint: Optional[di
         data = prepare_run_data(args, cfg, start_from, rebuild=args.no_cache and main)
     check_enough_tokens(data, cfg.model.block_size)
     cfg = fill_vocab_size(cfg, data.tokenizer.vocab_size)
+    if cfg.model.impl:
+        build_model(cfg.model)  # a class of the user's that breaks the contract stops here, out_dir untouched
     if start_from is not None:
         check_same_architecture(start_from, cfg.model, checkpoint_path or Path(args.load_model_only))
     with collectives.main_first():

@@ -16,10 +16,61 @@ import eval as eval_cli
 import gen
 import train
 from cli import run_cli
-from tests.conftest import TINY_SETTINGS
+from tests.conftest import REPO_ROOT, TINY_SETTINGS
 
 CONFIG = "tiny_test.json"
+MODELS = """
+import torch
+from torch import nn
+
+
+class Base(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.embedding = nn.Embedding(config.vocab_size, config.vocab_size)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx, targets=None):
+        logits = self.embedding(idx)
+        if targets is None:
+            return logits, None
+        return logits, nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+class NoForward(nn.Module):
+    def num_params(self):
+        return 0
+
+
+class NotAModule:
+    pass
+
+
+class JustLogits(Base):
+    def forward(self, idx, targets=None):
+        return super().forward(idx, targets)[0]
+
+
+class LastPosition(Base):
+    def forward(self, idx, targets=None):
+        logits, loss = super().forward(idx, targets)
+        return logits[:, -1], loss
+
+
+class NoLoss(Base):
+    def forward(self, idx, targets=None):
+        return super().forward(idx)
+
+
+class Crashes(Base):
+    def forward(self, idx, targets=None):
+        return self.embedding(idx) @ torch.ones(3, 3), None
+"""
 CKPT = "models/tiny_test/ckpt.pt"
+SKELETON = f"{REPO_ROOT / 'examples/my_gpt_skeleton.py'}:MyGPT"
+MY_GPT = f"{REPO_ROOT / 'examples/my_gpt.py'}:MyGPT"
 
 
 class Evil:
@@ -53,6 +104,8 @@ def bad_files(corpus: Path) -> dict[str, bytes]:
         "notes/empty.md": b"",
         "unknown_chars.txt": "ROMEO: ☃ snow".encode(),
         "no_text/readme.rst": b"not a source",
+        "models.py": MODELS.encode(),
+        "syntax.py": b"class MyGPT(nn.Module:\n",
     }
 
 
@@ -90,6 +143,7 @@ def fingerprints(root: Path) -> dict[str, str]:
 
 
 T = ["--config", CONFIG]  # most train.py cases start from the good config
+I = [*T, "--out_dir", "m", "--model_impl"]  # noqa: E741 (then a model class of the user's)
 CASES = [
     # config files
     ("train", ["--config", "nope.json"], "config file .*nope.json does not exist"),
@@ -140,6 +194,21 @@ CASES = [
     ("train", T, "already holds a checkpoint of an earlier run"),
     ("train", [*T, "--out_dir", "bad/a_file/run"], "cannot write to out_dir"),
     ("train", [*T, "--load_model_only", "models/none.pt", "--out_dir", "y"], "does not exist"),
+    # a model class of the user's (model.impl)
+    ("train", [*I, "bad/none.py:MyGPT"], "bad/none.py does not exist"),
+    ("train", [*I, "bad/models.py"], "must look like path/to/my_gpt.py:MyGPT"),
+    ("train", [*I, "bad/models.py:MyGPT"], "has no class MyGPT; it defines Base"),
+    ("train", [*I, "bad/syntax.py:MyGPT"], "importing .*syntax.py failed: Syn"),
+    ("train", [*I, "bad/models.py:NotAModule"], "must subclass torch.nn.Module"),
+    ("train", [*I, "bad/models.py:NoForward"], r"has no method forward\(\)"),
+    ("train", [*I, "bad/models.py:JustLogits"], r"must return a tuple \(logits, loss"),
+    ("train", [*I, "bad/models.py:LastPosition"], r"logits of shape .* got \(1, 64\)"),
+    ("train", [*I, "bad/models.py:NoLoss"], "the loss as a scalar tensor, got None"),
+    ("train", [*I, "bad/models.py:Crashes"], "forward.* failed on a batch .* RuntimeE"),
+    ("train", [*I, SKELETON], "MyGPT is not finished: step 1, MyGPT.__init__"),
+    ("train", [*T, "--resume", "--model_impl", MY_GPT], "do not fit MyGPT: they lack token_embedding"),
+    ("gen", [CKPT, "--model_impl", "bad/none.py:MyGPT"], "cannot build the model .*bad/none.py does not"),
+    ("eval", [CKPT, "--model_impl", MY_GPT], "the weights in .* do not fit MyGPT"),
     # gen.py
     ("gen", ["models/none.pt"], "checkpoint models/none.pt does not exist"),
     ("gen", ["bad"], r"no checkpoint \(best.pt or ckpt.pt\) in bad"),

@@ -2,7 +2,10 @@
 check meant to catch it, with its hint."""
 from __future__ import annotations
 
+import ast
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -150,3 +153,79 @@ def test_a_class_that_cannot_be_loaded_is_one_line(spec, message, capsys, monkey
     assert run_cli(check_model.main, [spec]) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("error: ") and message in error and "\n" not in error
+
+
+class NanoGPTCount(GPT):
+    def num_params(self):  # nanoGPT's habit: position embeddings left out
+        return super().num_params() - self.wpe.weight.numel()
+
+
+def test_a_count_that_leaves_parameters_out_fails_builds():
+    outcome = check_model.run_checks(NanoGPTCount, check_model.CHECKS[:1])[0]
+    assert outcome.status == "FAIL" and "num_params() returns 6,768 but the model has 6,896" in outcome.hint
+
+
+EXAMPLES = REPO_ROOT / "examples"
+# The order in which the skeleton's NotImplementedErrors meet a learner filling it in from the top
+# of docs/build-your-own-gpt.md: each method written makes the checks name the next one.
+TUTORIAL_ORDER = [("MyGPT", "__init__"), ("Block", "__init__"), ("CausalSelfAttention", "__init__"),
+                  ("MLP", "__init__"), ("MyGPT", "num_params"), ("MyGPT", "forward"), ("Block", "forward"),
+                  ("CausalSelfAttention", "forward"), ("MLP", "forward")]
+
+
+def method_spans(text: str) -> dict[tuple[str, str], tuple[int, int]]:
+    """(class, method) -> the first and last line of its definition in the source text."""
+    tree = ast.parse(text)
+    classes = [node for node in tree.body if isinstance(node, ast.ClassDef)]
+    return {(cls.name, fn.name): (fn.lineno, fn.end_lineno)
+            for cls in classes for fn in cls.body if isinstance(fn, ast.FunctionDef)}
+
+
+def fill_in(skeleton: str, finished: str, done: list[tuple[str, str]]) -> str:
+    """The skeleton's text with the methods in `done` replaced by the finished model's."""
+    lines, source = skeleton.splitlines(), finished.splitlines()
+    spans, finished_spans = method_spans(skeleton), method_spans(finished)
+    for key in sorted(done, key=lambda k: spans[k][0], reverse=True):  # from the bottom: lines stay put
+        first, last = spans[key]
+        new_first, new_last = finished_spans[key]
+        lines[first - 1 : last] = source[new_first - 1 : new_last]
+    return "\n".join(lines) + "\n"
+
+
+def test_the_skeleton_fails_every_check_and_names_step_one():
+    outcomes = check_model.run_checks(check_model.load_class(f"{EXAMPLES / 'my_gpt_skeleton.py'}:MyGPT"))
+    assert [o.status for o in outcomes] == ["FAIL"] * len(check_model.CHECKS)
+    assert outcomes[0].hint.startswith("not written yet: step 1, MyGPT.__init__: the token embedding")
+    for outcome, check in zip(outcomes[1:], check_model.CHECKS[1:]):
+        assert outcome.hint == f"not reached, the class must build first; it checks: {check.goal}"
+
+
+def test_each_method_filled_in_makes_the_checks_name_the_next(tmp_path):
+    skeleton = (EXAMPLES / "my_gpt_skeleton.py").read_text()
+    finished = (EXAMPLES / "my_gpt.py").read_text()
+    assert set(method_spans(skeleton)) == set(method_spans(finished)) == set(TUTORIAL_ORDER)
+    first_two = check_model.CHECKS[:2]  # builds, shapes: where every unwritten method shows first
+    for step in range(1, len(TUTORIAL_ORDER) + 1):
+        path = tmp_path / f"step_{step}.py"
+        path.write_text(fill_in(skeleton, finished, TUTORIAL_ORDER[: step - 1]))
+        outcomes = check_model.run_checks(check_model.load_class(f"{path}:MyGPT"), first_two)
+        failed = next(o for o in outcomes if o.status == "FAIL")
+        cls, method = TUTORIAL_ORDER[step - 1]
+        assert failed.hint.startswith(f"not written yet: step {step}, {cls}.{method}: "), failed.line()
+    path = tmp_path / "done.py"
+    path.write_text(fill_in(skeleton, finished, TUTORIAL_ORDER))
+    assert [o.status for o in check_model.run_checks(check_model.load_class(f"{path}:MyGPT"), first_two)] == [
+        "PASS", "PASS"]
+
+
+def test_the_tutorials_finished_model_passes_every_check():
+    outcomes = check_model.run_checks(check_model.load_class(f"{EXAMPLES / 'my_gpt.py'}:MyGPT"))
+    assert [o.status for o in outcomes] == ["PASS"] * len(check_model.CHECKS), [o.line() for o in outcomes]
+
+
+def test_python_m_tests_contract_runs_the_checks():
+    result = subprocess.run([sys.executable, "-m", "tests.contract", "examples/my_gpt_skeleton.py:MyGPT"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    lines = result.stdout.splitlines()
+    assert result.returncode == 1 and len(lines) == len(check_model.CHECKS) + 1
+    assert all(line.startswith("FAIL  ") for line in lines[:-1]) and lines[-1].startswith("0 of 10")
