@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import random
+import re
 import subprocess
 import sys
 
@@ -221,6 +222,22 @@ def test_each_method_filled_in_makes_the_checks_name_the_next(tmp_path):
 def test_the_tutorials_finished_model_passes_every_check():
     outcomes = check_model.run_checks(check_model.load_class(f"{EXAMPLES / 'my_gpt.py'}:MyGPT"))
     assert [o.status for o in outcomes] == ["PASS"] * len(check_model.CHECKS), [o.line() for o in outcomes]
+
+
+def test_the_tutorial_follows_the_skeleton_the_checks_and_the_finished_model():
+    text = (REPO_ROOT / "docs" / "build-your-own-gpt.md").read_text()
+    steps = re.findall(r"^### Step (\d+): `(\w+)\.(\w+)`$", text, re.M)
+    assert [(cls, method) for _, cls, method in steps] == TUTORIAL_ORDER
+    skeleton = (EXAMPLES / "my_gpt_skeleton.py").read_text()
+    assert all(f"step {n}, {cls}.{method}: " in skeleton for n, cls, method in steps)
+    assert re.findall(r"^##+ (?:Check )?`(\w+)`", text, re.M) == [check.name for check in check_model.CHECKS]
+    finished = (EXAMPLES / "my_gpt.py").read_text()
+    for code in re.findall(r"```python\n(.*?)```", text, re.S):
+        assert code in finished, code  # the tutorial shows the finished model's own lines
+    first_output = re.search(r"```text\n(.*?)```", text, re.S).group(1).splitlines()
+    skeleton_lines = [o.line() for o in check_model.run_checks(
+        check_model.load_class(f"{EXAMPLES / 'my_gpt_skeleton.py'}:MyGPT"))]
+    assert first_output[:3] == skeleton_lines[:3]
 
 
 def test_python_m_tests_contract_runs_the_checks():
