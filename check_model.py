@@ -19,7 +19,8 @@ from torch.nn import functional as F
 
 from cli import CliParser, run_cli
 from config import ModelConfig
-from contract import REQUIRED_METHODS, load_class
+from contract import check_class, load_class
+from errors import UserError
 
 
 class ContractError(Exception):
@@ -65,10 +66,10 @@ def expect(condition: bool, hint: str) -> None:
 
 def check_builds(cls: type) -> None:
     """MyGPT(config) builds a torch.nn.Module whose num_params() counts its parameters"""
-    expect(issubclass(cls, torch.nn.Module), "the class must subclass torch.nn.Module")
-    for method in REQUIRED_METHODS:
-        expect(getattr(cls, method, None) not in (None, getattr(torch.nn.Module, method, None)),
-               f"add the method {method}(), which the contract requires (contract.py)")
+    try:
+        check_class(cls)
+    except UserError as error:
+        raise ContractError(str(error)) from None
     try:
         model = build(cls)
     except NotImplementedError as error:
@@ -240,7 +241,9 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # a user's file may import config
-    results = run_checks(load_class(args.model))
+    cls = load_class(args.model)
+    check_class(cls)  # not a Module, or a required method missing: one line, exit 2
+    results = run_checks(cls)
     for outcome in results:
         print(outcome.line())
     failed = sum(outcome.status == "FAIL" for outcome in results)

@@ -15,7 +15,7 @@ from typing import Any, BinaryIO, Callable, Iterator, Optional
 import torch
 
 from config import Config, ModelConfig
-from contract import build_model
+from contract import build_model, source_sha256
 from errors import UserError
 from utils import notice, write_file_atomic
 
@@ -246,5 +246,9 @@ def load_model(checkpoint: dict, device: torch.device, path: str, dtype: torch.d
     mismatch = weights_mismatch(model.state_dict(), checkpoint["model"])
     if mismatch:
         raise UserError(f"the weights in {path} do not fit {type(model).__name__}: {mismatch}")
+    trained_with = checkpoint.get("environment", {}).get("model_impl_sha256")
+    if trained_with and source_sha256(cfg.impl) != trained_with:
+        notice(f"{cfg.impl.rpartition(':')[0]} has changed since {path} was trained; its weights are loaded "
+               "into the class as the file defines it now")
     model.load_state_dict(checkpoint["model"])
     return model.to(device=device, dtype=dtype).eval()

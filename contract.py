@@ -27,8 +27,10 @@ Optional (used when present, a fallback otherwise):
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import inspect
+import sys
 from pathlib import Path
 from typing import Any, Optional, Protocol, runtime_checkable
 
@@ -75,9 +77,11 @@ def load_class(spec: str) -> type:
                         f"current folder, {Path.cwd()})")
     module_spec = importlib.util.spec_from_file_location(f"user_model_{path.stem}", path)
     module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_spec.name] = module  # as an import would: dataclasses and pickle look it up there
     try:
         module_spec.loader.exec_module(module)
     except Exception as error:
+        del sys.modules[module_spec.name]
         raise UserError(f"importing {path} failed: {type(error).__name__}: {error}") from None
     cls = getattr(module, name, None)
     if not isinstance(cls, type):
@@ -85,6 +89,13 @@ def load_class(spec: str) -> type:
                  if isinstance(v, type) and v.__module__ == module.__name__]
         raise UserError(f"{path} has no class {name}; it defines {', '.join(found) or 'no classes'}")
     return cls
+
+
+def source_sha256(impl: str) -> Optional[str]:
+    """The sha256 of the file model.impl names (None for ours, or for a file that is gone): a
+    run records it, so that a later load can say when the file has changed since."""
+    path = Path(impl.rpartition(":")[0])
+    return hashlib.sha256(path.read_bytes()).hexdigest() if impl and path.is_file() else None
 
 
 def check_class(cls: type) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from contract import source_sha256
 from utils import write_file_atomic
 
 CODE_DIR = Path(__file__).resolve().parent
@@ -23,8 +24,9 @@ def _git(*args: str) -> str | None:
     return done.stdout.strip() if done.returncode == 0 else None
 
 
-def environment(device: torch.device) -> dict[str, str]:
-    """Return what a person needs to reproduce the run: versions, hardware, code, command."""
+def environment(device: torch.device, model_impl: str = "") -> dict[str, str]:
+    """Return what a person needs to reproduce the run: versions, hardware, code (with the file
+    of a model class of the user's), command."""
     commit = _git("rev-parse", "HEAD")
     dirty = _git("status", "--porcelain")
     record = {
@@ -40,6 +42,8 @@ def environment(device: torch.device) -> dict[str, str]:
         "git_dirty": "unknown" if dirty is None else ("yes" if dirty else "no"),
         "command": " ".join(shlex.quote(arg) for arg in [Path(sys.argv[0]).name, *sys.argv[1:]]),
     }
+    if model_impl:
+        record["model_impl_sha256"] = source_sha256(model_impl) or "unknown (the file is gone)"
     return record
 
 

@@ -42,13 +42,7 @@ from monitor import RunFacts, Style, describe_run, format_sections
 from optim import total_steps
 from tokenizer import tokenizer_from_dict
 from trainer import Trainer
-from utils import (
-    DeviceInfo,
-    configure_torch,
-    notice,
-    process_start_time,
-    resolve_system,
-)
+from utils import DeviceInfo, configure_torch, notice, process_start_time, resolve_system
 
 
 def build_parser() -> argparse.ArgumentParser:

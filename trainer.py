@@ -9,13 +9,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from checkpoint import (
-    LATEST,
-    copy_checkpoint,
-    keep_rolling_copy,
-    save_checkpoint,
-    weights_mismatch,
-)
+from checkpoint import LATEST, copy_checkpoint, keep_rolling_copy, save_checkpoint, weights_mismatch
 from config import Config, config_to_dict, tokens_per_step
 from contract import build_model, flops_per_token, params_without_embeddings
 from data_loader import (
@@ -97,7 +91,7 @@ class Trainer:
         self.elapsed_before_s = 0.0  # training time of earlier sessions of this run
         self._session_start: Optional[float] = None
         self.resumed_from: Optional[Path] = None
-        self.environment = environment(system.device) if self.ranks.is_main else {}  # for rank 0's files
+        self.environment = environment(system.device, cfg.model.impl) if self.ranks.is_main else {}
         self.monitor = (RunMonitor(cfg, system, self._facts(), self.out_dir) if self.ranks.is_main
                         else QuietMonitor())
 

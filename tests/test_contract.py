@@ -148,6 +148,8 @@ def test_the_command_prints_a_line_per_check(capsys):
     ("missing.py:MyGPT", "missing.py does not exist"),
     ("model.py", "must look like path/to/my_gpt.py:MyGPT"),
     ("model.py:MyGPT", "has no class MyGPT; it defines"),
+    ("examples/my_gpt.py:MLP", "MLP has no method num_params(), which the contract requires"),
+    ("check_model.py:Check", "Check must subclass torch.nn.Module"),
 ])
 def test_a_class_that_cannot_be_loaded_is_one_line(spec, message, capsys, monkeypatch):
     monkeypatch.chdir(REPO_ROOT)

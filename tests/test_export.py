@@ -15,13 +15,7 @@ from errors import UserError
 from huggingface import checkpoint_from_hf
 from model import GPT
 from model_card import CARD_SECTIONS
-from tokenizer import (
-    IM_END,
-    IM_START,
-    CharTokenizer,
-    SentencePieceTokenizer,
-    TiktokenTokenizer,
-)
+from tokenizer import IM_END, IM_START, CharTokenizer, SentencePieceTokenizer, TiktokenTokenizer
 
 transformers = pytest.importorskip("transformers")
 

@@ -83,8 +83,14 @@ def test_a_moved_class_file_is_named_again_with_model_impl(user_run, tmp_path, c
     assert run_cli(gen.main, args) == 2
     error = capsys.readouterr().err
     assert "old.py does not exist" in error and "pass --model_impl" in error
-    assert run_cli(gen.main, [*args, "--model_impl", f"{tmp_path / 'new.py'}:MyGPT"]) == 0
-    assert capsys.readouterr().out.startswith("KING")
+    moved = [*args, "--model_impl", f"{tmp_path / 'new.py'}:MyGPT"]
+    assert run_cli(gen.main, moved) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("KING") and "has changed" not in captured.err  # moved, the same text
+    with open(tmp_path / "new.py", "a") as file:
+        file.write("# edited after training\n")
+    assert run_cli(gen.main, moved) == 0
+    assert f"{tmp_path / 'new.py'} has changed since" in capsys.readouterr().err
 
 
 def test_bench_measures_a_user_model(user_run, capsys):

@@ -11,13 +11,7 @@ import train
 from checkpoint import load_checkpoint
 from config import TrainingConfig
 from model import GPT
-from optim import (
-    accumulate_gradients,
-    learning_rate,
-    make_optimizer,
-    optimizer_step,
-    total_steps,
-)
+from optim import accumulate_gradients, learning_rate, make_optimizer, optimizer_step, total_steps
 from tests.conftest import tiny_model_config
 from trainer import LossRecord
 from utils import resolve_system
