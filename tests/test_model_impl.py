@@ -17,7 +17,14 @@ import train
 from checkpoint import load_checkpoint
 from cli import run_cli
 from config import TrainingConfig
-from contract import flops_per_token, has_kv_cache, load_class, params_without_embeddings
+from contract import (
+    CachedLanguageModel,
+    LanguageModel,
+    flops_per_token,
+    has_kv_cache,
+    load_class,
+    params_without_embeddings,
+)
 from model import GPT
 from optim import make_optimizer
 from tests.conftest import REPO_ROOT, TINY_SETTINGS, tiny_model_config
@@ -114,6 +121,8 @@ def test_export_refuses_a_user_model_by_name(user_run, tmp_path, capsys):
 def test_fallbacks_for_what_a_user_model_may_lack():
     cfg = tiny_model_config(vocab_size=64)
     mine, ours = load_class(f"{EXAMPLE}:MyGPT")(cfg), GPT(cfg)
+    assert isinstance(mine, LanguageModel) and isinstance(ours, CachedLanguageModel)
+    assert not isinstance(mine, CachedLanguageModel) and not isinstance(nn.Linear(2, 2), LanguageModel)
     assert not has_kv_cache(mine) and has_kv_cache(ours)
     # without num_params(include_embeddings=...): the nn.Embedding weights (tied head once) subtracted
     assert params_without_embeddings(mine) == params_without_embeddings(ours) == ours.num_params(
