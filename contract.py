@@ -76,6 +76,8 @@ def load_class(spec: str) -> type:
         raise UserError(f"{path} does not exist (from {spec!r}; a relative path is taken from the "
                         f"current folder, {Path.cwd()})")
     module_spec = importlib.util.spec_from_file_location(f"user_model_{path.stem}", path)
+    if module_spec is None:
+        raise UserError(f"{path} is not a Python file; model classes live in .py files")
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[module_spec.name] = module  # as an import would: dataclasses and pickle look it up there
     try:

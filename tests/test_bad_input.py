@@ -198,6 +198,7 @@ CASES = [
     ("train", [*I, "bad/none.py:MyGPT"], "bad/none.py does not exist"),
     ("train", [*I, "bad/models.py"], "must look like path/to/my_gpt.py:MyGPT"),
     ("train", [*I, "bad/models.py:MyGPT"], "has no class MyGPT; it defines Base"),
+    ("train", [*I, "bad/short.txt:MyGPT"], "short.txt is not a Python file"),
     ("train", [*I, "bad/syntax.py:MyGPT"], "importing .*syntax.py failed: Syn"),
     ("train", [*I, "bad/models.py:NotAModule"], "must subclass torch.nn.Module"),
     ("train", [*I, "bad/models.py:NoForward"], r"has no method forward\(\)"),
