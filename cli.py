@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Any, Callable, Mapping, NoReturn, Sequence
 
-from config import SECTIONS, TYPE_WORDS, field_types, unwrap_optional
+from config import DTYPE_ALIASES, SECTIONS, TYPE_WORDS, field_types, unwrap_optional
 from errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
 
 # Short flags for the fields people change most: `--lr 3e-4` means `--training.lr 3e-4`.
@@ -118,6 +118,17 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             help_text = f.metadata["help"] + (f" ({'|'.join(choices)})" if choices else "")
             group.add_argument(*flags, dest=long, metavar="VALUE", default=argparse.SUPPRESS,
                                help=help_text)
+
+
+def add_model_loading_flags(parser: argparse.ArgumentParser, dtype_default: str) -> None:
+    """The flags of the commands that load a trained model (gen.py, eval.py): the device, the
+    dtype, the model's class where its file has moved, and --debug."""
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    parser.add_argument("--dtype", default=dtype_default,
+                        choices=("auto", "float32", "bfloat16", "float16", *DTYPE_ALIASES))
+    parser.add_argument("--model_impl", metavar="PATH.py:CLASS",
+                        help="the model's class, where the file the checkpoint names has moved")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict:

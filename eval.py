@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import find_checkpoint, load_checkpoint, load_model
-from cli import CliParser, run_cli
+from cli import CliParser, add_model_loading_flags, run_cli
 from config import DTYPE_ALIASES, Config, config_from_dict
 from data_loader import prepare_data
 from errors import UserError
@@ -44,12 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="which part of --dataset to score")
     parser.add_argument("--batch_size", type=int, default=16, help="windows per forward pass")
     parser.add_argument("--json", action="store_true", help="print one JSON line instead of text")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
-    parser.add_argument("--dtype", default="float32", choices=("auto", "float32", "bfloat16", "float16",
-                                                                *DTYPE_ALIASES))
-    parser.add_argument("--model_impl", metavar="PATH.py:CLASS",
-                        help="the model's class, where the file the checkpoint names has moved")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    add_model_loading_flags(parser, dtype_default="float32")
     return parser
 
 

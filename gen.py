@@ -17,7 +17,7 @@ import torch
 
 from chat import chat_session
 from checkpoint import find_checkpoint, load_checkpoint, load_model
-from cli import CliParser, run_cli
+from cli import CliParser, add_model_loading_flags, run_cli
 from config import DTYPE_ALIASES
 from contract import has_kv_cache
 from errors import UserError
@@ -55,12 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--chat", action="store_true", help="talk to a chat model (ChatML); /reset, /exit")
     mode.add_argument("--benchmark", action="store_true", help="measure prefill and decode tokens/s")
     parser.add_argument("--system", default="", help="the system prompt of a --chat session")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
-    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16",
-                                                             *DTYPE_ALIASES))
-    parser.add_argument("--model_impl", metavar="PATH.py:CLASS",
-                        help="the model's class, where the file the checkpoint names has moved")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    add_model_loading_flags(parser, dtype_default="auto")
     return parser
 
 
