@@ -150,6 +150,17 @@ def test_two_processes_equal_one_and_checkpoints_move_between_them(workdir, ddp_
     assert_close_weights(two_then_one["model"], one_then_two["model"])
 
 
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_a_users_model_class_trains_under_torchrun_as_in_one_process(workdir, ddp_config, sharding):
+    config = ["--config", str(ddp_config), "--model_impl", f"{REPO_ROOT / 'examples' / 'my_gpt.py'}:MyGPT"]
+    fsdp = ["--system.fsdp", "true"] if sharding == "fsdp" else []
+    run_torchrun(workdir / "record", *config, "--out_dir", "two", *fsdp, cwd=workdir)
+    assert run_cli(train.main, [*config, "--out_dir", "one", "--batch_size", "8"]) == 0
+    two, one = load_checkpoint(workdir / "two" / "ckpt.pt"), load_checkpoint(workdir / "one" / "ckpt.pt")
+    assert "blocks.0.attention.query_key_value.weight" in two["model"]  # the user's class, sharded by block
+    assert_close_weights(two["model"], one["model"])
+
+
 def test_sigterm_to_the_torchrun_group_stops_every_rank_with_one_checkpoint(workdir, ddp_config):
     command = [*TORCHRUN, str(PROBE), str(workdir / "record"), "--config", str(ddp_config),
                "--max_steps", "100000", "--eval_interval", "100000", "--training.keep_last", "0"]
