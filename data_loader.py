@@ -227,33 +227,18 @@ def place_on_device(data: PreparedData, device: torch.device, on_device: Optiona
 # ---------------------------------------------------------------- batches
 
 
-def get_batch(
-    tokens: Tokens,
-    batch_size: int,
-    block_size: int,
-    generator: torch.Generator,
-    device: torch.device,
-    mask: Optional[Tokens] = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return inputs and next-token targets (B, T) from random windows of `tokens`; targets
-    the mask leaves out are IGNORE_INDEX.
-
-    The window starts come from `generator` on the host either way, so a run draws the same
-    batches whether its tokens live on the device or not, and resumes draw them again.
-    """
-    return batch_at(tokens, random_starts(len(tokens), batch_size, block_size, generator), block_size,
-                    device, mask)
-
-
 def random_starts(n_tokens: int, count: int, block_size: int, generator: torch.Generator) -> torch.Tensor:
-    """Return `count` random offsets of windows of block_size + 1 tokens, drawn on the host."""
+    """Return `count` random offsets of windows of block_size + 1 tokens. They are drawn on the
+    host whether the tokens live on the device or not, so a run draws the same batches either
+    way, and a resume draws them again."""
     return torch.randint(n_tokens - block_size, (count,), generator=generator)
 
 
 def batch_at(
     tokens: Tokens, starts: torch.Tensor, block_size: int, device: torch.device, mask: Optional[Tokens] = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return inputs and targets for the windows of block_size + 1 tokens at `starts`."""
+    """Return inputs and next-token targets (B, T) for the windows of block_size + 1 tokens at
+    `starts`; targets the mask leaves out are IGNORE_INDEX."""
     if isinstance(tokens, torch.Tensor):
         if tokens.device.type == "cuda":
             starts = starts.pin_memory().to(tokens.device, non_blocking=True)

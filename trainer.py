@@ -213,20 +213,25 @@ class Trainer:
         slice, so the ranks train on different windows and a step trains on the same ones
         whatever the number of processes: runs compare, and resume under another count.
         """
-        block_size = self.cfg.model.block_size
-        count = self.cfg.training.batch_size * self.ranks.world_size
         if self.sequential is None:
-            starts = random_starts(len(self.data.train), count, block_size, self.data_rng)
-        else:
-            starts = self.sequential.starts(self.windows_drawn, count)
-            self.windows_drawn += count
-        tokens, mask = self._split("train")
-        return batch_at(tokens, self._my_slice(starts), block_size, self.system.device, mask)
+            return self._random_batch("train", self.data_rng)
+        count = self.cfg.training.batch_size * self.ranks.world_size
+        starts = self.sequential.starts(self.windows_drawn, count)
+        self.windows_drawn += count
+        return self._my_batch("train", starts)
 
-    def _my_slice(self, starts: torch.Tensor) -> torch.Tensor:
-        """Return this rank's batch_size windows of the windows drawn for all ranks."""
+    def _random_batch(self, split: str, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's slice of batch_size x world_size random windows of the split."""
+        count = self.cfg.training.batch_size * self.ranks.world_size
+        starts = random_starts(len(self._split(split)[0]), count, self.cfg.model.block_size, generator)
+        return self._my_batch(split, starts)
+
+    def _my_batch(self, split: str, starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the batch of this rank's batch_size windows of those drawn for all ranks."""
         batch_size, rank = self.cfg.training.batch_size, self.ranks.rank
-        return starts[rank * batch_size:(rank + 1) * batch_size]
+        tokens, mask = self._split(split)
+        return batch_at(tokens, starts[rank * batch_size:(rank + 1) * batch_size], self.cfg.model.block_size,
+                        self.system.device, mask)
 
     def train_step(self) -> Optional[torch.Tensor]:
         """Run one optimizer step over grad_accum_steps micro-batches; return the mean loss,
@@ -289,8 +294,7 @@ class Trainer:
             return
         generator = torch.Generator().manual_seed(EVAL_SEED)
         for _ in range(t.eval_iters):
-            starts = random_starts(len(tokens), t.batch_size * self.ranks.world_size, block_size, generator)
-            yield batch_at(tokens, self._my_slice(starts), block_size, self.system.device, mask), True
+            yield self._random_batch(split, generator), True
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from config import ModelConfig
+from data_loader import batch_at, random_starts
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_CORPUS = REPO_ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -72,3 +73,9 @@ def tiny_model_config(**changes) -> ModelConfig:
     values = dict(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=11, dropout=0.0, bias=True)
     values.update(changes)
     return ModelConfig(**values)
+
+
+def random_batch(tokens, batch_size, block_size, generator, device, mask=None):
+    """batch_size random windows of `tokens`, as the trainer draws them."""
+    return batch_at(tokens, random_starts(len(tokens), batch_size, block_size, generator), block_size, device,
+                    mask)

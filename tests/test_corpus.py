@@ -13,10 +13,10 @@ import torch
 import corpus
 from checkpoint import load_checkpoint
 from config import DataConfig
-from data_loader import get_batch, prepare_data, split_windows
+from data_loader import prepare_data, split_windows
 from errors import UserError
 from model import GPT, IGNORE_INDEX
-from tests.conftest import tiny_model_config
+from tests.conftest import random_batch, tiny_model_config
 from tests.test_tokenizer import GPT2_PATTERN
 from tokenizer import END_OF_TEXT, IM_END, IM_START, CharTokenizer, tokenizer_from_dict
 
@@ -27,6 +27,7 @@ CHATS = [
                       {"role": "user", "content": "And 3+3?"}, {"role": "assistant", "content": "6!"}]},
     {"input": "Name a colour.", "output": "Blue."},
 ]
+
 
 
 def write_jsonl(path: Path, records: list) -> Path:
@@ -57,7 +58,7 @@ def test_chats_are_rendered_in_chatml_and_only_replies_are_trained(workdir, tmp_
 def test_masked_targets_are_left_out_of_batches_and_the_loss(workdir, tmp_path):
     data = prepare_data(DataConfig(dataset=str(write_jsonl(tmp_path / "chat.jsonl", CHATS * 20))))
     cpu = torch.device("cpu")
-    x, y = get_batch(data.train, 16, 12, torch.Generator().manual_seed(0), cpu, data.train_mask)
+    x, y = random_batch(data.train, 16, 12, torch.Generator().manual_seed(0), cpu, data.train_mask)
     assert (y == IGNORE_INDEX).any() and (y != IGNORE_INDEX).any()
     windows = list(split_windows(data.val, 4, 12, torch.device("cpu"), data.val_mask))
     assert any((wy == IGNORE_INDEX).any() for _, wy in windows)

@@ -14,8 +14,9 @@ import torch
 
 import data_loader
 from config import DataConfig
-from data_loader import check_enough_tokens, dataset_files, get_batch, prepare_data
+from data_loader import check_enough_tokens, dataset_files, prepare_data
 from errors import UserError
+from tests.conftest import random_batch
 from tokenizer import CharTokenizer
 
 
@@ -153,11 +154,11 @@ def test_without_network_the_error_says_where_to_put_the_file(workdir, monkeypat
 def test_batches_are_windows_with_shifted_targets():
     tokens = np.arange(1000, dtype=np.uint16)
     generator = torch.Generator().manual_seed(0)
-    x, y = get_batch(tokens, 5, 16, generator, torch.device("cpu"))
+    x, y = random_batch(tokens, 5, 16, generator, torch.device("cpu"))
     assert x.shape == y.shape == (5, 16) and x.dtype == torch.int64
     assert torch.equal(y[:, :-1], x[:, 1:])
     assert torch.equal(y[:, -1], x[:, -1] + 1)
-    again = get_batch(tokens, 5, 16, torch.Generator().manual_seed(0), torch.device("cpu"))[0]
+    again = random_batch(tokens, 5, 16, torch.Generator().manual_seed(0), torch.device("cpu"))[0]
     assert torch.equal(x, again)
     # every window fits: the last start is len - block_size - 1
     assert int(x.max()) + 1 < 1000
@@ -172,8 +173,8 @@ def test_tokens_on_the_device_give_the_same_batches():
     assert isinstance(resident.train, torch.Tensor) and resident.train.dtype == torch.int32
     assert len(resident.val) == 200
     for batch_size, block_size in ((5, 16), (1, 1)):
-        host = get_batch(tokens, batch_size, block_size, torch.Generator().manual_seed(3), cpu)
-        device = get_batch(resident.train, batch_size, block_size, torch.Generator().manual_seed(3), cpu)
+        host = random_batch(tokens, batch_size, block_size, torch.Generator().manual_seed(3), cpu)
+        device = random_batch(resident.train, batch_size, block_size, torch.Generator().manual_seed(3), cpu)
         for a, b in zip(host, device):
             assert torch.equal(a, b) and b.dtype == torch.int64
     host_windows = list(data_loader.split_windows(tokens[:200], 4, 10, cpu))
