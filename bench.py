@@ -37,6 +37,7 @@ from data_loader import check_enough_tokens, dataset_files, prepare_data, synthe
 from errors import UserError
 from monitor import RunMonitor
 from optim import accumulate_gradients, make_optimizer, optimizer_step
+from precision import choose_cpu_dtype
 from trainer import Trainer
 from utils import (
     autocast_context,
@@ -199,7 +200,7 @@ def main(argv: Sequence[str]) -> int:
             return 0
         check_enough_tokens(data, cfg.model.block_size)
         cfg = fill_vocab_size(cfg, data.tokenizer.vocab_size)
-        system = resolve_system(cfg.system.device, cfg.system.dtype, cfg.system.compile)
+        system = choose_cpu_dtype(cfg, resolve_system(cfg.system.device, cfg.system.dtype, cfg.system.compile))
         with contextlib.redirect_stdout(sys.stderr):  # stdout is for the JSON line alone
             trainer = Trainer(cfg, data, system, process_start)
             trainer.train()

@@ -144,8 +144,8 @@ class TrainingConfig:
 class SystemConfig:
     device: str = option("auto", "where to train", choices=("auto", "cpu", "cuda", "mps"))
     dtype: str = option(
-        "auto", "compute dtype; auto: bfloat16 on CUDA where supported, else float16; bfloat16 on CPUs with "
-        "AVX-512 BF16 or AMX; float32 elsewhere",
+        "auto", "compute dtype; auto: bfloat16 on CUDA where supported, else float16; on a CPU, float32 or "
+        "bfloat16, whichever a timed step of the run's model found faster there (float32 where bf16 is emulated)",
         choices=("auto", "float32", "bfloat16", "float16"), aliases=DTYPE_ALIASES)
     compile: Optional[bool] = option(None, "torch.compile the model; null: on for CUDA, off elsewhere")
     compile_mode: str = option(

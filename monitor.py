@@ -133,8 +133,10 @@ def describe_run(cfg: Config, system: DeviceInfo,
     ]
     threads = f", {torch.get_num_threads()} CPU threads" if system.device.type == "cpu" else ""
     tf32 = f", TF32 {'on' if cfg.system.allow_tf32 else 'off'}" if system.device.type == "cuda" else ""
-    return [("model", model), ("data", data), ("training", training),
-            ("system", [("device", system.describe() + tf32 + threads)])]
+    device = [("device", system.describe() + tf32 + threads)]
+    if system.dtype_reason:
+        device.append(("dtype", system.dtype_reason))
+    return [("model", model), ("data", data), ("training", training), ("system", device)]
 
 
 def format_sections(sections: list[tuple[str, list[tuple[str, str]]]], style: Style) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from contract import source_sha256
-from utils import write_file_atomic
+from utils import cpu_has_native_bf16, cpu_name, write_file_atomic
 
 CODE_DIR = Path(__file__).resolve().parent
 
@@ -36,7 +36,8 @@ def environment(device: torch.device, model_impl: str = "") -> dict[str, str]:
         "cudnn": str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else "none",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
         "os": platform.platform(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_name(),
+        "cpu_native_bf16": "yes" if cpu_has_native_bf16() else "no",
         "cpu_threads": str(torch.get_num_threads()),
         "git_commit": commit or "unknown (not a git checkout)",
         "git_dirty": "unknown" if dirty is None else ("yes" if dirty else "no"),

@@ -40,6 +40,7 @@ from errors import UserError
 from huggingface import checkpoint_from_hf, is_hf_folder
 from monitor import RunFacts, Style, describe_run, format_sections
 from optim import total_steps
+from precision import choose_cpu_dtype
 from tokenizer import tokenizer_from_dict
 from trainer import Trainer
 from utils import DeviceInfo, configure_torch, notice, process_start_time, resolve_system
@@ -93,8 +94,10 @@ def describe_config(cfg: Config, system: DeviceInfo, data: Optional[PreparedData
     """Return the resolved config and the values derived from it, for --show_config."""
     facts = None
     if data is not None:
+        sized = fill_vocab_size(cfg, data.tokenizer.vocab_size)
+        system = choose_cpu_dtype(sized, system, measure=False)  # the cached measurement, if any
         with torch.device("meta"):  # shapes only: no memory, no initialisation
-            model = build_model(fill_vocab_size(cfg, data.tokenizer.vocab_size).model)
+            model = build_model(sized.model)
         facts = RunFacts(params=model.num_params(),
                          params_without_embeddings=params_without_embeddings(model),
                          vocab_size=data.tokenizer.vocab_size, train_tokens=len(data.train),
@@ -177,6 +180,7 @@ def build_trainer(args: argparse.Namespace, cfg: Config, checkpoint: Optional[di
     cfg = fill_vocab_size(cfg, data.tokenizer.vocab_size)
     if cfg.model.impl:
         build_model(cfg.model)  # a class of the user's that breaks the contract stops here, out_dir untouched
+    system = choose_cpu_dtype(cfg, system)  # on a CPU, auto times float32 against bfloat16 (once)
     if start_from is not None:
         check_same_architecture(start_from, cfg.model, checkpoint_path or Path(args.load_model_only))
     with collectives.main_first():

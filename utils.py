@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import platform
 import random
 import sys
 from dataclasses import dataclass
@@ -67,9 +68,20 @@ def cpu_has_native_bf16() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
+def cpu_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """Return the CPU's model name ("Intel(R) Xeon(R) Platinum 8480+"), or its architecture."""
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass  # not Linux: platform's answer below
+    return platform.processor() or platform.machine()
+
+
 def select_dtype(device: torch.device, requested: str) -> torch.dtype:
-    """Return the compute dtype: bf16 on CUDA when supported, fp16 on older GPUs; bf16 on a
-    CPU with native bf16 matmuls; float32 elsewhere.
+    """Return the compute dtype: bf16 on CUDA when supported, fp16 on older GPUs; float32 on
+    a CPU for 'auto' (a training run then measures whether bf16 is faster: precision.py).
 
     A dtype the device cannot use (or only emulates) falls back with a notice rather than failing.
     """
@@ -83,12 +95,11 @@ def select_dtype(device: torch.device, requested: str) -> torch.dtype:
         return DTYPES[requested]
     if requested == "float32":
         return torch.float32
-    if device.type == "cpu" and requested in ("auto", "bfloat16"):
+    if device.type == "cpu" and requested == "bfloat16":
         if cpu_has_native_bf16():
             return torch.bfloat16
-        if requested == "bfloat16":
-            notice("this CPU has no native bfloat16 (AVX512-BF16 or AMX), so bf16 would be emulated "
-                   "and far slower; training in float32 instead")
+        notice("this CPU has no native bfloat16 (AVX512-BF16 or AMX), so bf16 would be emulated "
+               "and far slower; training in float32 instead")
         return torch.float32
     if requested != "auto":
         notice(f"{requested} is not used on {device.type}; training in float32 instead")
@@ -153,6 +164,7 @@ class DeviceInfo:
     dtype: torch.dtype
     compile: bool
     processes: int = 1  # torchrun's WORLD_SIZE: this device is one of that many alike
+    dtype_reason: str = ""  # why `dtype auto` chose this dtype, where it was a measured choice
 
     def describe(self) -> str:
         name = self.device.type

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 
 from config import ModelConfig
 from data_loader import batch_at, random_starts
+from precision import ENVIRONMENT_VARIABLE as CPU_DTYPE_VARIABLE
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_CORPUS = REPO_ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -24,6 +26,25 @@ def generated_corpus(n_chars: int = 60_000, seed: int = 0) -> str:
     while sum(len(line) for line in lines) < n_chars:
         lines.append(f"{rng.choice(speakers)}:\n" + " ".join(rng.choice(words) for _ in range(12)) + ".\n")
     return "\n".join(lines)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def unpinned_cpu_dtype_is_bfloat16():
+    """Make `dtype auto` on a CPU mean bfloat16 in every test, on every machine.
+
+    auto picks float32 on some CPUs and bfloat16 on others (precision.py), so a test that
+    leaves the dtype to it would pass on one machine and fail on another. Here it means
+    bfloat16 everywhere (subprocesses inherit the variable): a test that compares numbers or
+    printed text without pinning `system.dtype` fails on every machine, not only on some.
+    Tests of auto itself remove the variable.
+    """
+    before = os.environ.get(CPU_DTYPE_VARIABLE)
+    os.environ[CPU_DTYPE_VARIABLE] = "bfloat16"
+    yield
+    if before is None:
+        os.environ.pop(CPU_DTYPE_VARIABLE, None)
+    else:
+        os.environ[CPU_DTYPE_VARIABLE] = before
 
 
 @pytest.fixture(scope="session")
@@ -55,7 +76,7 @@ TINY_SETTINGS = {
     "model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 16},
     "training": {"max_steps": 6, "batch_size": 4, "eval_interval": 3, "eval_iters": 2,
                  "log_interval": 1, "warmup_steps": 2},
-    "system": {"device": "cpu"},
+    "system": {"device": "cpu", "dtype": "float32"},  # pinned: auto differs between CPUs
 }
 
 

@@ -147,7 +147,8 @@ def test_saved_config_loads_back_identically(tmp_path, workdir):
 
 def test_show_config_prints_sections_and_derived_values(capsys, workdir, small_corpus_file):
     code = train.main(["--config", str(REPO_ROOT / "configs/tiny.json"),
-                       "--dataset", str(small_corpus_file), "--device", "cpu", "--show_config"])
+                       "--dataset", str(small_corpus_file), "--device", "cpu", "--system.dtype", "float32",
+                       "--show_config"])
     out = capsys.readouterr().out
     assert code == 0
     for heading in ("[model]", "[data]", "[training]", "[system]", "[model: derived]", "[system: derived]"):
