@@ -11,6 +11,7 @@ config.json, model.safetensors, generation_config.json, the tokenizer's files an
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import re
 import shutil
@@ -89,10 +90,26 @@ def describe_upload(folder: Path, repo_id: str, private: bool) -> str:
     return "\n".join(lines)
 
 
+def hub_errors() -> tuple[type[BaseException], ...]:
+    """The errors an upload can end with that are not our bug: the hub's own and those of the
+    HTTP client it uses, which differs by version (requests up to 0.x, httpx in 1.x, httpx2 in
+    2.x) and none of which is an OSError."""
+    from huggingface_hub.utils import HfHubHTTPError
+
+    errors: list[type[BaseException]] = [HfHubHTTPError, OSError, ValueError]
+    for module, name in (("httpx2", "HTTPError"), ("httpx", "HTTPError"),
+                         ("requests", "RequestException")):
+        try:
+            errors.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            continue  # this version of huggingface_hub does not use that client
+    return tuple(errors)
+
+
 def push_to_hub(folder: Path, repo_id: str, private: bool) -> str:
     """Create the repository if needed and upload the folder; return its URL."""
     import huggingface_hub
-    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+    from huggingface_hub.utils import OfflineModeIsEnabled
 
     if huggingface_hub.get_token() is None:
         raise UserError("no Hugging Face token: run `hf auth login` (or set HF_TOKEN), then export again "
@@ -103,7 +120,7 @@ def push_to_hub(folder: Path, repo_id: str, private: bool) -> str:
         api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message="Upload from export.py")
     except OfflineModeIsEnabled:
         raise UserError("HF_HUB_OFFLINE is set, so nothing was uploaded; unset it to --push_to_hub") from None
-    except (HfHubHTTPError, OSError, ValueError) as error:
+    except hub_errors() as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UserError(f"the upload to {repo_id} failed ({reason}); the exported folder {folder} is "
                         "intact, so try again later") from None

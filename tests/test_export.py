@@ -218,6 +218,25 @@ def test_an_upload_without_a_token_or_network_is_one_line(workdir, no_network, m
     assert (workdir / "hf" / "model.safetensors").is_file()  # the export itself stands
 
 
+def test_an_upload_with_a_token_and_no_network_is_one_line(workdir, monkeypatch, capsys):
+    """The real huggingface_hub call fails as it does offline: its HTTP client's own error."""
+    import socket
+
+    def unknown_host(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    for owner, name in ((socket, "getaddrinfo"), (socket, "create_connection"), (socket.socket, "connect")):
+        monkeypatch.setattr(owner, name, unknown_host)
+    monkeypatch.setenv("HF_HOME", str(workdir / "hf-home"))
+    monkeypatch.setenv("HF_TOKEN", "hf_x")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    save_model(workdir / "model.pt")
+    assert run_cli(export.main, ["model.pt", "--out", "hf", "--push_to_hub", "me/tiny", "--private"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "upload to me/tiny failed" in err and "Traceback" not in err
+    assert (workdir / "hf" / "model.safetensors").is_file()  # the export itself stands
+
+
 @pytest.mark.parametrize("repo", ["me/", "a b", "me/tiny/extra", ".bad"])
 def test_a_bad_repository_id_is_refused_before_anything_is_written(workdir, repo, capsys):
     save_model(workdir / "model.pt")
