@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import re
 import shutil
 import sys
@@ -59,6 +60,7 @@ def export(checkpoint_path: Path, out: Path) -> list[Path]:
         out.mkdir(parents=True, exist_ok=True)
         weights, config = hf_model(checkpoint["model"], cfg, tokenizer)
         save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+        give_default_mode(out / "model.safetensors")
         files["config.json"] = json.dumps(config, indent=2)
         files["generation_config.json"] = json.dumps(generation_config(tokenizer), indent=2)
         for name, content in files.items():
@@ -73,6 +75,14 @@ def export(checkpoint_path: Path, out: Path) -> list[Path]:
     except OSError as error:
         raise UserError(f"cannot write {out}: {error.strerror}") from None
     return sorted(out.iterdir())
+
+
+def give_default_mode(path: Path) -> None:
+    """Give a file the mode a plain open() would: safetensors writes 0600, which others cannot
+    read in a shared folder (or after an upload that keeps modes)."""
+    umask = os.umask(0)  # the only portable way to read it is to set it and put it back
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def check_repo_id(repo_id: str) -> None:

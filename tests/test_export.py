@@ -1,7 +1,9 @@
 """export.py: a checkpoint that transformers loads and runs exactly as we do."""
 from __future__ import annotations
 
+import os
 import shutil
+import stat
 
 import pytest
 import torch
@@ -118,6 +120,21 @@ def test_an_option_transformers_cannot_represent_is_refused_by_name(workdir, opt
     with pytest.raises(UserError, match=named):
         export.export(workdir / "model.pt", workdir / "hf")
     assert not (workdir / "hf").exists()  # nothing half-written
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_every_exported_file_gets_the_mode_a_plain_open_gives(workdir, umask):
+    """Shared folders and uploads need the weights readable like the rest (not 0600)."""
+    save_model(workdir / "model.pt")
+    (workdir / "loss.png").write_bytes(b"png")  # so the plot is copied too
+    old = os.umask(umask)
+    try:
+        written = export.export(workdir / "model.pt", workdir / "hf")
+    finally:
+        os.umask(old)
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in written}
+    assert "model.safetensors" in modes and "loss.png" in modes
+    assert modes == {name: 0o666 & ~umask for name in modes}
 
 
 def test_a_folder_with_files_is_not_written_over(workdir):
