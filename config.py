@@ -27,10 +27,21 @@ def option(default: Any, help: str, **extra: Any) -> Any:
     return field(default=default, metadata={"help": help, **extra})
 
 
+NUMBER = r"\d+(?:\.\d+)?"
+DURATION = re.compile(rf"(?:({NUMBER})h)?\s*(?:({NUMBER})m)?\s*(?:({NUMBER})s)?")
+DURATION_FORMS = "seconds (5400) or hours, minutes and seconds each with its unit (1h30m, 90m, 1.5h, 2h, 45s)"
+
+
 def parse_duration(text: str) -> float:
-    """Return seconds from '5400', '90s', '45m', '1h30m' or '2h'; raise ValueError otherwise."""
-    match = re.fullmatch(r"\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*",
-                         text)
+    """Return seconds from '5400', '45s', '90m', '1.5h' or '1h30m'; raise ValueError otherwise.
+
+    Only a lone number goes without a unit: '1h30' could mean 30 minutes or 30 seconds, so it
+    is refused rather than guessed.
+    """
+    text = text.strip()
+    if re.fullmatch(NUMBER, text):
+        return float(text)
+    match = DURATION.fullmatch(text)
     if not match or not any(match.groups()):
         raise ValueError(text)
     hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
@@ -133,8 +144,8 @@ class TrainingConfig:
         choices=("step", "log"))
     target_val_loss: Optional[float] = option(None, "stop once an evaluation reaches this val loss")
     max_time_s: Optional[float] = option(
-        None, "stop with a checkpoint before this much wall time (seconds, or 1h30m on the command line)",
-        parse=parse_duration, format="seconds or a duration such as 1h30m")
+        None, "stop with a checkpoint before this much wall time (seconds; on the command line also "
+        "1h30m, 90m, 1.5h, 45s)", parse=parse_duration, format=DURATION_FORMS)
     budget_usd: Optional[float] = option(
         None, "stop with a checkpoint before spending this many dollars (needs system.usd_per_hour)")
     out_dir: Optional[str] = option(None, "run directory; null: models/<config name>")

@@ -165,7 +165,8 @@ CASES = [
     ("train", [*T, "--system.compile_mode", "fast"], "system.compile_mode must be one of"),
     ("train", [*T, "--resume", "--model.n_kv_head", "1"], "it has model.n_kv_head=None"),
     ("train", [*T, "--budget", "5"], "set system.usd_per_hour"),
-    ("train", [*T, "--max_time", "soon"], "expects seconds or a duration such as 1h30m"),
+    ("train", [*T, "--max_time", "soon"], r"expects seconds \(5400\) or .* \(1h30m, 90m, 1.5h"),
+    ("train", [*T, "--max_time", "1h30"], r"expects seconds \(5400\) or .*got .1h30."),
     ("train", [*T, "--model.vocab_size", "10", "--out_dir", "v"], "smaller than the tokenizer's"),
     ("train", [*T, "--resume", "--load_model_only", CKPT], "exclude each other"),
     # data

@@ -9,13 +9,14 @@ from pathlib import Path
 import pytest
 
 import train
-from cli import parse_flag_value
+from cli import parse_flag_value, run_cli
 from config import (
     SECTIONS,
     Config,
     config_from_dict,
     deep_merge,
     load_config_file,
+    parse_duration,
     resolve_config,
     validate,
 )
@@ -194,6 +195,29 @@ def test_precision_flag_and_dtype_aliases(tmp_path):
     path = write(tmp_path / "p.json", {"system": {"dtype": "fp16"}, "model": {"flash_attention": False}})
     cfg = resolve_config(str(path), {})
     assert cfg.system.dtype == "float16" and cfg.model.flash_attention is False
+
+
+@pytest.mark.parametrize("text, seconds", [
+    ("5400", 5400), ("1.5", 1.5), ("45s", 45), ("90m", 5400), ("2h", 7200), ("1.5h", 5400),
+    ("1h30m", 5400), ("1h30m15s", 5415), ("1m30s", 90), ("2h 5s", 7205), (" 1h30m ", 5400)])
+def test_a_duration_is_read_whole(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", [
+    "1h30", "1m30", "2h5", "", " ", "h", "1d", "soon", "30m1h", "1h1h", "-5", "1:30", "inf", "1.h",
+    "1 h"])
+def test_a_duration_not_understood_whole_is_refused(text):
+    with pytest.raises(ValueError):
+        parse_duration(text)
+
+
+def test_a_refused_duration_is_one_line_naming_the_forms(workdir, capsys):
+    assert run_cli(train.main, ["--max_time", "1h30", "--show_config"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "got '1h30'" in error
+    for form in ("5400", "1h30m", "90m", "1.5h", "45s"):
+        assert form in error
 
 
 def test_guard_rail_flags(tmp_path):
