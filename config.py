@@ -300,11 +300,16 @@ def config_to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def save_config(cfg: Config, path: str | Path) -> None:
+def save_config(cfg: Config, path: str | Path, keep_out_dir: bool = True) -> None:
+    """Write the config as JSON; without out_dir when `keep_out_dir` is false, so that a run of
+    the file derives its own (models/<file name>) instead of sharing the original's."""
     path = Path(path)
+    settings = config_to_dict(cfg)
+    if not keep_out_dir:
+        del settings["training"]["out_dir"]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n", encoding="utf-8")
+        path.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
     except OSError as error:
         raise UserError(f"cannot write the config to {path}: {error.strerror}") from None
 
@@ -394,14 +399,18 @@ def _check_choices(section: Any) -> None:
             )
 
 
+def default_out_dir(config_path: str | Path | None) -> str:
+    """The run directory of a config that sets none: models/<config file name>."""
+    return str(Path("models") / (Path(config_path).stem if config_path else "default"))
+
+
 def resolve_config(config_path: str | None, overrides: dict, base: dict | None = None) -> Config:
     """Return the validated Config from a file (or `base` settings), then the overrides."""
     settings = load_config_file(config_path) if config_path else dict(base or {})
     where = str(config_path) if config_path else "the settings"
     cfg = config_from_dict(deep_merge(settings, overrides), where)
     if cfg.training.out_dir is None:
-        name = Path(config_path).stem if config_path else "default"
-        cfg.training.out_dir = str(Path("models") / name)
+        cfg.training.out_dir = default_out_dir(config_path)
     validate(cfg)
     return cfg
 

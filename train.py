@@ -21,8 +21,10 @@ from cli import CliParser, add_config_flags, overrides_from_args, run_cli
 from config import (
     Config,
     __version__,
+    default_out_dir,
     fill_vocab_size,
     format_config,
+    load_config_file,
     resolve_config,
     save_config,
     tokens_per_step,
@@ -131,6 +133,27 @@ def prepare_out_dir(out_dir: Path, resumed_from: Optional[Path], overwrite: bool
             path.unlink()
 
 
+def out_dir_was_set(args: argparse.Namespace) -> bool:
+    """Whether the user chose out_dir (by flag, in the config file, or as --resume's checkpoint
+    directory) rather than it being derived from the config's name."""
+    if args.resume or hasattr(args, "training.out_dir"):
+        return True
+    file_settings = load_config_file(args.config) if args.config else {}
+    return file_settings.get("training", {}).get("out_dir") is not None
+
+
+def save_run_config(args: argparse.Namespace, cfg: Config) -> None:
+    """Write the resolved config for --save_config, and say what became of out_dir."""
+    keep = out_dir_was_set(args)
+    save_config(cfg, args.save_config, keep_out_dir=keep)
+    if keep:
+        print(f"saved the resolved config to {args.save_config}, with out_dir {cfg.training.out_dir}")
+    else:
+        print(f"saved the resolved config to {args.save_config}, without out_dir (derived from the "
+              f"config's name): a run of it writes to {default_out_dir(args.save_config)}; "
+              "pass --out_dir to save one")
+
+
 def local_data(cfg: Config) -> Optional[PreparedData]:
     """Return the dataset if its text is on disk already; never download for --show_config."""
     if cfg.data.dataset == "shakespeare_char" and not shakespeare_is_local(cfg.data.cache_dir):
@@ -211,8 +234,7 @@ def main(argv: Sequence[str]) -> int:
         print(format_sections([("data", describe_data(data))], Style(enabled=False)))
         return 0
     if args.save_config:
-        save_config(cfg, args.save_config)
-        print(f"saved the resolved config to {args.save_config}")
+        save_run_config(args, cfg)
         return 0
 
     with Collectives(ranks, system.device) as collectives:

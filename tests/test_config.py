@@ -138,12 +138,28 @@ def test_short_and_long_flags_reach_the_same_field():
     assert short.training.lr == 0.02 and short.system.compile is False
 
 
-def test_saved_config_loads_back_identically(tmp_path, workdir):
+def test_saved_config_loads_back_identically_but_for_a_derived_out_dir(tmp_path, workdir, capsys):
+    """A run of the saved file gets a directory of its own, not the original config's."""
     cfg = resolve_config(str(REPO_ROOT / "configs/tiny.json"), {"training": {"lr": 0.0123}})
     code = train.main(["--config", str(REPO_ROOT / "configs/tiny.json"), "--lr", "0.0123",
                        "--save_config", str(tmp_path / "saved.json")])
     assert code == 0
-    assert resolve_config(str(tmp_path / "saved.json"), {}) == cfg
+    assert "out_dir" not in json.loads((tmp_path / "saved.json").read_text())["training"]
+    again = resolve_config(str(tmp_path / "saved.json"), {})
+    assert again.training.out_dir == str(Path("models") / "saved")
+    again.training.out_dir = cfg.training.out_dir
+    assert again == cfg
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "without out_dir" in out and str(Path("models") / "saved") in out
+
+
+@pytest.mark.parametrize("where", ["flag", "file"])
+def test_an_out_dir_set_explicitly_is_saved(tmp_path, workdir, capsys, where):
+    path = write(tmp_path / "mine.json", {"training": {"out_dir": "runs/file"}} if where == "file" else {})
+    flags = ["--out_dir", "runs/flag"] if where == "flag" else []
+    assert train.main(["--config", str(path), *flags, "--save_config", str(tmp_path / "saved.json")]) == 0
+    assert resolve_config(str(tmp_path / "saved.json"), {}).training.out_dir == f"runs/{where}"
+    assert f"with out_dir runs/{where}" in capsys.readouterr().out
 
 
 def test_show_config_prints_sections_and_derived_values(capsys, workdir, small_corpus_file):
