@@ -33,6 +33,25 @@ def test_bench_on_synthetic_tokens(workdir, tiny_config_file, capsys):
     assert record["final_val_loss"] == pytest.approx(4.16, abs=0.15)  # random tokens: about ln 64
 
 
+def test_a_synthetic_run_scores_a_few_batches_not_the_whole_split(workdir, tiny_config_file, monkeypatch,
+                                                                   capsys):
+    """Random tokens: the loss means nothing, so scoring all of its 200k-token split is waste."""
+    scored = []
+    eval_batches = bench.Trainer._eval_batches
+
+    def counting(trainer, split):
+        batches = list(eval_batches(trainer, split))
+        scored.append((split, len(batches)))
+        return iter(batches)
+
+    monkeypatch.setattr(bench.Trainer, "_eval_batches", counting)
+    assert run_cli(bench.main, ["--config", str(tiny_config_file), "--synthetic", "--model.vocab_size", "64",
+                                "--steps", "3", "--eval_iters", "50", "--system.dtype", "float32"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert scored == [("train", 3), ("val", 3)]  # one evaluation, at the end, of 3 batches a split
+    assert record["val_loss_over"] == "3 random batches of synthetic tokens"
+
+
 def test_bench_tokenize_times_a_fresh_cache(workdir, tiny_config_file, small_corpus_file, capsys):
     assert run_cli(bench.main, ["--config", str(tiny_config_file), "--dataset", str(small_corpus_file),
                                 "--tokenize"]) == 0
