@@ -28,7 +28,10 @@ class StopSignals:
 
     RELAY_S = 2.0
 
-    def __init__(self) -> None:
+    def __init__(self, announce: bool = True) -> None:
+        """`announce`: say that the signal came; under torchrun rank 0 alone does, as every
+        rank receives it."""
+        self.announce = announce
         self.received: Optional[int] = None
         self._received_at = 0.0
         self._previous: dict[int, object] = {}
@@ -39,6 +42,8 @@ class StopSignals:
                 return
             raise KeyboardInterrupt
         self.received, self._received_at = signum, time.monotonic()
+        if not self.announce:
+            return
         name = signal.Signals(signum).name
         print(f"\n{name} received: stopping after this step to save a checkpoint "
               "(press Ctrl+C again to quit at once)", file=sys.stderr, flush=True)

@@ -348,7 +348,7 @@ class Trainer:
         reason, signal = "finished", None
         self.monitor.start(self.step, self.resumed_from)
         self.forward_model.train()
-        with StopSignals() as stop:
+        with StopSignals(announce=self.ranks.is_main) as stop:
             while self.step < self.max_steps:
                 reason, signal = self._stop_reason(stop.received)
                 if reason != "finished":

@@ -103,6 +103,14 @@ def test_a_relayed_signal_is_not_a_second_one(monkeypatch):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
+def test_a_signal_not_announced_still_stops(capsys):
+    """Ranks other than 0 stop on a signal without saying so: rank 0 speaks for the run."""
+    with StopSignals(announce=False) as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.received == signal.SIGTERM
+    assert capsys.readouterr().err == ""
+
+
 # ---------------------------------------------------------------- two processes under torchrun
 
 
@@ -186,6 +194,7 @@ def test_sigterm_to_the_torchrun_group_stops_every_rank_with_one_checkpoint(work
     checkpoint = load_checkpoint(workdir / "models" / "ddp" / "ckpt.pt")  # whole and verified
     assert checkpoint["step"] == int(stopped.group(1))
     assert "Traceback" not in output.split("stopped by a signal")[0]
+    assert output.count("SIGTERM received") == 1, output[-3000:]  # rank 0 alone says so
 
 
 # ---------------------------------------------------------------- the SLURM script, with stand-ins
