@@ -5,6 +5,7 @@ Each turn is `<|im_start|>role\\ncontent<|im_end|>\\n`, the format the data pipe
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, TextIO
 
 from errors import UserError
@@ -15,6 +16,14 @@ if TYPE_CHECKING:  # gen.py imports this module; the type is only for annotation
     from gen import Session
 
 HELP = "chat: /reset forgets the conversation, /exit or Ctrl+D leaves"
+PIPED = ("with stdin piped: one message per line in, one reply per line out, its line breaks "
+         "written \\n (\\r) and its backslashes \\\\")
+
+
+def escape_reply(reply: str) -> str:
+    """The reply on one line, for a script that reads one reply per line: backslashes first,
+    so that a literal backslash-n in the reply stays apart from an escaped line break."""
+    return reply.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
 
 
 def render_turn(tokenizer: Tokenizer, role: str, content: str) -> list[int]:
@@ -53,8 +62,8 @@ def read_message(stdin: TextIO, interactive: bool) -> str | None:
 
 
 def chat_session(session: "Session", system_prompt: str, stdin: TextIO) -> None:
-    """Talk until /exit or the end of input. From a terminal it prompts `you>`; from a pipe it
-    answers one message per line, one reply per line."""
+    """Talk until /exit or the end of input. From a terminal it prompts `you>` and streams the
+    replies; from a pipe it answers one message per line with one reply per line (escaped)."""
     tokenizer = session.tokenizer
     if IM_START not in tokenizer.special_ids:
         raise UserError("this model's tokenizer has no ChatML tokens (<|im_start|>, <|im_end|>), so "
@@ -66,6 +75,7 @@ def chat_session(session: "Session", system_prompt: str, stdin: TextIO) -> None:
     stop_ids = frozenset(tokenizer.special_ids[name] for name in (IM_END, END_OF_TEXT))
     block = session.block_size
     budget = block - min(session.settings.max_new_tokens, block // 2)  # room left for the reply
+    replier = session if interactive else dataclasses.replace(session, stream=False)
     turns: list[list[int]] = []
     if interactive:
         print(HELP)
@@ -82,6 +92,9 @@ def chat_session(session: "Session", system_prompt: str, stdin: TextIO) -> None:
         if interactive:
             print("model> ", end="", flush=True)
         prompt = fit_history(system, turns, header, budget)
-        reply = session.complete(prompt, stop_ids, session.seed + len(turns))
-        print(flush=True)
+        reply = replier.complete(prompt, stop_ids, session.seed + len(turns))
+        if interactive:
+            print(flush=True)  # the reply streamed out already
+        else:
+            print(escape_reply(reply), flush=True)
         turns.append(render_turn(tokenizer, "assistant", reply))

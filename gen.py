@@ -15,7 +15,7 @@ from typing import Optional, Sequence, TextIO
 
 import torch
 
-from chat import chat_session
+from chat import PIPED, chat_session
 from checkpoint import find_checkpoint, load_checkpoint, load_model
 from cli import CliParser, add_model_loading_flags, run_cli
 from config import DTYPE_ALIASES
@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", help="also write the samples to this file")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--interactive", action="store_true", help="ask for a prompt, generate, ask again")
-    mode.add_argument("--chat", action="store_true", help="talk to a chat model (ChatML); /reset, /exit")
+    mode.add_argument("--chat", action="store_true",
+                      help=f"talk to a chat model (ChatML); /reset, /exit; {PIPED}")
     mode.add_argument("--benchmark", action="store_true", help="measure prefill and decode tokens/s")
     parser.add_argument("--system", default="", help="the system prompt of a --chat session")
     add_model_loading_flags(parser, dtype_default="auto")

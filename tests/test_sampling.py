@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import gen
+from chat import escape_reply
 from checkpoint import load_checkpoint, load_model, save_checkpoint
 from cli import run_cli
 from config import Config, config_to_dict
@@ -191,6 +192,28 @@ def test_chat_with_piped_stdin_answers_each_line(chat_checkpoint, monkeypatch, c
     assert run_cli(gen.main, [str(chat_checkpoint), "--chat", "--system", "be kind", "--max_new_tokens", "8",
                               "--seed", "3"]) == 0
     assert capsys.readouterr().out.split("\n")[0] == lines[0]  # the same seed answers the same
+
+
+@pytest.mark.parametrize("flags", [[], ["--no_stream"]])
+def test_piped_chat_keeps_a_reply_with_line_breaks_on_one_line(chat_checkpoint, monkeypatch, capsys, flags):
+    """A script reads one reply per line, whatever the model says (and with --no_stream too)."""
+    tokenizer = CharTokenizer.from_dict(load_checkpoint(chat_checkpoint)["tokenizer"])
+
+    def two_lines(*args, **kwargs):  # the model's reply, as generate() yields it (not its <|im_end|>)
+        yield from tokenizer.encode("two\nlines")
+
+    monkeypatch.setattr(gen, "generate", two_lines)
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\nhow are you?\n"))
+    assert run_cli(gen.main, [str(chat_checkpoint), "--chat", "--device", "cpu", "--dtype", "float32",
+                              *flags]) == 0
+    assert capsys.readouterr().out == "two\\nlines\n" * 2
+
+
+@pytest.mark.parametrize("reply, line", [
+    ("plain", "plain"), ("a\nb", "a\\nb"), ("a\\nb", "a\\\\nb"), ("end\\", "end\\\\"),
+    ("cr\r\nlf", "cr\\r\\nlf"), ("", "")])
+def test_a_reply_line_escapes_line_breaks_and_backslashes(reply, line):
+    assert escape_reply(reply) == line and "\n" not in line and "\r" not in line
 
 
 def test_chat_refuses_a_model_without_chat_tokens(chat_checkpoint, tmp_path, capsys):
