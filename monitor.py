@@ -15,11 +15,13 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
+from checkpoint import LATEST
 from config import Config, TrainingConfig, config_to_dict, tokens_per_step
 from guards import format_duration
 from metrics import MetricsLog, read_metrics
 from plotting import draw_loss_plot
 from report import write_report
+from run_files import METRICS, PLOT, REPORT, milestone_path
 from utils import DeviceInfo, MemoryStats, memory_stats, notice, peak_flops
 
 
@@ -242,7 +244,7 @@ class RunMonitor:
         self.start_step = step
         interval = self.cfg.training.plot_milestone_interval
         self.last_milestone = step // interval if interval else 0
-        self.metrics = MetricsLog(self.out_dir / "metrics.csv", step if resumed_from else None)
+        self.metrics = MetricsLog(self.out_dir / METRICS, step if resumed_from else None)
         sections = describe_run(self.cfg, self.system, self.facts)
         run = [("output", str(self.out_dir))]
         if resumed_from is not None:
@@ -326,14 +328,15 @@ class RunMonitor:
         """Redraw loss.png and keep a milestone copy; a failure is reported once, never raised."""
         if self.plot_failed:
             return
-        path = self.out_dir / "loss.png"
+        path = self.out_dir / PLOT
         try:
             draw_loss_plot([(self.out_dir.name, read_metrics(self.metrics.path))], path)
             interval = self.cfg.training.plot_milestone_interval
             if interval and step // interval > self.last_milestone:
                 self.last_milestone = step // interval
-                (self.out_dir / "plots").mkdir(exist_ok=True)
-                shutil.copyfile(path, self.out_dir / "plots" / f"loss_step{step}.png")
+                milestone = milestone_path(self.out_dir, step)
+                milestone.parent.mkdir(exist_ok=True)
+                shutil.copyfile(path, milestone)
         except Exception as error:  # a plot is never worth a run
             self.plot_failed = True
             notice(f"could not draw {path} ({type(error).__name__}: {error}); training goes on "
@@ -349,9 +352,9 @@ class RunMonitor:
               flush=True)
         rows = self._summary_rows(result, elapsed_total_s, memory, Style(enabled=False))
         ending = rows[0][1][0][1]
-        plot = "loss.png" if (self.out_dir / "loss.png").is_file() else None
+        plot = PLOT if (self.out_dir / PLOT).is_file() else None
         flat = [(f"{section}: {name}", value) for section, items in rows for name, value in items]
-        write_report(self.out_dir / "report.md", f"Run report: {self.out_dir.name} ({ending})", flat,
+        write_report(self.out_dir / REPORT, f"Run report: {self.out_dir.name} ({ending})", flat,
                      config_to_dict(self.cfg), self.facts.environment, plot)
 
     def _ending(self, result: RunResult, style: Style) -> str:
@@ -398,6 +401,6 @@ class RunMonitor:
         if memory.cuda_peak_mb is not None:
             memory_rows.append(("peak CUDA allocated", f"{memory.cuda_peak_mb:,.0f} MiB"))
         files = [(name, str(self.out_dir / file)) for name, file in (
-            ("checkpoint", "ckpt.pt"), ("metrics", "metrics.csv"), ("plot", "loss.png"),
-            ("report", "report.md")) if file != "loss.png" or (self.out_dir / file).is_file()]
+            ("checkpoint", LATEST), ("metrics", METRICS), ("plot", PLOT),
+            ("report", REPORT)) if file != PLOT or (self.out_dir / file).is_file()]
         return [("run", run), ("losses", loss_rows), ("memory", memory_rows), ("files", files)]

@@ -14,7 +14,6 @@ from checkpoint import (
     load_checkpoint,
     load_latest_valid,
     load_resumable,
-    rolling_checkpoints,
     with_architecture_of,
 )
 from cli import CliParser, add_config_flags, overrides_from_args, run_cli
@@ -43,6 +42,7 @@ from huggingface import checkpoint_from_hf, is_hf_folder
 from monitor import RunFacts, Style, describe_run, format_sections
 from optim import total_steps
 from precision import choose_cpu_dtype
+from run_files import checkpoints_in, clear_earlier_run, outputs_in
 from tokenizer import tokenizer_from_dict
 from trainer import Trainer
 from utils import DeviceInfo, configure_torch, notice, process_start_time, resolve_system
@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--load_model_only", metavar="PATH",
                         help="start from another checkpoint's weights (fresh optimizer, step 0)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="start a new run even if out_dir holds checkpoints (they are replaced)")
+                        help="start a new run even if out_dir holds checkpoints (the earlier run's "
+                        "checkpoints, metrics, plots and report are removed)")
     parser.add_argument("--no_cache", action="store_true", help="rebuild the token cache")
     parser.add_argument("--no_compile", action="store_true", help="do not torch.compile the model")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
@@ -110,7 +111,8 @@ def describe_config(cfg: Config, system: DeviceInfo, data: Optional[PreparedData
 
 
 def prepare_out_dir(out_dir: Path, resumed_from: Optional[Path], overwrite: bool) -> None:
-    """Create the run directory; refuse to write over another run's checkpoints."""
+    """Create the run directory; refuse to write over another run's checkpoints (unless
+    --overwrite), and clear what an earlier run left there, so every file in it is the new run's."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         probe = out_dir / ".write-test"
@@ -122,15 +124,15 @@ def prepare_out_dir(out_dir: Path, resumed_from: Optional[Path], overwrite: bool
         ) from None
     for leftover in out_dir.glob(".*.partial-*"):  # from a run killed while saving; never valid
         leftover.unlink()
-    earlier = [out_dir / "ckpt.pt", out_dir / "best.pt", *rolling_checkpoints(out_dir)]
-    earlier = [p for p in earlier if p.exists()]
-    continuing_here = resumed_from is not None and resumed_from.parent.resolve() == out_dir.resolve()
-    if earlier and not continuing_here:
-        if not overwrite:
-            raise UserError(f"{out_dir} already holds a checkpoint of an earlier run; continue it with "
-                            "--resume, replace it with --overwrite, or choose another --out_dir")
-        for path in earlier:  # stale checkpoints would otherwise outlive the new run
-            path.unlink()
+    if resumed_from is not None and resumed_from.parent.resolve() == out_dir.resolve():
+        return  # continuing here: the metrics, plots and report go on
+    checkpoints = checkpoints_in(out_dir)
+    if checkpoints and not overwrite:
+        raise UserError(f"{out_dir} already holds a checkpoint of an earlier run; continue it with "
+                        "--resume, replace it with --overwrite, or choose another --out_dir")
+    earlier = checkpoints + outputs_in(out_dir)  # outputs alone: a run stopped before its first save
+    if earlier:
+        print(clear_earlier_run(out_dir, earlier), flush=True)
 
 
 def out_dir_was_set(args: argparse.Namespace) -> bool:

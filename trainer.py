@@ -35,6 +35,7 @@ from optim import (
     weights_are_finite,
 )
 from report import environment
+from run_files import BEST
 from utils import DeviceInfo, autocast_context
 
 EVAL_SEED = 20240101  # every evaluation scores the same batches, so evaluations compare
@@ -398,7 +399,7 @@ class Trainer:
         elapsed_s = self.elapsed_s()  # before the save, so a resumed run's clock never goes back
         saved = [self.save_latest()]
         if improved:  # the same bytes: copy the file rather than serialize the state again
-            best = self.out_dir / "best.pt"
+            best = self.out_dir / BEST
             saved.append(copy_checkpoint(saved[0], best) if self.ranks.is_main else best)
         self.monitor.evaluation(self.step, losses, improved, saved, elapsed_s)
         target = self.cfg.training.target_val_loss
