@@ -14,6 +14,7 @@ from precision import ENVIRONMENT_VARIABLE as CPU_DTYPE_VARIABLE
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_CORPUS = REPO_ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+UNPINNED = "unpinned-in-a-test:pin-system.dtype"
 
 
 def generated_corpus(n_chars: int = 60_000, seed: int = 0) -> str:
@@ -29,17 +30,16 @@ def generated_corpus(n_chars: int = 60_000, seed: int = 0) -> str:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def unpinned_cpu_dtype_is_bfloat16():
-    """Make `dtype auto` on a CPU mean bfloat16 in every test, on every machine.
+def no_test_leaves_the_cpu_dtype_to_auto():
+    """Make every test that leaves `dtype auto` to decide on a CPU fail, on every machine.
 
-    auto picks float32 on some CPUs and bfloat16 on others (precision.py), so a test that
-    leaves the dtype to it would pass on one machine and fail on another. Here it means
-    bfloat16 everywhere (subprocesses inherit the variable): a test that compares numbers or
-    printed text without pinning `system.dtype` fails on every machine, not only on some.
-    Tests of auto itself remove the variable.
+    auto picks float32 on some CPUs and bfloat16 on others (precision.py), so such a test
+    would pass on one machine and fail on another. The variable (which subprocesses inherit)
+    holds no dtype, so the run stops with "GPT_TRAINER_CPU_DTYPE=... is not a CPU dtype":
+    pin `system.dtype` in the test. Tests of auto itself remove the variable.
     """
     before = os.environ.get(CPU_DTYPE_VARIABLE)
-    os.environ[CPU_DTYPE_VARIABLE] = "bfloat16"
+    os.environ[CPU_DTYPE_VARIABLE] = UNPINNED
     yield
     if before is None:
         os.environ.pop(CPU_DTYPE_VARIABLE, None)

@@ -16,7 +16,7 @@ from cli import run_cli
 from tests.conftest import REPO_ROOT
 
 TINY = str(REPO_ROOT / "configs" / "tiny.json")
-FAST = ["--device", "cpu", "--eval_iters", "2", "--log_interval", "5"]
+FAST = ["--device", "cpu", "--system.dtype", "float32", "--eval_iters", "2", "--log_interval", "5"]
 
 
 def command(script: str, *args: str, **kwargs) -> subprocess.CompletedProcess:

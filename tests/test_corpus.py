@@ -153,7 +153,7 @@ def test_chat_fine_tuning_example_and_data_stats(workdir, corpus_file, capsys):
     chats = [{"messages": [{"role": "user", "content": f"Say {i} in words."},
                            {"role": "assistant", "content": f"It is {i}, good sir."}]} for i in range(300)]
     write_jsonl(workdir / "data/chat_example.jsonl", chats)
-    short = ["--max_steps", "2", "--eval_interval", "2", "--batch_size", "4"]
+    short = ["--max_steps", "2", "--eval_interval", "2", "--batch_size", "4", "--system.dtype", "float32"]
     assert train.main(["--config", str(configs / "shakespeare_bpe.json"), "--dataset", str(corpus_file),
                        "--out_dir", "models/base", *short]) == 0
     assert train.main(["--config", str(configs / "chat_finetune.json"), "--load_model_only", "models/base",

@@ -232,7 +232,8 @@ def test_durations_and_step_timing():
 def start_training(workdir: Path, corpus: Path, *flags: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, str(REPO_ROOT / "train.py"), "--config", TINY, "--dataset", str(corpus),
-         "--device", "cpu", "--eval_iters", "2", "--log_interval", "1", "--max_steps", "100000",
+         "--device", "cpu", "--system.dtype", "float32", "--eval_iters", "2", "--log_interval", "1",
+         "--max_steps", "100000",
          "--training.lr_decay_steps", "2000", *flags],
         cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -301,7 +302,7 @@ def test_sigkill_at_random_moments_never_loses_the_run(workdir, small_corpus_fil
     assert killed_while_saving >= 3
     final = subprocess.run(
         [sys.executable, str(REPO_ROOT / "train.py"), "--config", TINY, "--dataset", str(small_corpus_file),
-         "--device", "cpu", "--eval_iters", "2", "--max_steps", str(last_step + 3),
+         "--device", "cpu", "--system.dtype", "float32", "--eval_iters", "2", "--max_steps", str(last_step + 3),
          "--training.lr_decay_steps", "2000", "--resume"],
         cwd=workdir, capture_output=True, text=True, timeout=120)
     assert final.returncode == 0, final.stderr

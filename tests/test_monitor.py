@@ -128,8 +128,8 @@ def test_summaries_before_and_after(workdir, tiny_config_file, capsys):
 def test_redirected_output_has_no_escape_codes(workdir, small_corpus_file):
     done = subprocess.run(
         [sys.executable, str(REPO_ROOT / "train.py"), "--config", TINY, "--dataset", str(small_corpus_file),
-         "--device", "cpu", "--max_steps", "4", "--eval_interval", "2", "--eval_iters", "2",
-         "--log_interval", "2"],
+         "--device", "cpu", "--system.dtype", "float32", "--max_steps", "4", "--eval_interval", "2",
+         "--eval_iters", "2", "--log_interval", "2"],
         cwd=workdir, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "\x1b" not in done.stdout and "\r" not in done.stdout
@@ -139,8 +139,8 @@ def test_redirected_output_has_no_escape_codes(workdir, small_corpus_file):
 def test_a_terminal_gets_a_progress_bar_and_colours(workdir, small_corpus_file):
     """Run under a pseudo-terminal, as a person's shell would."""
     args = [sys.executable, str(REPO_ROOT / "train.py"), "--config", TINY, "--dataset",
-            str(small_corpus_file), "--device", "cpu", "--max_steps", "4", "--eval_interval", "2",
-            "--eval_iters", "2", "--log_interval", "2"]
+            str(small_corpus_file), "--device", "cpu", "--system.dtype", "float32", "--max_steps", "4",
+            "--eval_interval", "2", "--eval_iters", "2", "--log_interval", "2"]
     env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"} | {"TERM": "xterm"}
     primary, secondary = pty.openpty()
     fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # 120 columns
