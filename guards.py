@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from config import SystemConfig, TrainingConfig
+from errors import UserError
 
 
 class StopSignals:
@@ -57,6 +58,15 @@ class StopSignals:
     def __exit__(self, *exc: object) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
+
+
+def out_of_memory_error(t: TrainingConfig, block_size: int) -> UserError:
+    """The one line a CUDA out-of-memory stop prints: which settings to lower, and how to keep
+    the tokens per step."""
+    return UserError(
+        f"CUDA ran out of memory with batch_size {t.batch_size}, block_size {block_size}, "
+        f"grad_accum_steps {t.grad_accum_steps}: lower --batch_size and raise training.grad_accum_steps "
+        "as much (same tokens per step), or lower model.block_size")
 
 
 def format_duration(seconds: float) -> str:

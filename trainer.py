@@ -22,7 +22,7 @@ from data_loader import (
 )
 from distributed import Collectives, ParallelModel, QuietMonitor, Ranks, shard_evenly
 from errors import UserError
-from guards import DeferredSkips, StepTimer, StopSignals, TimeLimit
+from guards import DeferredSkips, StepTimer, StopSignals, TimeLimit, out_of_memory_error
 from model import counted_targets
 from monitor import LogWindow, LossRecord, RunFacts, RunMonitor, RunResult
 from optim import (
@@ -333,12 +333,7 @@ class Trainer:
         try:
             return self._train()
         except torch.cuda.OutOfMemoryError:
-            t = self.cfg.training
-            raise UserError(
-                f"CUDA ran out of memory with batch_size {t.batch_size}, block_size "
-                f"{self.cfg.model.block_size}, grad_accum_steps {t.grad_accum_steps}: lower "
-                "--batch_size and raise training.grad_accum_steps as much (same tokens per step), "
-                "or lower model.block_size") from None
+            raise out_of_memory_error(self.cfg.training, self.cfg.model.block_size) from None
 
     def _train(self) -> RunResult:
         t = self.cfg.training
