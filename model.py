@@ -51,10 +51,16 @@ def mlp_hidden_size(cfg: ModelConfig) -> int:
     return 4 * cfg.n_embd
 
 
+def target_count(targets: torch.Tensor) -> torch.Tensor:
+    """The number of targets the loss covers (those not IGNORE_INDEX), exactly: what losses
+    summed over several batches are divided by."""
+    return (targets != IGNORE_INDEX).sum()
+
+
 def counted_targets(targets: torch.Tensor) -> torch.Tensor:
-    """The number of targets the loss covers, at least 1: a window with none (a chat window
+    """target_count, but at least 1, for one batch's mean: a window with none (a chat window
     of user turns only) then has loss 0 instead of 0/0."""
-    return (targets != IGNORE_INDEX).sum().clamp(min=1)
+    return target_count(targets).clamp(min=1)
 
 
 class LayerCache:

@@ -23,7 +23,7 @@ from data_loader import (
 from distributed import Collectives, ParallelModel, QuietMonitor, Ranks, shard_evenly
 from errors import UserError
 from guards import DeferredSkips, StepTimer, StopSignals, TimeLimit, out_of_memory_error
-from model import counted_targets
+from model import target_count
 from monitor import LogWindow, LossRecord, RunFacts, RunMonitor, RunResult
 from optim import (
     accumulate_gradients,
@@ -309,11 +309,12 @@ class Trainer:
             for (x, y), counts in self._eval_batches(split):
                 with self.autocast:
                     _, loss = self.forward_model(x, y)
-                if counts:
-                    counted = counted_targets(y)  # all B x T of them, but for masked chat data
-                    total += loss.float() * counted
+                if counts:  # a batch without targets adds 0 to both, even where its 0/0 loss is NaN
+                    counted = target_count(y)  # all B x T of them, but for masked chat data
+                    total += torch.where(counted > 0, loss.float() * counted, 0.0)
                     targets += counted
-            losses[split] = self.collectives.sum_(total).item() / self.collectives.sum_(targets).item()
+            summed, count = self.collectives.sum_(total).item(), self.collectives.sum_(targets).item()
+            losses[split] = summed / count if count else math.nan  # nothing to score
         self.forward_model.train()
         return losses
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch
 import train
 from checkpoint import load_checkpoint
 from config import TrainingConfig
-from model import GPT
+from model import GPT, IGNORE_INDEX
 from optim import accumulate_gradients, learning_rate, make_optimizer, optimizer_step, total_steps
 from tests.conftest import tiny_model_config
 from trainer import LossRecord
@@ -199,3 +200,22 @@ def test_compile_mode_reaches_torch_compile(workdir, tiny_config_file, monkeypat
     system = dataclasses.replace(resolve_system("cpu", "auto", None), compile=True)
     build(tiny_config_file, "--system.compile_mode", "reduce-overhead", system=system)
     assert calls == [{"mode": "reduce-overhead"}]
+
+
+def test_a_batch_without_counted_targets_adds_nothing_to_the_evaluation(workdir, tiny_config_file,
+                                                                        monkeypatch):
+    trainer = build(tiny_config_file, system=resolve_system("cpu", "float32", None))
+    x = torch.randint(0, 11, (4, 16))
+    some = torch.full_like(x, IGNORE_INDEX)
+    some[:, :3] = x[:, :3]  # 12 counted targets
+    nothing = torch.full_like(x, IGNORE_INDEX)  # a chat window of user turns only
+    with torch.no_grad():
+        _, expected = trainer.model.eval()(x, some)
+
+    def score(*batches):
+        monkeypatch.setattr(trainer, "_eval_batches", lambda split: iter([(b, True) for b in batches]))
+        return trainer.evaluate()
+
+    assert score((x, some), (x, nothing)) == pytest.approx({"train": expected.item(), "val": expected.item()},
+                                                           rel=1e-6)
+    assert all(math.isnan(loss) for loss in score((x, nothing)).values())  # no target to score, not 0
