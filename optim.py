@@ -12,12 +12,13 @@ from __future__ import annotations
 import contextlib
 import math
 from contextlib import AbstractContextManager
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
 from config import TrainingConfig
-from distributed import local, shard_like, whole
+from distributed import Collectives, local, shard_like, whole
+from model import target_count
 from utils import notice
 
 # The quintic Newton-Schulz coefficients from the Muon write-up: they push every singular
@@ -169,6 +170,26 @@ def set_learning_rates(optimizer: torch.optim.Optimizer, factor: float) -> None:
 # ---------------------------------------------------------------- the update step
 
 
+def token_weights(targets: Sequence[torch.Tensor], collectives: Collectives) -> torch.Tensor:
+    """Return the weight of each micro-batch's mean loss that makes a step over masked data
+    (chat: only the replies count) weigh every counted target of the step, on every rank,
+    alike; the mean over micro-batches would weigh a target more in a batch with fewer.
+
+    Micro-batch i of rank r has n_ri counted targets and mean loss L_ri (the model's contract),
+    and N = sum_ri n_ri. The step's loss is sum_ri n_ri L_ri / N. DDP and FSDP average the
+    ranks' gradients (their sum / W, W = world_size), so rank r backpropagates sum_i w_ri L_ri
+    with w_ri = W n_ri / N: (1 / W) sum_r sum_i W n_ri / N grad L_ri is the step loss's
+    gradient, and the ranks' mean of sum_i w_ri L_ri is the step's loss. Without a mask every
+    n_ri is B x T and w_ri = 1 / n_micro.
+
+    N costs one all-reduce of one integer per step, on the device: nothing is read on the
+    host. A step without any counted target weighs its (zero) losses 0.
+    """
+    counts = torch.stack([target_count(y) for y in targets])
+    total = collectives.sum_(counts.sum()).clamp(min=1)
+    return counts * collectives.ranks.world_size / total
+
+
 def accumulate_gradients(
     model: torch.nn.Module,
     micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
@@ -176,19 +197,23 @@ def accumulate_gradients(
     autocast: AbstractContextManager,
     scaler: torch.amp.GradScaler,
     sync: Callable[[bool], AbstractContextManager] = lambda last: contextlib.nullcontext(),
+    weights: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Backpropagate the mean loss over `n_micro` micro-batches; return it (detached).
+    """Backpropagate the weighted sum of the losses of `n_micro` micro-batches; return it
+    (detached).
 
-    Each micro-batch's loss is divided by n_micro, so the summed gradients equal those of
-    one batch n_micro times larger. `sync(last)` wraps each micro-step: under DDP only the
-    last one all-reduces the summed gradients.
+    By default each micro-batch's loss is divided by n_micro, so the summed gradients equal
+    those of one batch n_micro times larger when every micro-batch counts as many targets;
+    with a loss mask they do not, and `weights` (token_weights) give each loss its share of
+    the step's targets instead. `sync(last)` wraps each micro-step: under DDP only the last
+    one all-reduces the summed gradients.
     """
     losses = []
     for index, (x, y) in enumerate(micro_batches):
         with sync(index == n_micro - 1):
             with autocast:
                 _, loss = model(x, y)
-            loss = loss / n_micro
+            loss = loss / n_micro if weights is None else loss * weights[index]
             scaler.scale(loss).backward()
         losses.append(loss.detach())
     return torch.stack(losses).sum()

@@ -31,6 +31,7 @@ from optim import (
     make_optimizer,
     optimizer_step,
     set_learning_rates,
+    token_weights,
     total_steps,
     weights_are_finite,
 )
@@ -235,15 +236,17 @@ class Trainer:
                         self.system.device, mask)
 
     def train_step(self) -> Optional[torch.Tensor]:
-        """Run one optimizer step over grad_accum_steps micro-batches; return the mean loss,
-        or None when a non-finite loss or gradient made it skip the update (too many in a row
-        stop the run)."""
+        """Run one optimizer step over grad_accum_steps micro-batches; return the mean loss
+        per counted target of all ranks, or None when a non-finite loss or gradient made it
+        skip the update (too many in a row stop the run)."""
         t = self.cfg.training
         self.lr = learning_rate(self.step, t, self.max_steps)
         set_learning_rates(self.optimizer, self.lr / t.lr)
-        micro_batches = (self._train_batch() for _ in range(t.grad_accum_steps))
+        micro_batches = [self._train_batch() for _ in range(t.grad_accum_steps)]  # all weighed first
+        weights = (token_weights([y for _, y in micro_batches], self.collectives)  # chat: unequal counts
+                   if self.data.train_mask is not None else None)
         loss = accumulate_gradients(self.forward_model, micro_batches, t.grad_accum_steps, self.autocast,
-                                    self.scaler, self.parallel.sync)
+                                    self.scaler, self.parallel.sync, weights)
         loss = self.collectives.mean(loss)  # so every rank reports, and skips on, the same loss
         check_on_host = t.nonfinite_check == "step"
         finite = optimizer_step(self.model, self.optimizer, self.scaler, t.grad_clip, loss, check_on_host)

@@ -21,7 +21,9 @@ from cli import run_cli
 from distributed import Collectives, Ranks, ranks_from_environment, shard_evenly
 from errors import UserError
 from guards import StopSignals
+from metrics import read_metrics
 from tests.conftest import REPO_ROOT
+from tests.test_corpus import CHATS, write_jsonl
 from utils import resolve_system
 
 PROBE = REPO_ROOT / "tests" / "ddp_probe.py"
@@ -156,6 +158,22 @@ def test_two_processes_equal_one_and_checkpoints_move_between_them(workdir, ddp_
         workdir / "one" / "ckpt.pt")
     assert two_then_one["step"] == one_then_two["step"] == 6
     assert_close_weights(two_then_one["model"], one_then_two["model"])
+
+
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_two_processes_on_chat_data_equal_one(workdir, ddp_config, sharding):
+    """Only the replies count: the ranks' micro-batches hold unequal numbers of targets, and a
+    step still weighs every one of them alike, as one process with the whole batch does."""
+    config = ["--config", str(ddp_config), "--dataset", str(write_jsonl(workdir / "chats.jsonl", CHATS * 20))]
+    fsdp = ["--system.fsdp", "true"] if sharding == "fsdp" else []
+    run_torchrun(workdir / "record", *config, "--out_dir", "two", *fsdp, cwd=workdir)
+    assert run_cli(train.main, [*config, "--out_dir", "one", "--batch_size", "8"]) == 0
+    two, one = load_checkpoint(workdir / "two" / "ckpt.pt"), load_checkpoint(workdir / "one" / "ckpt.pt")
+    assert_close_weights(two["model"], one["model"])
+    reported = [[float(row["train_loss"]) for row in read_metrics(workdir / run / "metrics.csv")
+                 if row["kind"] == "train"] for run in ("two", "one")]
+    # metrics.csv keeps 6 digits: equal losses may round one unit of the last (1e-5) apart
+    assert len(reported[0]) == 4 and reported[0] == pytest.approx(reported[1], abs=2e-5)
 
 
 @pytest.mark.parametrize("sharding", ["ddp", "fsdp"])

@@ -12,17 +12,30 @@ import train
 from checkpoint import load_checkpoint
 from config import TrainingConfig
 from model import GPT, IGNORE_INDEX
-from optim import accumulate_gradients, learning_rate, make_optimizer, optimizer_step, total_steps
+from distributed import Collectives, Ranks
+from optim import (
+    accumulate_gradients,
+    learning_rate,
+    make_optimizer,
+    optimizer_step,
+    token_weights,
+    total_steps,
+)
 from tests.conftest import tiny_model_config
+from tests.test_corpus import CHATS, write_jsonl
 from trainer import LossRecord
 from utils import resolve_system
 
 
-def test_accumulated_micro_batches_equal_one_big_batch():
+@pytest.mark.parametrize("masked", [False, True], ids=["every-target", "masked-unevenly"])
+def test_accumulated_micro_batches_equal_one_big_batch(masked):
     torch.manual_seed(0)
     big = GPT(tiny_model_config())
     small = copy.deepcopy(big)
     x, y = torch.randint(0, 11, (8, 8)), torch.randint(0, 11, (8, 8))
+    if masked:  # chat data: the micro-batches of 2 windows count 16, 9, 1 and 0 targets
+        kept = torch.cat([(torch.arange(16) < n).view(2, 8) for n in (16, 9, 1, 0)])
+        y = y.masked_fill(~kept, IGNORE_INDEX)
     cfg = TrainingConfig(lr=1e-2)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     no_autocast = torch.autocast("cpu", enabled=False)
@@ -30,7 +43,9 @@ def test_accumulated_micro_batches_equal_one_big_batch():
 
     loss_big = accumulate_gradients(big, [(x, y)], 1, no_autocast, scaler)
     micro = [(x[i:i + 2], y[i:i + 2]) for i in range(0, 8, 2)]
-    loss_small = accumulate_gradients(small, micro, 4, no_autocast, scaler)
+    one_process = Collectives(Ranks(), torch.device("cpu"))
+    weights = token_weights([t for _, t in micro], one_process) if masked else None
+    loss_small = accumulate_gradients(small, micro, 4, no_autocast, scaler, weights=weights)
 
     assert torch.allclose(loss_big, loss_small, atol=1e-6)
     for p_big, p_small in zip(big.parameters(), small.parameters()):
@@ -219,3 +234,19 @@ def test_a_batch_without_counted_targets_adds_nothing_to_the_evaluation(workdir,
     assert score((x, some), (x, nothing)) == pytest.approx({"train": expected.item(), "val": expected.item()},
                                                            rel=1e-6)
     assert all(math.isnan(loss) for loss in score((x, nothing)).values())  # no target to score, not 0
+
+
+def test_masked_micro_batches_of_the_trainer_equal_one_big_batch(workdir, tiny_config_file):
+    """Chat data: the loss of a step is the mean over its counted targets however it is cut."""
+    chats = write_jsonl(workdir / "chats.jsonl", CHATS * 20)
+    runs = []
+    for batch_size, accumulation in ((8, 1), (4, 2)):
+        trainer = build(tiny_config_file, "--dataset", str(chats), "--batch_size", str(batch_size),
+                        "--training.grad_accum_steps", str(accumulation), "--out_dir", f"b{batch_size}",
+                        system=resolve_system("cpu", "float32", None))
+        assert trainer.data.train_mask is not None
+        runs.append(([trainer.train_step().item() for _ in range(3)], trainer.model.state_dict()))
+    (losses_big, weights_big), (losses_small, weights_small) = runs
+    assert losses_small == pytest.approx(losses_big, abs=1e-6)
+    for name, tensor in weights_big.items():
+        torch.testing.assert_close(weights_small[name], tensor, rtol=0, atol=1e-6, msg=name)
