@@ -8,7 +8,7 @@ import checkpoint
 import gen
 from checkpoint import FORMAT_VERSION, find_checkpoint, load_checkpoint, save_checkpoint
 from cli import run_cli
-from config import Config, ModelConfig, config_to_dict
+from config import Config, ModelConfig, SystemConfig, config_to_dict
 from errors import UserError
 from model import GPT
 
@@ -78,3 +78,34 @@ def test_a_version_1_checkpoint_is_migrated_and_generates(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.startswith("ab") and len(out) == 2 + 5 + 1 and set(out) <= set("\nabcd")
     assert set(checkpoint.MIGRATIONS) == set(range(1, FORMAT_VERSION))  # one function per change
+
+
+def test_tied_weights_are_saved_once_and_load_tied(tmp_path, monkeypatch):
+    """From a GPU every tensor is copied to the CPU; the tied head must not become a second copy."""
+    model_cfg = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=512)  # most of it
+    model = GPT(model_cfg)
+    state = model.state_dict()
+    config = config_to_dict(Config(model=model_cfg, system=SystemConfig(device="cpu", dtype="float32")))
+    without_head = save_checkpoint({"model": {k: v for k, v in state.items() if k != "lm_head.weight"},
+                                    "config": config}, tmp_path / "without_head.pt")
+    real_cpu = torch.Tensor.cpu
+    with monkeypatch.context() as patch:  # .cpu() returns a fresh copy, as it does of a CUDA tensor
+        patch.setattr(torch.Tensor, "cpu", lambda self, *args, **kw: real_cpu(self, *args, **kw).clone())
+        path = save_checkpoint({"model": state, "config": config}, tmp_path / "ckpt.pt")
+    embedding_bytes = model.wte.weight.numel() * model.wte.weight.element_size()
+    assert path.stat().st_size < without_head.stat().st_size + embedding_bytes / 10  # the head is no copy
+
+    loaded = load_checkpoint(path)  # its checksum verifies
+    weights = loaded["model"]
+    storages = {weights[name].untyped_storage().data_ptr() for name in ("lm_head.weight", "wte.weight")}
+    assert len(storages) == 1  # one tensor under two names, as in the model
+    restored = checkpoint.load_model(loaded, torch.device("cpu"), str(path))
+    assert restored.lm_head.weight is restored.wte.weight
+    assert torch.equal(restored.wte.weight, model.wte.weight)
+    restored.train()
+    optimizer = torch.optim.AdamW(restored.parameters(), lr=1e-2)
+    x = torch.randint(0, 512, (2, 16))
+    restored(x, x)[1].backward()
+    optimizer.step()
+    assert restored.lm_head.weight is restored.wte.weight  # one matrix still, trained as one
+    assert not torch.equal(restored.wte.weight, model.wte.weight)
