@@ -167,7 +167,16 @@ class ParallelModel:
         return contextlib.nullcontext()
 
     def model_state(self) -> dict:
-        return gathered(self.model.state_dict(), self.ranks.is_main) if self.fsdp else self.model.state_dict()
+        """The weights, whole. Under FSDP a parameter with two names (a head tied to the token
+        embedding) is gathered once and stays one tensor under both, as in one process, so a
+        checkpoint holds it once."""
+        state = self.model.state_dict()
+        if not self.fsdp:
+            return state
+        aliases = second_names(self.model)
+        unique = {name: tensor for name, tensor in state.items() if name not in aliases}
+        whole_state = gathered(unique, self.ranks.is_main)
+        return {name: whole_state[aliases.get(name, name)] for name in state}
 
     def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
         state = optimizer.state_dict()
@@ -188,6 +197,18 @@ class ParallelModel:
             for key, value in moments.items():
                 if isinstance(value, torch.Tensor) and value.shape == param.shape and value.dim():
                     moments[key] = shard_like(value, param)
+
+
+def second_names(model: torch.nn.Module) -> dict[str, str]:
+    """Return {second name: first name} for each parameter registered under two names (tied)."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            aliases[name] = first[id(param)]
+        else:
+            first[id(param)] = name
+    return aliases
 
 
 def data_parallel(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:

@@ -149,6 +149,8 @@ def test_two_processes_equal_one_and_checkpoints_move_between_them(workdir, ddp_
     two, one = load_checkpoint(workdir / "two" / "ckpt.pt"), load_checkpoint(workdir / "one" / "ckpt.pt")
     assert_close_weights(two["model"], one["model"])
     assert two["losses"]["final_val"] == pytest.approx(one["losses"]["final_val"], abs=1e-5)
+    tied = {two["model"][name].untyped_storage().data_ptr() for name in ("wte.weight", "lm_head.weight")}
+    assert len(tied) == 1  # the head is the embedding, saved once however the ranks held it
 
     # a two-process checkpoint continues in one process, a one-process one under two
     assert run_cli(train.main, ["--resume", "two/ckpt.pt", "--max_steps", "6", "--batch_size", "8"]) == 0
