@@ -63,6 +63,14 @@ def counted_targets(targets: torch.Tensor) -> torch.Tensor:
     return target_count(targets).clamp(min=1)
 
 
+def qkv_widths(cfg: ModelConfig) -> tuple[int, int, int]:
+    """The rows of the query, key and value matrices fused, in that order, in an attention
+    layer's c_attn weight: n_embd for the queries, n_kv_head x head size for the keys and for
+    the values (fewer with grouped-query attention)."""
+    kv_width = (cfg.n_kv_head or cfg.n_head) * (cfg.n_embd // cfg.n_head)
+    return cfg.n_embd, kv_width, kv_width
+
+
 class LayerCache:
     """One layer's keys and values for the tokens seen so far, in buffers of block_size."""
 
@@ -121,8 +129,8 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
         self.flash = cfg.flash_attention
         self.qk_norm = cfg.qk_norm
-        kv_width = self.n_kv_head * self.head_size
-        self.c_attn = nn.Linear(cfg.n_embd, cfg.n_embd + 2 * kv_width, bias=cfg.bias)  # q, k, v at once
+        self.qkv_widths = qkv_widths(cfg)
+        self.c_attn = nn.Linear(cfg.n_embd, sum(self.qkv_widths), bias=cfg.bias)  # q, k, v at once
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.block_size = cfg.block_size
@@ -132,8 +140,7 @@ class CausalSelfAttention(nn.Module):
         """Attend causally; with a cache, x holds the tokens from position `start` on, and the
         keys and values of the earlier ones come from the cache."""
         B, T, C = x.shape
-        kv_width = self.n_kv_head * self.head_size
-        q, k, v = self.c_attn(x).split((C, kv_width, kv_width), dim=2)
+        q, k, v = self.c_attn(x).split(self.qkv_widths, dim=2)
         q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
         k, v = (t.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2) for t in (k, v))
         if self.qk_norm:  # bounded attention logits tolerate higher learning rates

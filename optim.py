@@ -3,7 +3,8 @@ matrices with AdamW for everything else.
 
 Muon (Jordan et al. 2024, "Muon: an optimizer for hidden layers in neural networks") takes
 SGD-momentum's update for a weight matrix and replaces it by the nearest semi-orthogonal
-matrix, found with a few Newton-Schulz iterations; embeddings, the head and the 1-D gains and
+matrix, found with a few Newton-Schulz iterations (for a fused weight, such as our attention's
+q, k and v in one, for each of its matrices); embeddings, the head and the 1-D gains and
 biases keep AdamW. Every group carries `initial_lr`, and the schedule scales each group's
 learning rate by the same factor.
 """
@@ -18,7 +19,7 @@ import torch
 
 from config import TrainingConfig
 from distributed import Collectives, local, shard_like, whole
-from model import target_count
+from model import GPT, qkv_widths, target_count
 from utils import notice
 
 # The quintic Newton-Schulz coefficients from the Muon write-up: they push every singular
@@ -46,24 +47,54 @@ def uses_muon(name: str, param: torch.nn.Parameter) -> bool:
     return param.dim() == 2 and name.startswith("blocks.")
 
 
+def fused_splits(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """Return {name: rows of each matrix} for the weights that hold several matrices stacked:
+    our GPT's c_attn, its queries, keys and values (qkv_widths). A model of one's own
+    (model.impl) is not ours to cut, so its weights are each one matrix."""
+    if not isinstance(model, GPT):
+        return {}
+    widths = qkv_widths(model.config)
+    return {name: widths for name, _ in model.named_parameters() if name.endswith(".attn.c_attn.weight")}
+
+
+def muon_updates(matrices: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+    """Return Muon's update for each matrix (its orthogonalised momentum), one batched
+    orthogonalisation per distinct shape."""
+    by_shape: dict[torch.Size, list[int]] = {}
+    for index, matrix in enumerate(matrices):
+        by_shape.setdefault(matrix.shape, []).append(index)
+    updates: dict[int, torch.Tensor] = {}
+    for shape, indices in by_shape.items():
+        # the orthogonal update has unit spectral norm; a tall matrix gets a larger step
+        # so that its per-element size matches a square one's
+        scale = max(1.0, shape[0] / shape[1]) ** 0.5
+        same = orthogonalize(torch.stack([matrices[i] for i in indices]), dtype=dtype) * scale
+        updates.update(zip(indices, same))
+    return [updates[index] for index in range(len(matrices))]
+
+
 class MuonWithAdamW(torch.optim.Optimizer):
-    """Muon for groups with `muon: True`, AdamW (decoupled weight decay) for the others."""
+    """Muon for groups with `muon: True`, AdamW (decoupled weight decay) for the others.
+
+    A Muon group may list `splits`, one per parameter: None for a matrix, or the rows of each
+    matrix stacked in a fused one (q, k and v), which Muon orthogonalises apart, as reference
+    Muon does with separate matrices.
+    """
 
     def __init__(self, groups: list[dict], betas: tuple[float, float] = (0.9, 0.95),
                  eps: float = 1e-8, momentum: float = 0.95,
                  newton_schulz_dtype: torch.dtype = torch.bfloat16):
         super().__init__(groups, dict(betas=betas, eps=eps, momentum=momentum, weight_decay=0.0,
-                                      muon=False))
+                                      muon=False, splits=None))
         self.newton_schulz_dtype = newton_schulz_dtype
 
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
-            with_grads = [p for p in group["params"] if p.grad is not None]
             if group["muon"]:
-                self._muon_update(with_grads, group)
+                self._muon_update(group)
             else:
-                for param in with_grads:
+                for param in (p for p in group["params"] if p.grad is not None):
                     self._adamw_update(param, group)
         return None
 
@@ -75,21 +106,19 @@ class MuonWithAdamW(torch.optim.Optimizer):
         buffer.mul_(momentum).add_(param.grad)
         return param.grad.add(buffer, alpha=momentum)
 
-    def _muon_update(self, params: list[torch.Tensor], group: dict) -> None:
-        by_shape: dict[torch.Size, list[torch.Tensor]] = {}
-        for param in params:
-            by_shape.setdefault(param.shape, []).append(param)
-        for shape, same in by_shape.items():  # one batched orthogonalisation per shape
-            # Newton-Schulz needs whole matrices: under FSDP every rank gathers them, computes
-            # the same updates and applies its own slice
-            momenta = torch.stack([whole(self._nesterov_momentum(p, group["momentum"])) for p in same])
-            updates = orthogonalize(momenta, dtype=self.newton_schulz_dtype)
-            # the orthogonal update has unit spectral norm; a tall matrix gets a larger step
-            # so that its per-element size matches a square one's
-            scale = max(1.0, shape[0] / shape[1]) ** 0.5
-            for param, update in zip(same, updates):
-                param.mul_(1 - group["lr"] * group["weight_decay"])
-                param.add_(shard_like(update, param), alpha=-group["lr"] * scale)
+    def _muon_update(self, group: dict) -> None:
+        # None, or missing from a group loaded from a checkpoint older than splits
+        splits = group.get("splits") or [None] * len(group["params"])
+        params = [(p, rows) for p, rows in zip(group["params"], splits) if p.grad is not None]
+        # Newton-Schulz needs whole matrices: under FSDP every rank gathers them, computes
+        # the same updates and applies its own slice
+        momenta = [whole(self._nesterov_momentum(p, group["momentum"])) for p, _ in params]
+        parts = [m.split(rows) if rows else (m,) for m, (_, rows) in zip(momenta, params)]
+        updates = iter(muon_updates([part for pieces in parts for part in pieces], self.newton_schulz_dtype))
+        for (param, _), pieces in zip(params, parts):
+            update = torch.cat([next(updates) for _ in pieces])  # a fused matrix's parts stacked again
+            param.mul_(1 - group["lr"] * group["weight_decay"])
+            param.add_(shard_like(update, param), alpha=-group["lr"])
 
     def _adamw_update(self, param: torch.Tensor, group: dict) -> None:
         state = self.state[param]
@@ -126,13 +155,15 @@ def make_optimizer(model: torch.nn.Module, t: TrainingConfig, device: torch.devi
                   {"params": others, "weight_decay": 0.0, "initial_lr": t.lr}]
         fused = device.type == "cuda"  # one kernel for all parameters instead of one per tensor
         return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=fused)
-    hidden = [p for n, p in named if uses_muon(n, p)]
+    hidden = [(n, p) for n, p in named if uses_muon(n, p)]
     if not hidden:
         notice(f"training.optimizer muon found no 2-D weights under 'blocks.' in {type(model).__name__}, "
                "so AdamW trains them all; keep the transformer layers in self.blocks for Muon")
     embeddings = [p for n, p in named if p.dim() >= 2 and not uses_muon(n, p)]
+    splits = fused_splits(model)
     groups = [
-        {"params": hidden, "muon": True, "lr": t.muon_lr, "initial_lr": t.muon_lr},  # no decay
+        {"params": [p for _, p in hidden], "splits": [splits.get(n) for n, _ in hidden], "muon": True,
+         "lr": t.muon_lr, "initial_lr": t.muon_lr},  # no decay
         {"params": embeddings, "lr": t.lr, "initial_lr": t.lr, "weight_decay": t.weight_decay},
         {"params": others, "lr": t.lr, "initial_lr": t.lr, "weight_decay": 0.0},
     ]

@@ -6,9 +6,11 @@ import copy
 import pytest
 import torch
 
+import optim
 import train
 from checkpoint import load_checkpoint
 from config import TrainingConfig
+from contract import load_class
 from model import GPT
 from optim import (
     MuonWithAdamW,
@@ -17,7 +19,7 @@ from optim import (
     orthogonalize,
     set_learning_rates,
 )
-from tests.conftest import tiny_model_config
+from tests.conftest import REPO_ROOT, tiny_model_config
 
 
 @pytest.mark.parametrize("shape", [(64, 32), (32, 64), (48, 40)])
@@ -99,3 +101,48 @@ def test_muon_runs_resume_exactly(workdir, tiny_config_file):
     for name, tensor in straight["model"].items():
         assert torch.equal(tensor, split["model"][name]), name
     assert straight["losses"] == split["losses"]
+
+
+def one_muon_step(model: torch.nn.Module, monkeypatch) -> tuple[dict[str, torch.Tensor], list[torch.Size]]:
+    """Take one Muon step from random gradients; return each weight's change and the shapes of
+    the stacks orthogonalised."""
+    optimizer = make_optimizer(model, TrainingConfig(optimizer="muon", muon_lr=0.1, muon_momentum=0.9),
+                               torch.device("cpu"), torch.float32)
+    torch.manual_seed(0)
+    for param in model.parameters():
+        param.grad = torch.randn_like(param)
+    before = {name: param.detach().clone() for name, param in model.named_parameters()}
+    stacks = []
+    monkeypatch.setattr(optim, "orthogonalize",
+                        lambda matrices, **kw: stacks.append(matrices.shape) or orthogonalize(matrices, **kw))
+    optimizer.step()
+    return {name: param.detach() - before[name] for name, param in model.named_parameters()}, stacks
+
+
+def expected_muon_change(grad: torch.Tensor, rows: tuple[int, ...]) -> torch.Tensor:
+    """-lr x the orthogonalised first-step momentum of each matrix stacked in `grad` (Nesterov:
+    grad + 0.9 x grad), scaled up for a tall one."""
+    parts = (grad * 1.9).split(rows)
+    return -0.1 * torch.cat([orthogonalize(m, dtype=torch.float32) * max(1, m.size(0) / m.size(1)) ** 0.5
+                             for m in parts])
+
+
+@pytest.mark.parametrize("n_kv_head", [None, 1], ids=["multi-head", "grouped-query"])
+def test_muon_orthogonalises_the_fused_queries_keys_and_values_apart(n_kv_head, monkeypatch):
+    model = GPT(tiny_model_config(n_head=2, n_kv_head=n_kv_head))  # 16 wide: k and v 8 rows with GQA
+    kv = 16 if n_kv_head is None else 8
+    changes, stacks = one_muon_step(model, monkeypatch)
+    attention = model.blocks[0].attn
+    torch.testing.assert_close(changes["blocks.0.attn.c_attn.weight"],
+                               expected_muon_change(attention.c_attn.weight.grad, (16, kv, kv)))
+    torch.testing.assert_close(changes["blocks.0.attn.c_proj.weight"],  # a plain matrix stays whole
+                               expected_muon_change(attention.c_proj.weight.grad, (16,)))
+    distinct = {(16, 16), (kv, 16), (64, 16), (16, 64)}  # q, k, v and c_proj; the MLP's two
+    assert sorted(shape[1:] for shape in stacks) == sorted(distinct)  # one batched call per shape
+
+    # a model of one's own, with q, k and v in one matrix too: Muon cannot know, so it stays whole
+    users = load_class(f"{REPO_ROOT / 'examples' / 'my_gpt.py'}:MyGPT")(tiny_model_config())
+    changes, _ = one_muon_step(users, monkeypatch)
+    weight = users.blocks[0].attention.query_key_value.weight
+    torch.testing.assert_close(changes["blocks.0.attention.query_key_value.weight"],
+                               expected_muon_change(weight.grad, (48,)))
