@@ -242,12 +242,12 @@ def fake_slurm(workdir: Path, minutes_left: str) -> dict:
 
 def test_slurm_script_stops_before_the_limit_requeues_and_resumes(workdir, ddp_config):
     script = REPO_ROOT / "scripts" / "slurm_train.sh"
-    env = fake_slurm(workdir, "5:20")  # 320 s left, minus the 300 s margin: --max_time 20
+    env = {**fake_slurm(workdir, "5:20"), "MARGIN_S": "310"}  # 320 s left, minus the margin: --max_time 10
     first = subprocess.run(["bash", str(script), str(ddp_config), "--max_steps", "100000",
                             "--eval_interval", "100000"], cwd=workdir, env=env,
                            capture_output=True, text=True, timeout=240)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    assert "to stay within --max_time 20s" in first.stdout
+    assert "to stay within --max_time 10s" in first.stdout
     assert (workdir / "requeued.txt").read_text() == "42\n"
     stopped_at = load_checkpoint(workdir / "run" / "ckpt.pt")["step"]
 

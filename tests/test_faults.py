@@ -267,11 +267,11 @@ def test_a_second_ctrl_c_quits_at_once_and_keeps_the_last_good_checkpoint(workdi
 
 
 def test_sigkill_at_random_moments_never_loses_the_run(workdir, small_corpus_file):
-    """Kill -9 ten times, half of them in the middle of a save; every resume must work."""
+    """Kill -9 seven times, four of them aimed at the middle of a save; every resume must work."""
     rng = random.Random(2026)
     run_dir = workdir / "models/tiny"
     last_step, killed_while_saving = 0, 0
-    for trial in range(10):
+    for trial in range(7):
         resume = ["--resume"] if trial else []
         leftovers = set(run_dir.glob(".*.partial-*"))  # the trainer clears these when it starts
         process = start_training(workdir, small_corpus_file, "--checkpoint_interval", "1",
