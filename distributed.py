@@ -64,19 +64,24 @@ class Collectives:
         self.ranks = ranks
         self.device = device
         self._control: Any = None
+        self._owns_group = False
 
     def __enter__(self) -> "Collectives":
         if self.ranks.launched:
             backend = "nccl" if self.device.type == "cuda" else "gloo"
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
-            dist.init_process_group(backend)
+            # a process that calls train.main more than once (tests/ddp_probe.py) sets the group
+            # up itself: torch cannot set up a second one from torchrun's environment
+            self._owns_group = not dist.is_initialized()
+            if self._owns_group:
+                dist.init_process_group(backend)
             self._control = dist.new_group(backend="gloo", timeout=SETUP_TIMEOUT)
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self.ranks.launched and dist.is_initialized():
-            dist.destroy_process_group()
+            dist.destroy_process_group(None if self._owns_group else self._control)
 
     @property
     def active(self) -> bool:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -116,75 +118,115 @@ def test_a_signal_not_announced_still_stops(capsys):
 # ---------------------------------------------------------------- two processes under torchrun
 
 
-@pytest.fixture
-def ddp_config(workdir, small_corpus_file) -> Path:
-    settings = {
-        "model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 16},
-        "data": {"dataset": str(small_corpus_file)},
-        "training": {"max_steps": 4, "batch_size": 4, "grad_accum_steps": 2, "eval_interval": 2,
-                     "eval_iters": 3, "log_interval": 1, "warmup_steps": 1, "optimizer": "muon"},
-        "system": {"device": "cpu", "dtype": "float32"},  # bfloat16 rounds beyond the tolerance
-    }
-    path = workdir / "ddp.json"
-    path.write_text(json.dumps(settings))
+DDP_SETTINGS = {
+    "model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 16},
+    "training": {"max_steps": 4, "batch_size": 4, "grad_accum_steps": 2, "eval_interval": 2,
+                 "eval_iters": 3, "log_interval": 1, "warmup_steps": 1, "optimizer": "muon"},
+    "system": {"device": "cpu", "dtype": "float32"},  # bfloat16 rounds beyond the tolerance
+}
+MY_GPT = f"{REPO_ROOT / 'examples' / 'my_gpt.py'}:MyGPT"
+SHARDINGS = {"ddp": [], "fsdp": ["--system.fsdp", "true"]}
+
+
+def write_ddp_config(folder: Path, corpus: Path) -> Path:
+    path = folder / "ddp.json"
+    path.write_text(json.dumps({**DDP_SETTINGS, "data": {"dataset": str(corpus)}}))
     return path
 
 
-@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
-def test_two_processes_equal_one_and_checkpoints_move_between_them(workdir, ddp_config, sharding):
-    record = workdir / "record"
-    fsdp = ["--system.fsdp", "true"] if sharding == "fsdp" else []
-    output = run_torchrun(record, "--config", str(ddp_config), "--out_dir", "two", "--record_weights", *fsdp,
-                          cwd=workdir)
-    assert "tokens per step    256 = 2 processes x batch 4 x accumulation 2 x context 16" in output
+@pytest.fixture
+def ddp_config(workdir, small_corpus_file) -> Path:
+    return write_ddp_config(workdir, small_corpus_file)
+
+
+@dataclass
+class TwoProcessRuns:
+    """The runs the equivalence tests compare, trained once for the module: each kind of run
+    in one process with the global batch (one/), and with two processes under DDP and under
+    FSDP (<sharding>/two/) in one torchrun launch, which also continued one/'s checkpoint under
+    two processes (<sharding>/one/, from step 4 to 6)."""
+
+    folder: Path
+    output: str  # what the launch printed
+
+    def one(self, kind: str) -> Path:
+        return self.folder / kind / "one"
+
+    def two(self, kind: str, sharding: str) -> Path:
+        return self.folder / kind / sharding / "two"
+
+    def one_then_two(self, sharding: str) -> Path:
+        return self.folder / "plain" / sharding / "one"
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(tmp_path_factory, small_corpus_file) -> TwoProcessRuns:
+    folder = tmp_path_factory.mktemp("torchrun")
+    config = ["--config", str(write_ddp_config(folder, small_corpus_file))]
+    kinds = {"plain": config, "chat": [*config, "--dataset", str(write_jsonl(folder / "chats.jsonl", CHATS * 20))],
+             "mine": [*config, "--model_impl", MY_GPT]}
+    runs = TwoProcessRuns(folder, "")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)  # the token cache goes to ./cache
+        for kind, flags in kinds.items():
+            assert run_cli(train.main, [*flags, "--out_dir", str(runs.one(kind)), "--batch_size", "8"]) == 0
+    launch = []
+    for sharding, flags in SHARDINGS.items():
+        shutil.copytree(runs.one("plain"), runs.one_then_two(sharding))
+        launch += ["--then", "--resume", str(runs.one_then_two(sharding) / "ckpt.pt"), "--max_steps", "6",
+                   "--batch_size", "4", *flags]
+        for kind, kind_flags in kinds.items():
+            record = ["--record_weights"] if kind == "plain" else []
+            launch += ["--then", *kind_flags, "--out_dir", str(runs.two(kind, sharding)), *record, *flags]
+    runs.output = run_torchrun(folder / "record", *launch[1:], cwd=folder)
+    return runs
+
+
+@pytest.mark.parametrize("sharding", SHARDINGS)
+def test_two_processes_equal_one_and_checkpoints_move_between_them(two_process_runs, sharding, monkeypatch):
+    runs = two_process_runs
+    assert "tokens per step    256 = 2 processes x batch 4 x accumulation 2 x context 16" in runs.output
     for step in range(1, 5):  # the ranks never drift apart
-        ranks = [torch.load(record / f"weights-rank{r}-step{step}.pt") for r in (0, 1)]
+        ranks = [torch.load(runs.folder / "record" / f"weights-two-rank{r}-step{step}.pt") for r in (0, 1)]
         for name in ranks[0]:
             assert torch.equal(ranks[0][name], ranks[1][name]), (step, name)
-    writes = json.loads((record / "writes-rank1.json").read_text())
-    assert [w for w in writes if str(workdir) in w] == []  # rank 1 wrote nothing of the run's
+    writes = json.loads((runs.folder / "record" / "writes-rank1.json").read_text())
+    assert [w for w in writes if str(runs.folder) in w] == []  # rank 1 wrote nothing of any run's
 
     # one process, the same global batch (8 = 2 x 4), trains to the same weights and losses
-    assert run_cli(train.main, ["--config", str(ddp_config), "--out_dir", "one", "--batch_size", "8"]) == 0
-    two, one = load_checkpoint(workdir / "two" / "ckpt.pt"), load_checkpoint(workdir / "one" / "ckpt.pt")
+    two_dir = runs.two("plain", sharding)
+    two, one = load_checkpoint(two_dir / "ckpt.pt"), load_checkpoint(runs.one("plain") / "ckpt.pt")
     assert_close_weights(two["model"], one["model"])
     assert two["losses"]["final_val"] == pytest.approx(one["losses"]["final_val"], abs=1e-5)
     tied = {two["model"][name].untyped_storage().data_ptr() for name in ("wte.weight", "lm_head.weight")}
     assert len(tied) == 1  # the head is the embedding, saved once however the ranks held it
 
     # a two-process checkpoint continues in one process, a one-process one under two
-    assert run_cli(train.main, ["--resume", "two/ckpt.pt", "--max_steps", "6", "--batch_size", "8"]) == 0
-    run_torchrun(record, "--resume", "one/ckpt.pt", "--max_steps", "6", "--batch_size", "4", *fsdp,
-                 cwd=workdir)
-    two_then_one, one_then_two = load_checkpoint(workdir / "two" / "ckpt.pt"), load_checkpoint(
-        workdir / "one" / "ckpt.pt")
+    monkeypatch.chdir(runs.folder)
+    assert run_cli(train.main, ["--resume", str(two_dir / "ckpt.pt"), "--max_steps", "6", "--batch_size", "8"]) == 0
+    two_then_one = load_checkpoint(two_dir / "ckpt.pt")
+    one_then_two = load_checkpoint(runs.one_then_two(sharding) / "ckpt.pt")
     assert two_then_one["step"] == one_then_two["step"] == 6
     assert_close_weights(two_then_one["model"], one_then_two["model"])
 
 
-@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
-def test_two_processes_on_chat_data_equal_one(workdir, ddp_config, sharding):
+@pytest.mark.parametrize("sharding", SHARDINGS)
+def test_two_processes_on_chat_data_equal_one(two_process_runs, sharding):
     """Only the replies count: the ranks' micro-batches hold unequal numbers of targets, and a
     step still weighs every one of them alike, as one process with the whole batch does."""
-    config = ["--config", str(ddp_config), "--dataset", str(write_jsonl(workdir / "chats.jsonl", CHATS * 20))]
-    fsdp = ["--system.fsdp", "true"] if sharding == "fsdp" else []
-    run_torchrun(workdir / "record", *config, "--out_dir", "two", *fsdp, cwd=workdir)
-    assert run_cli(train.main, [*config, "--out_dir", "one", "--batch_size", "8"]) == 0
-    two, one = load_checkpoint(workdir / "two" / "ckpt.pt"), load_checkpoint(workdir / "one" / "ckpt.pt")
+    two_dir, one_dir = two_process_runs.two("chat", sharding), two_process_runs.one("chat")
+    two, one = load_checkpoint(two_dir / "ckpt.pt"), load_checkpoint(one_dir / "ckpt.pt")
     assert_close_weights(two["model"], one["model"])
-    reported = [[float(row["train_loss"]) for row in read_metrics(workdir / run / "metrics.csv")
-                 if row["kind"] == "train"] for run in ("two", "one")]
+    reported = [[float(row["train_loss"]) for row in read_metrics(run / "metrics.csv")
+                 if row["kind"] == "train"] for run in (two_dir, one_dir)]
     # metrics.csv keeps 6 digits: equal losses may round one unit of the last (1e-5) apart
     assert len(reported[0]) == 4 and reported[0] == pytest.approx(reported[1], abs=2e-5)
 
 
-@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
-def test_a_users_model_class_trains_under_torchrun_as_in_one_process(workdir, ddp_config, sharding):
-    config = ["--config", str(ddp_config), "--model_impl", f"{REPO_ROOT / 'examples' / 'my_gpt.py'}:MyGPT"]
-    fsdp = ["--system.fsdp", "true"] if sharding == "fsdp" else []
-    run_torchrun(workdir / "record", *config, "--out_dir", "two", *fsdp, cwd=workdir)
-    assert run_cli(train.main, [*config, "--out_dir", "one", "--batch_size", "8"]) == 0
-    two, one = load_checkpoint(workdir / "two" / "ckpt.pt"), load_checkpoint(workdir / "one" / "ckpt.pt")
+@pytest.mark.parametrize("sharding", SHARDINGS)
+def test_a_users_model_class_trains_under_torchrun_as_in_one_process(two_process_runs, sharding):
+    two = load_checkpoint(two_process_runs.two("mine", sharding) / "ckpt.pt")
+    one = load_checkpoint(two_process_runs.one("mine") / "ckpt.pt")
     assert "blocks.0.attention.query_key_value.weight" in two["model"]  # the user's class, sharded by block
     assert_close_weights(two["model"], one["model"])
 
