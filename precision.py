@@ -15,7 +15,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 
@@ -30,6 +30,7 @@ CACHE_FILE = "cpu_dtype.json"
 PROBE_TOKENS = 2048  # tokens per timed micro-batch: enough rows for matmuls to run at full speed
 MIN_SPEEDUP = 1.1  # bf16 costs precision, so it has to be clearly faster to be picked
 SLOW_STEP_S = 2.0  # past this, one timed step per dtype is enough (their ratio is stable)
+WARMUP_ROUNDS, TIMED_ROUNDS = 2, 3  # a process's first few steps run slower than the rest
 
 
 @dataclasses.dataclass
@@ -115,13 +116,23 @@ def time_training_step(cfg: Config) -> StepTimes:
         x, y = (torch.randint(0, cfg.model.vocab_size, (batch, cfg.model.block_size), generator=generator)
                 for _ in range(2))
         steps = {dtype: _TimedStep(model, cfg, dtype, x, y) for dtype in (torch.float32, torch.bfloat16)}
-        warmup_s = sum(sum(step.run()) for step in steps.values())  # first steps allocate, pick kernels
-        for _ in range(1 if warmup_s > 2 * SLOW_STEP_S else 3):
-            for step in steps.values():
-                step.run()
+        slow = _alternate(steps.values(), 1) > 2 * SLOW_STEP_S  # first steps allocate and pick kernels
+        _alternate(steps.values(), 0 if slow else WARMUP_ROUNDS - 1)
+        for step in steps.values():
+            step.forget()  # only the steps after the warm-up count
+        _alternate(steps.values(), 1 if slow else TIMED_ROUNDS)
     scale = cfg.training.batch_size / batch * cfg.training.grad_accum_steps
     f32, bf16 = (steps[d].estimate(scale) for d in (torch.float32, torch.bfloat16))
     return StepTimes(f32, bf16)
+
+
+def _alternate(steps: Iterable["_TimedStep"], rounds: int) -> float:
+    """Run each dtype's step in turn, `rounds` times; return the seconds it took."""
+    started = time.perf_counter()
+    for _ in range(rounds):
+        for step in steps:
+            step.run()
+    return time.perf_counter() - started
 
 
 class _TimedStep:
@@ -134,10 +145,14 @@ class _TimedStep:
         self.optimizer = make_optimizer(model, cfg.training, cpu, dtype)  # Muon's Newton-Schulz follows dtype
         self.autocast = autocast_context(cpu, dtype)
         self.scaler = torch.amp.GradScaler("cpu", enabled=False)
+        self.forget()
+
+    def forget(self) -> None:
+        """Drop the times seen so far (those of the warm-up)."""
         self.backward_s = self.update_s = math.inf
 
-    def run(self) -> tuple[float, float]:
-        """Time one step: forward and backward, then the update; return both in seconds."""
+    def run(self) -> None:
+        """Time one step: forward and backward, then the update."""
         started = time.perf_counter()
         loss = accumulate_gradients(self.model, [self.batch], 1, self.autocast, self.scaler)
         backward_done = time.perf_counter()
@@ -145,7 +160,6 @@ class _TimedStep:
         update_done = time.perf_counter()
         backward_s, update_s = backward_done - started, update_done - backward_done
         self.backward_s, self.update_s = min(self.backward_s, backward_s), min(self.update_s, update_s)
-        return backward_s, update_s
 
     def estimate(self, micro_batches: float) -> float:
         """Return a full step's seconds: this many probe micro-batches and one update."""
