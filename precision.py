@@ -45,7 +45,9 @@ class StepTimes:
         speedup = self.float32_s / self.bfloat16_s
         if speedup >= MIN_SPEEDUP:
             return torch.bfloat16, f"bfloat16: measured {speedup:.2f}x faster than float32 here"
-        if speedup >= 1:
+        if round(speedup, 2) == 1:
+            return torch.float32, "float32: measured as fast as bfloat16 here, and more precise"
+        if speedup > 1:
             return torch.float32, (f"float32: bfloat16 measured only {speedup:.2f}x faster here, "
                                    f"not worth its lower precision (it needs {MIN_SPEEDUP}x)")
         return torch.float32, f"float32: measured {1 / speedup:.2f}x faster than bfloat16 here"
