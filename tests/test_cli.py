@@ -24,6 +24,7 @@ def command(script: str, *args: str, **kwargs) -> subprocess.CompletedProcess:
                           text=True, timeout=300, **kwargs)
 
 
+@pytest.mark.slow
 def test_train_resume_and_generate_end_to_end(workdir, corpus_file):
     first = command("train.py", "--config", TINY, "--dataset", str(corpus_file), *FAST,
                     "--max_steps", "20", "--eval_interval", "10", cwd=workdir)
@@ -44,6 +45,7 @@ def test_train_resume_and_generate_end_to_end(workdir, corpus_file):
     assert sample.stdout.startswith("ROMEO:") and len(sample.stdout) >= len("ROMEO:") + 40
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_resume_goes_on_from_it(workdir, small_corpus_file):
     process = subprocess.Popen(
         [sys.executable, str(REPO_ROOT / "train.py"), "--config", TINY, "--dataset", str(small_corpus_file),
@@ -99,6 +101,7 @@ def test_gen_controls(trained_run, capsys):
     assert text.startswith("KING:") and len(tokens) <= len("KING:") + 12 + 1 and "<|endoftext|>" not in text
 
 
+@pytest.mark.slow
 def test_debug_shows_the_traceback(workdir):
     plain = command("train.py", "--config", "missing.json", cwd=workdir)
     assert plain.returncode == 2 and plain.stderr.count("\n") == 1 and "Traceback" not in plain.stderr
@@ -106,6 +109,7 @@ def test_debug_shows_the_traceback(workdir):
     assert debug.returncode != 0 and "Traceback" in debug.stderr and "UserError" in debug.stderr
 
 
+@pytest.mark.slow
 def test_a_reader_that_leaves_early_ends_gen_quietly(trained_run):
     """`python gen.py ... | head -c 20`: exit 141 (SIGPIPE's convention) with no traceback."""
     args = [sys.executable, str(REPO_ROOT / "gen.py"), str(trained_run), "--max_new_tokens", "3000",

@@ -242,6 +242,7 @@ def test_the_tutorial_follows_the_skeleton_the_checks_and_the_finished_model():
     assert first_output[:3] == skeleton_lines[:3]
 
 
+@pytest.mark.slow
 def test_python_m_tests_contract_runs_the_checks():
     result = subprocess.run([sys.executable, "-m", "tests.contract", "examples/my_gpt_skeleton.py:MyGPT"],
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)

@@ -144,6 +144,7 @@ def test_a_checkpoints_tokenizer_encodes_new_data(workdir, tmp_path):
         prepare_data(DataConfig(dataset=str(write_jsonl(tmp_path / "c.jsonl", CHATS))), tokenizer=old)
 
 
+@pytest.mark.slow
 def test_chat_fine_tuning_example_and_data_stats(workdir, corpus_file, capsys):
     """configs/chat_finetune.json continues a shakespeare_bpe.json model on a chat JSONL."""
     import train

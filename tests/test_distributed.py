@@ -182,6 +182,7 @@ def two_process_runs(tmp_path_factory, small_corpus_file) -> TwoProcessRuns:
     return runs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sharding", SHARDINGS)
 def test_two_processes_equal_one_and_checkpoints_move_between_them(two_process_runs, sharding, monkeypatch):
     runs = two_process_runs
@@ -210,6 +211,7 @@ def test_two_processes_equal_one_and_checkpoints_move_between_them(two_process_r
     assert_close_weights(two_then_one["model"], one_then_two["model"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sharding", SHARDINGS)
 def test_two_processes_on_chat_data_equal_one(two_process_runs, sharding):
     """Only the replies count: the ranks' micro-batches hold unequal numbers of targets, and a
@@ -223,6 +225,7 @@ def test_two_processes_on_chat_data_equal_one(two_process_runs, sharding):
     assert len(reported[0]) == 4 and reported[0] == pytest.approx(reported[1], abs=2e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sharding", SHARDINGS)
 def test_a_users_model_class_trains_under_torchrun_as_in_one_process(two_process_runs, sharding):
     two = load_checkpoint(two_process_runs.two("mine", sharding) / "ckpt.pt")
@@ -231,6 +234,7 @@ def test_a_users_model_class_trains_under_torchrun_as_in_one_process(two_process
     assert_close_weights(two["model"], one["model"])
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_torchrun_group_stops_every_rank_with_one_checkpoint(workdir, ddp_config):
     command = [*TORCHRUN, str(PROBE), str(workdir / "record"), "--config", str(ddp_config),
                "--max_steps", "100000", "--eval_interval", "100000", "--training.keep_last", "0"]
@@ -282,6 +286,7 @@ def fake_slurm(workdir: Path, minutes_left: str) -> dict:
             "RDZV_PORT": "29517", "OUT_DIR": "run"}
 
 
+@pytest.mark.slow
 def test_slurm_script_stops_before_the_limit_requeues_and_resumes(workdir, ddp_config):
     script = REPO_ROOT / "scripts" / "slurm_train.sh"
     env = {**fake_slurm(workdir, "5:20"), "MARGIN_S": "310"}  # 320 s left, minus the margin: --max_time 10
@@ -329,6 +334,7 @@ def test_a_stop_seen_by_one_rank_stops_both(tiny_config_file, peer, expected):
     assert trainer._stop_reason(None) == expected  # this rank saw nothing itself
 
 
+@pytest.mark.slow
 def test_an_error_on_rank_0_during_setup_stops_rank_1_with_one_line(workdir, ddp_config):
     (workdir / "earlier").mkdir()
     (workdir / "earlier" / "ckpt.pt").write_bytes(b"an earlier run's")

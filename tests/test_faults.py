@@ -36,6 +36,7 @@ def build_trainer(config_file: Path, *flags: str):
     return train.build_trainer(args, cfg, checkpoint_, path, resolve_system("cpu", "auto", None))
 
 
+@pytest.mark.slow
 def test_rolling_checkpoints_keep_the_newest(workdir, tiny_config_file):
     assert run(tiny_config_file, "--eval_interval", "1", "--training.keep_last", "2") == 0
     names = sorted(p.name for p in (workdir / "models/tiny_test").glob("*.pt"))
@@ -52,6 +53,7 @@ def tamper(path: Path) -> None:
     torch.save(raw, path)
 
 
+@pytest.mark.slow
 def test_resume_skips_damaged_checkpoints_and_says_so(workdir, tiny_config_file, capsys):
     assert run(tiny_config_file, "--eval_interval", "1") == 0
     run_dir = workdir / "models/tiny_test"
@@ -184,6 +186,7 @@ def test_target_val_loss_stops_the_run_and_says_so(workdir, tiny_config_file, ca
     assert re.search(r"target +not reached: --target_val_loss 0.01, best \d", capsys.readouterr().out)
 
 
+@pytest.mark.slow
 def test_max_time_stops_with_a_checkpoint_before_the_deadline(workdir, tiny_config_file, capsys,
                                                                monkeypatch):
     # pretend the process started 994 s ago, so --max_time 1000 leaves 6 s for set-up (torch.optim
@@ -245,6 +248,7 @@ def wait_for_line(process: subprocess.Popen, prefix: str) -> str:
     raise AssertionError(f"the run ended before printing {prefix!r}: {process.stderr.read()}")
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_143(workdir, small_corpus_file):
     process = start_training(workdir, small_corpus_file)
     wait_for_line(process, "step      2/")
@@ -255,6 +259,7 @@ def test_sigterm_saves_and_exits_143(workdir, small_corpus_file):
     assert load_checkpoint(workdir / "models/tiny/ckpt.pt")["step"] >= 2
 
 
+@pytest.mark.slow
 def test_a_second_ctrl_c_quits_at_once_and_keeps_the_last_good_checkpoint(workdir, small_corpus_file):
     process = start_training(workdir, small_corpus_file, "--checkpoint_interval", "1")
     wait_for_line(process, "step      3/")
@@ -266,6 +271,7 @@ def test_a_second_ctrl_c_quits_at_once_and_keeps_the_last_good_checkpoint(workdi
     assert checkpoint_["step"] >= 2
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_never_loses_the_run(workdir, small_corpus_file):
     """Kill -9 seven times, four of them aimed at the middle of a save; every resume must work."""
     rng = random.Random(2026)

@@ -125,6 +125,7 @@ def test_summaries_before_and_after(workdir, tiny_config_file, capsys):
         assert re.search(pattern, after), pattern
 
 
+@pytest.mark.slow
 def test_redirected_output_has_no_escape_codes(workdir, small_corpus_file):
     done = subprocess.run(
         [sys.executable, str(REPO_ROOT / "train.py"), "--config", TINY, "--dataset", str(small_corpus_file),
@@ -136,6 +137,7 @@ def test_redirected_output_has_no_escape_codes(workdir, small_corpus_file):
     assert re.search(r"^step +2/4 +loss [\d.]+ +lr", done.stdout, re.M)
 
 
+@pytest.mark.slow
 def test_a_terminal_gets_a_progress_bar_and_colours(workdir, small_corpus_file):
     """Run under a pseudo-terminal, as a person's shell would."""
     args = [sys.executable, str(REPO_ROOT / "train.py"), "--config", TINY, "--dataset",
