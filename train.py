@@ -96,9 +96,9 @@ def resolve_run_config(args: argparse.Namespace) -> tuple[Config, Optional[dict]
 def describe_config(cfg: Config, system: DeviceInfo, data: Optional[PreparedData]) -> str:
     """Return the resolved config and the values derived from it, for --show_config."""
     facts = None
+    sized = fill_vocab_size(cfg, data.tokenizer.vocab_size) if data is not None else cfg
+    system = choose_cpu_dtype(sized, system, measure=False)  # the cached measurement, if any
     if data is not None:
-        sized = fill_vocab_size(cfg, data.tokenizer.vocab_size)
-        system = choose_cpu_dtype(sized, system, measure=False)  # the cached measurement, if any
         with torch.device("meta"):  # shapes only: no memory, no initialisation
             model = build_model(sized.model)
         facts = RunFacts(params=model.num_params(),

@@ -177,7 +177,8 @@ def test_show_config_prints_sections_and_derived_values(capsys, workdir, small_c
 
 
 def test_show_config_never_downloads(capsys, workdir):
-    code = train.main(["--config", str(REPO_ROOT / "configs/tiny.json"), "--show_config"])
+    code = train.main(["--config", str(REPO_ROOT / "configs/tiny.json"), "--system.dtype", "float32",
+                       "--show_config"])
     assert code == 0
     assert "known once the dataset is downloaded" in capsys.readouterr().out
     assert not (workdir / "cache").exists()
