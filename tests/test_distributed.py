@@ -143,20 +143,20 @@ def ddp_config(workdir, small_corpus_file) -> Path:
 class TwoProcessRuns:
     """The runs the equivalence tests compare, trained once for the module: each kind of run
     in one process with the global batch (one/), and with two processes under DDP and under
-    FSDP (<sharding>/two/) in one torchrun launch, which also continued one/'s checkpoint under
-    two processes (<sharding>/one/, from step 4 to 6)."""
+    FSDP (two/<kind>-<sharding>/) in one torchrun launch, which also continued one/plain's
+    checkpoint under two processes (one-then-two/<sharding>/, from step 4 to 6)."""
 
     folder: Path
     output: str  # what the launch printed
 
     def one(self, kind: str) -> Path:
-        return self.folder / kind / "one"
+        return self.folder / "one" / kind
 
-    def two(self, kind: str, sharding: str) -> Path:
-        return self.folder / kind / sharding / "two"
+    def two(self, kind: str, sharding: str) -> Path:  # its name tags the weights it records
+        return self.folder / "two" / f"{kind}-{sharding}"
 
     def one_then_two(self, sharding: str) -> Path:
-        return self.folder / "plain" / sharding / "one"
+        return self.folder / "one-then-two" / sharding
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +188,8 @@ def test_two_processes_equal_one_and_checkpoints_move_between_them(two_process_r
     runs = two_process_runs
     assert "tokens per step    256 = 2 processes x batch 4 x accumulation 2 x context 16" in runs.output
     for step in range(1, 5):  # the ranks never drift apart
-        ranks = [torch.load(runs.folder / "record" / f"weights-two-rank{r}-step{step}.pt") for r in (0, 1)]
+        ranks = [torch.load(runs.folder / "record" / f"weights-plain-{sharding}-rank{r}-step{step}.pt")
+                 for r in (0, 1)]
         for name in ranks[0]:
             assert torch.equal(ranks[0][name], ranks[1][name]), (step, name)
     writes = json.loads((runs.folder / "record" / "writes-rank1.json").read_text())
