@@ -9,7 +9,9 @@ cached per machine and shape in `<cache_dir>/cpu_dtype.json`, so each shape is t
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import math
 import os
@@ -53,19 +55,22 @@ class StepTimes:
         return torch.float32, f"float32: measured {1 / speedup:.2f}x faster than bfloat16 here"
 
 
-def choose_cpu_dtype(cfg: Config, system: DeviceInfo, measure: bool = True) -> DeviceInfo:
+def choose_cpu_dtype(cfg: Config, system: DeviceInfo, measure: bool = True,
+                     continuing: Optional[str] = None) -> DeviceInfo:
     """Return `system` with the dtype a CPU run with `dtype auto` trains in, and why.
 
     Other devices and explicit dtypes pass through unchanged. `measure=False` reads the
-    cache only (for --show_config, which should not spend seconds timing).
+    cache only (for --show_config, which should not spend seconds timing). `continuing`: the
+    dtype of the run a resume continues, kept so that the run goes on as it began.
     """
     if system.device.type != "cpu" or cfg.system.dtype != "auto":
         return system
-    dtype, reason = _cpu_choice(cfg, system, measure)
+    dtype, reason = _cpu_choice(cfg, system, measure, continuing)
     return dataclasses.replace(system, dtype=dtype, dtype_reason=reason)
 
 
-def _cpu_choice(cfg: Config, system: DeviceInfo, measure: bool) -> tuple[torch.dtype, str]:
+def _cpu_choice(cfg: Config, system: DeviceInfo, measure: bool,
+                continuing: Optional[str]) -> tuple[torch.dtype, str]:
     forced = os.environ.get(ENVIRONMENT_VARIABLE)
     if forced:
         if forced not in ("float32", "bfloat16"):
@@ -74,6 +79,8 @@ def _cpu_choice(cfg: Config, system: DeviceInfo, measure: bool) -> tuple[torch.d
         return getattr(torch, forced), f"{forced}: set by {ENVIRONMENT_VARIABLE}"
     if not cpu_has_native_bf16():
         return torch.float32, "float32: bfloat16 is emulated on this CPU (no AVX-512 BF16 or AMX)"
+    if continuing in ("float32", "bfloat16"):
+        return getattr(torch, continuing), f"{continuing}: as the run this continues was trained"
     if system.processes > 1:
         return torch.float32, ("float32: not measured under torchrun, where the processes would time "
                                "each other; pass --system.dtype bfloat16 to compare")
@@ -144,7 +151,8 @@ class _TimedStep:
                  x: torch.Tensor, y: torch.Tensor):
         cpu = torch.device("cpu")
         self.model, self.batch, self.grad_clip = model, (x, y), cfg.training.grad_clip
-        self.optimizer = make_optimizer(model, cfg.training, cpu, dtype)  # Muon's Newton-Schulz follows dtype
+        with contextlib.redirect_stderr(io.StringIO()):  # its notices are the run's to give, once
+            self.optimizer = make_optimizer(model, cfg.training, cpu, dtype)  # Newton-Schulz follows dtype
         self.autocast = autocast_context(cpu, dtype)
         self.scaler = torch.amp.GradScaler("cpu", enabled=False)
         self.forget()
@@ -172,9 +180,11 @@ def _read_cached(path: Path, key: str) -> Optional[StepTimes]:
     """Return the cached step times for `key`, or None (no file, no entry, or a damaged file)."""
     try:
         entry = json.loads(path.read_text())[key]
-        return StepTimes(float(entry["float32_s"]), float(entry["bfloat16_s"]))
+        times = StepTimes(float(entry["float32_s"]), float(entry["bfloat16_s"]))
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    plausible = all(math.isfinite(s) and s > 0 for s in (times.float32_s, times.bfloat16_s))
+    return times if plausible else None  # an edited or damaged entry is timed again
 
 
 def _write_cached(path: Path, key: str, times: StepTimes) -> None:

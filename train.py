@@ -205,13 +205,14 @@ def build_trainer(args: argparse.Namespace, cfg: Config, checkpoint: Optional[di
     cfg = fill_vocab_size(cfg, data.tokenizer.vocab_size)
     if cfg.model.impl:
         build_model(cfg.model)  # a class of the user's that breaks the contract stops here, out_dir untouched
-    system = choose_cpu_dtype(cfg, system)  # on a CPU, auto times float32 against bfloat16 (once)
     if start_from is not None:
         check_same_architecture(start_from, cfg.model, checkpoint_path or Path(args.load_model_only))
     with collectives.main_first():
         if main:
             prepare_out_dir(Path(cfg.training.out_dir), checkpoint_path, args.overwrite)
 
+    # on a CPU, auto times float32 against bfloat16 (once per shape), after every refusal above
+    system = choose_cpu_dtype(cfg, system, continuing=checkpoint.get("dtype") if checkpoint else None)
     trainer = Trainer(cfg, data, system, process_start_time(), collectives)
     if checkpoint is not None:
         trainer.resume(checkpoint, checkpoint_path)  # the summary before training says so

@@ -138,6 +138,7 @@ class Trainer:
             "losses": dataclasses.asdict(self.losses),
             "rng": rng,
             "elapsed_s": self.elapsed_s(),
+            "dtype": str(self.system.dtype).removeprefix("torch."),  # what auto chose: a resume keeps it
             "environment": self.environment,
         }
 

@@ -11,6 +11,7 @@ import torch
 import precision
 import train
 import utils
+from checkpoint import load_checkpoint
 from config import Config, DataConfig, ModelConfig, SystemConfig, TrainingConfig
 from errors import UserError
 from precision import StepTimes, choose_cpu_dtype
@@ -110,6 +111,32 @@ def test_a_damaged_cache_is_measured_again_and_rewritten(cpu_kind, timings, tmp_
 
 
 @pytest.mark.parametrize("cpu_kind", ["amx"], indirect=True)
+@pytest.mark.parametrize("entry", [{"float32_s": 0.1, "bfloat16_s": 0}, {"float32_s": "NaN", "bfloat16_s": 0.1},
+                                   {"float32_s": -1, "bfloat16_s": 0.1}, {"float32_s": 0.1}])
+def test_an_impossible_cached_entry_is_timed_again(cpu_kind, timings, tmp_path, entry):
+    cfg = run_config(tmp_path)
+    cache = tmp_path / "cache" / precision.CACHE_FILE
+    cache.parent.mkdir()
+    cache.write_text(json.dumps({precision.probe_key(cfg): entry}))
+    assert choose_cpu_dtype(cfg, cpu_system()).dtype == torch.bfloat16
+    assert len(timings[0]) == 1
+
+
+@pytest.mark.parametrize("cpu_kind", ["avx512_bf16", "amx"], indirect=True)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_resumed_run_keeps_the_dtype_it_was_trained_in(cpu_kind, timings, tmp_path, dtype):
+    chosen = choose_cpu_dtype(run_config(tmp_path), cpu_system(processes=2), continuing=dtype)
+    assert (chosen.dtype, chosen.dtype_reason) == (getattr(torch, dtype), f"{dtype}: as the run this continues "
+                                                                          "was trained")
+    assert timings[0] == []
+
+
+@pytest.mark.parametrize("cpu_kind", ["avx2"], indirect=True)
+def test_a_run_resumed_on_a_cpu_without_native_bf16_goes_on_in_float32(cpu_kind, timings, tmp_path):
+    assert choose_cpu_dtype(run_config(tmp_path), cpu_system(), continuing="bfloat16").dtype == torch.float32
+
+
+@pytest.mark.parametrize("cpu_kind", ["amx"], indirect=True)
 def test_show_config_reads_the_cache_but_never_times(cpu_kind, timings, tmp_path):
     cfg = run_config(tmp_path)
     chosen = choose_cpu_dtype(cfg, cpu_system(), measure=False)
@@ -180,4 +207,11 @@ def test_the_summary_before_training_says_which_dtype_and_why(cpu_kind, timings,
     code = train.main(["--config", str(tiny_config_file), "--system.dtype", "auto", "--show_config"])
     assert re.search(r"dtype +bfloat16: measured 1\.40x faster", capsys.readouterr().out)
     assert len(timings[0]) == 1  # --show_config took the cached figures
+    assert load_checkpoint(workdir / "models/tiny_test/ckpt.pt")["dtype"] == "bfloat16"
+    (workdir / "cache" / precision.CACHE_FILE).unlink()
+    timings[1]["times"] = StepTimes(float32_s=0.1, bfloat16_s=0.2)  # now float32 would be faster
+    assert train.main(["--config", str(tiny_config_file), "--system.dtype", "auto", "--resume",
+                       "--max_steps", "2"]) == 0
+    assert re.search(r"dtype +bfloat16: as the run this continues was trained", capsys.readouterr().out)
+    assert len(timings[0]) == 1
 
