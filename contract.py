@@ -21,9 +21,10 @@ Optional (used when present, a fallback otherwise):
   - `flops_per_token()`: for MFU; else 6 x parameters outside embeddings + attention's
     12 x n_layer x n_embd x block_size.
   - transformer layers in `self.blocks`: training.optimizer "muon" trains the 2-D weights under
-    `blocks.` with Muon (each weight as one matrix: unlike model.py's c_attn, a q, k and v
-    fused in a weight of your own are orthogonalised together), and system.fsdp shards each
-    block; elsewhere everything uses AdamW and FSDP shards the model as one unit.
+    `blocks.` with Muon (each weight as one matrix; a q, k and v fused in one nn.Linear are cut
+    apart first only where, as in model.py, it is called `c_attn` and its module's `qkv_widths`
+    gives their rows), and system.fsdp shards each block; elsewhere everything uses AdamW and
+    FSDP shards the model as one unit.
   - `gpt2_compatible = True`: check_model.py also compares num_params() with GPT-2's formula.
 """
 from __future__ import annotations

@@ -19,7 +19,7 @@ import torch
 
 from config import TrainingConfig
 from distributed import Collectives, local, shard_like, whole
-from model import GPT, qkv_widths, target_count
+from model import target_count
 from utils import notice
 
 # The quintic Newton-Schulz coefficients from the Muon write-up: they push every singular
@@ -49,12 +49,11 @@ def uses_muon(name: str, param: torch.nn.Parameter) -> bool:
 
 def fused_splits(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     """Return {name: rows of each matrix} for the weights that hold several matrices stacked:
-    our GPT's c_attn, its queries, keys and values (qkv_widths). A model of one's own
-    (model.impl) is not ours to cut, so its weights are each one matrix."""
-    if not isinstance(model, GPT):
-        return {}
-    widths = qkv_widths(model.config)
-    return {name: widths for name, _ in model.named_parameters() if name.endswith(".attn.c_attn.weight")}
+    the c_attn of each attention layer that says how its queries, keys and values are stacked
+    (our CausalSelfAttention's qkv_widths). Every other weight, as those of a model of one's own
+    that says nothing, is one matrix."""
+    return {f"{name}.c_attn.weight": tuple(module.qkv_widths) for name, module in model.named_modules()
+            if hasattr(module, "qkv_widths") and isinstance(getattr(module, "c_attn", None), torch.nn.Linear)}
 
 
 def muon_updates(matrices: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
@@ -116,7 +115,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
         parts = [m.split(rows) if rows else (m,) for m, (_, rows) in zip(momenta, params)]
         updates = iter(muon_updates([part for pieces in parts for part in pieces], self.newton_schulz_dtype))
         for (param, _), pieces in zip(params, parts):
-            update = torch.cat([next(updates) for _ in pieces])  # a fused matrix's parts stacked again
+            parts_done = [next(updates) for _ in pieces]
+            update = parts_done[0] if len(parts_done) == 1 else torch.cat(parts_done)  # fused: stacked again
             param.mul_(1 - group["lr"] * group["weight_decay"])
             param.add_(shard_like(update, param), alpha=-group["lr"])
 
