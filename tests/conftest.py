@@ -7,6 +7,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
 from config import ModelConfig
 from data_loader import batch_at, random_starts
@@ -15,6 +16,7 @@ from precision import ENVIRONMENT_VARIABLE as CPU_DTYPE_VARIABLE
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_CORPUS = REPO_ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 UNPINNED = "unpinned-in-a-test:pin-system.dtype"
+CPU_THREADS = 2
 
 
 def generated_corpus(n_chars: int = 60_000, seed: int = 0) -> str:
@@ -45,6 +47,21 @@ def no_test_leaves_the_cpu_dtype_to_auto():
         os.environ.pop(CPU_DTYPE_VARIABLE, None)
     else:
         os.environ[CPU_DTYPE_VARIABLE] = before
+
+
+@pytest.fixture(scope="session", autouse=True)
+def two_cpu_threads():
+    """Run every test with the thread count of CI's 2-core machines, on any machine, in this
+    process and in the training processes tests start (torchrun's set their own: one each)."""
+    before = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    torch.set_num_threads(CPU_THREADS)
+    os.environ["OMP_NUM_THREADS"] = str(CPU_THREADS)
+    yield
+    torch.set_num_threads(before[0])
+    if before[1] is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = before[1]
 
 
 @pytest.fixture(scope="session")
