@@ -173,13 +173,18 @@ def test_the_environment_variable_decides_without_timing(cpu_kind, timings, tmp_
 
 
 def test_mps_and_cuda_keep_their_own_rules(monkeypatch, timings, tmp_path):
-    mps = utils.DeviceInfo(torch.device("mps"), utils.select_dtype(torch.device("mps"), "auto"), False)
-    assert mps.dtype == torch.float32 and choose_cpu_dtype(run_config(tmp_path), mps) == mps
-    cuda = torch.device("cuda", 0)
+    """auto on a Mac's GPU is float32, on CUDA bf16 where the GPU has it, else float16; no timing."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(utils, "_mps_available", lambda: True)
+    mps = utils.resolve_system("auto", "auto", None)
+    assert (mps.device.type, mps.dtype) == ("mps", torch.float32)
+    assert choose_cpu_dtype(run_config(tmp_path), mps) == mps
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     for bf16, expected in ((True, torch.bfloat16), (False, torch.float16)):
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: bf16)
-        assert utils.select_dtype(cuda, "auto") == expected
-        gpu = utils.DeviceInfo(cuda, expected, True)
+        gpu = utils.resolve_system("auto", "auto", None)
+        assert (gpu.device, gpu.dtype) == (torch.device("cuda", 0), expected)
         assert choose_cpu_dtype(run_config(tmp_path), gpu) == gpu
     assert timings[0] == []
 
