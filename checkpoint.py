@@ -25,7 +25,9 @@ FORMAT_VERSION = 2
 # and the initialisation may change between runs.
 ARCHITECTURE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias", "position",
                        "norm", "mlp", "qk_norm", "tie_embeddings", "n_kv_head")
-LATEST = "ckpt.pt"
+LATEST = "ckpt.pt"  # what --resume continues from
+BEST = "best.pt"  # the lowest validation loss so far
+BEST_FIRST = (BEST, LATEST)  # what gen.py, eval.py and export.py take from a run directory
 ROLLING = re.compile(r"ckpt-(\d+)\.pt")  # ckpt-<step>.pt, the newest keep_last of them
 
 
@@ -128,7 +130,7 @@ def keep_rolling_copy(latest: Path, step: int, keep_last: int) -> None:
 # ---------------------------------------------------------------- reading
 
 
-def find_checkpoint(path: str | Path, prefer: tuple[str, ...] = ("ckpt.pt",)) -> Path:
+def find_checkpoint(path: str | Path, prefer: tuple[str, ...] = (LATEST,)) -> Path:
     """Return the checkpoint file named by `path`, or the first of `prefer` in a run directory."""
     path = Path(path)
     if path.is_dir():

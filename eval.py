@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from checkpoint import find_checkpoint, load_checkpoint, load_model
+from checkpoint import BEST_FIRST, find_checkpoint, load_checkpoint, load_model
 from cli import CliParser, add_model_loading_flags, run_cli
 from config import DTYPE_ALIASES, Config, config_from_dict
 from data_loader import prepare_data
@@ -163,7 +163,7 @@ def main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.batch_size < 1:
         raise UserError(f"--batch_size must be at least 1, got {args.batch_size}")
-    path = find_checkpoint(args.checkpoint, prefer=("best.pt", "ckpt.pt"))
+    path = find_checkpoint(args.checkpoint, prefer=BEST_FIRST)
     checkpoint = load_checkpoint(path)
     system = resolve_system(args.device, DTYPE_ALIASES.get(args.dtype, args.dtype), compile_requested=False)
     model = load_model(checkpoint, system.device, str(path), impl=args.model_impl)  # fp32; autocast for bf16

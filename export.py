@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from checkpoint import find_checkpoint, load_checkpoint, model_config_from_checkpoint
+from checkpoint import BEST_FIRST, find_checkpoint, load_checkpoint, model_config_from_checkpoint
 from cli import CliParser, run_cli
 from errors import UserError
 from hf_tokenizer import tokenizer_files
@@ -143,7 +143,7 @@ def main(argv: Sequence[str]) -> int:
         check_repo_id(args.push_to_hub)
     elif args.private or args.dry_run:
         raise UserError("--private and --dry_run go with --push_to_hub REPO_ID")
-    path = find_checkpoint(args.checkpoint, prefer=("best.pt", "ckpt.pt"))
+    path = find_checkpoint(args.checkpoint, prefer=BEST_FIRST)
     out = Path(args.out)
     written = export(path, out)
     print(f"exported {path} to {out}: {', '.join(p.name for p in written)}")

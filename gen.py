@@ -16,7 +16,7 @@ from typing import Optional, Sequence, TextIO
 import torch
 
 from chat import PIPED, chat_session
-from checkpoint import find_checkpoint, load_checkpoint, load_model
+from checkpoint import BEST_FIRST, find_checkpoint, load_checkpoint, load_model
 from cli import CliParser, add_model_loading_flags, run_cli
 from config import DTYPE_ALIASES
 from contract import has_kv_cache
@@ -203,7 +203,7 @@ def main(argv: Sequence[str]) -> int:
     process_start = process_start_time()
     args = build_parser().parse_args(argv)
     check_arguments(args)
-    path = find_checkpoint(args.checkpoint, prefer=("best.pt", "ckpt.pt"))
+    path = find_checkpoint(args.checkpoint, prefer=BEST_FIRST)
     checkpoint = load_checkpoint(path)
     system = resolve_system(args.device, DTYPE_ALIASES.get(args.dtype, args.dtype), compile_requested=False)
     model = load_model(checkpoint, system.device, str(path), system.dtype, impl=args.model_impl)

@@ -9,9 +9,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from checkpoint import LATEST, rolling_checkpoints
+from checkpoint import BEST, LATEST, rolling_checkpoints
 
-BEST = "best.pt"
 METRICS = "metrics.csv"
 PLOT = "loss.png"
 REPORT = "report.md"

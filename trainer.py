@@ -9,7 +9,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from checkpoint import LATEST, copy_checkpoint, keep_rolling_copy, save_checkpoint, weights_mismatch
+from checkpoint import BEST, LATEST, copy_checkpoint, keep_rolling_copy, save_checkpoint, weights_mismatch
 from config import Config, config_to_dict, tokens_per_step
 from contract import build_model, flops_per_token, params_without_embeddings
 from data_loader import (
@@ -36,7 +36,6 @@ from optim import (
     weights_are_finite,
 )
 from report import environment
-from run_files import BEST
 from utils import DeviceInfo, autocast_context
 
 EVAL_SEED = 20240101  # every evaluation scores the same batches, so evaluations compare
