@@ -87,7 +87,8 @@ def val_loss_over(cfg: Config) -> str:
     """What the record's validation losses are the mean over."""
     if cfg.training.eval_full_val:
         return "the whole validation split"
-    return f"{cfg.training.eval_iters} random batches of synthetic tokens"
+    batches = cfg.training.eval_iters
+    return f"{batches} random batch{'es' if batches != 1 else ''} of synthetic tokens"
 
 
 def figures(trainer: Trainer, monitor: RunMonitor, process_start: float) -> dict:
