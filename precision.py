@@ -28,6 +28,7 @@ from optim import accumulate_gradients, make_optimizer, optimizer_step
 from utils import DeviceInfo, autocast_context, cpu_has_native_bf16, cpu_name, write_file_atomic
 
 ENVIRONMENT_VARIABLE = "GPT_TRAINER_CPU_DTYPE"  # what auto means on a CPU, without timing
+CPU_DTYPES = ("float32", "bfloat16")  # what auto chooses between on a CPU
 CACHE_FILE = "cpu_dtype.json"
 PROBE_TOKENS = 2048  # tokens per timed micro-batch: enough rows for matmuls to run at full speed
 MIN_SPEEDUP = 1.1  # bf16 costs precision, so it has to be clearly faster to be picked
@@ -73,13 +74,13 @@ def _cpu_choice(cfg: Config, system: DeviceInfo, measure: bool,
                 continuing: Optional[str]) -> tuple[torch.dtype, str]:
     forced = os.environ.get(ENVIRONMENT_VARIABLE)
     if forced:
-        if forced not in ("float32", "bfloat16"):
+        if forced not in CPU_DTYPES:
             raise UserError(f"{ENVIRONMENT_VARIABLE}={forced} is not a CPU dtype; set it to float32 or "
                             "bfloat16, or unset it to let auto measure")
         return getattr(torch, forced), f"{forced}: set by {ENVIRONMENT_VARIABLE}"
     if not cpu_has_native_bf16():
         return torch.float32, "float32: bfloat16 is emulated on this CPU (no AVX-512 BF16 or AMX)"
-    if continuing in ("float32", "bfloat16"):
+    if continuing in CPU_DTYPES:
         return getattr(torch, continuing), f"{continuing}: as the run this continues was trained"
     if system.processes > 1:
         return torch.float32, ("float32: not measured under torchrun, where the processes would time "
