@@ -101,14 +101,13 @@ def describe_upload(folder: Path, repo_id: str, private: bool) -> str:
 
 
 def hub_errors() -> tuple[type[BaseException], ...]:
-    """The errors an upload can end with that are not our bug: the hub's own and those of the
-    HTTP client it uses, which differs by version (requests up to 0.x, httpx in 1.x, httpx2 in
-    2.x) and none of which is an OSError."""
+    """The errors an upload can end with that are not our bug: the hub's own, OSError (which
+    covers requests', the client up to 0.x) and those of httpx (1.x) or httpx2 (2.x), which are
+    not OSErrors."""
     from huggingface_hub.utils import HfHubHTTPError
 
     errors: list[type[BaseException]] = [HfHubHTTPError, OSError, ValueError]
-    for module, name in (("httpx2", "HTTPError"), ("httpx", "HTTPError"),
-                         ("requests", "RequestException")):
+    for module, name in (("httpx2", "HTTPError"), ("httpx", "HTTPError")):
         try:
             errors.append(getattr(importlib.import_module(module), name))
         except (ImportError, AttributeError):
