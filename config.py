@@ -160,8 +160,12 @@ class SystemConfig:
         choices=("auto", "float32", "bfloat16", "float16"), aliases=DTYPE_ALIASES)
     compile: Optional[bool] = option(None, "torch.compile the model; null: on for CUDA, off elsewhere")
     compile_mode: str = option(
-        "default", "torch.compile mode; reduce-overhead replays CUDA graphs (fewer kernel launches)",
-        choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
+        "auto", "torch.compile mode; reduce-overhead replays CUDA graphs (fewer kernel launches); auto: "
+        "reduce-overhead on one CUDA process without gradient accumulation, else default (kernels.py)",
+        choices=("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
+    attention_backend: str = option(
+        "auto", "scaled_dot_product_attention's kernel; auto: torch's choice; a CPU has math and flash",
+        choices=("auto", "flash", "cudnn", "efficient", "math"))
     data_on_device: Optional[bool] = option(
         None, "keep the token splits in device memory and cut batches there; null: on CUDA when "
         "they fit in 2 GiB")

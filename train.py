@@ -39,6 +39,7 @@ from data_loader import (
 from distributed import Collectives, ranks_from_environment
 from errors import UserError
 from huggingface import checkpoint_from_hf, is_hf_folder
+from kernels import check_attention_backend
 from monitor import RunFacts, Style, describe_run, format_sections
 from optim import total_steps
 from precision import choose_cpu_dtype
@@ -205,6 +206,7 @@ def build_trainer(args: argparse.Namespace, cfg: Config, checkpoint: Optional[di
     cfg = fill_vocab_size(cfg, data.tokenizer.vocab_size)
     if cfg.model.impl:
         build_model(cfg.model)  # a class of the user's that breaks the contract stops here, out_dir untouched
+    check_attention_backend(cfg.system.attention_backend, system.device, system.dtype, cfg.model)  # so does this
     if start_from is not None:
         check_same_architecture(start_from, cfg.model, checkpoint_path or Path(args.load_model_only))
     with collectives.main_first():
@@ -228,7 +230,8 @@ def main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(argv)
     cfg, checkpoint, checkpoint_path = resolve_run_config(args)
     ranks = ranks_from_environment()
-    system = resolve_system(cfg.system.device, cfg.system.dtype, cfg.system.compile, ranks)
+    system = resolve_system(cfg.system.device, cfg.system.dtype, cfg.system.compile, ranks,
+                            cfg.system.compile_mode, cfg.training.grad_accum_steps)
     if args.show_config:
         print(describe_config(cfg, system, local_data(cfg)))
         return 0

@@ -23,6 +23,7 @@ from data_loader import (
 from distributed import Collectives, ParallelModel, QuietMonitor, Ranks, shard_evenly
 from errors import UserError
 from guards import DeferredSkips, StepTimer, StopSignals, TimeLimit, out_of_memory_error
+from kernels import forward_context
 from model import target_count
 from monitor import LogWindow, LossRecord, RunFacts, RunMonitor, RunResult
 from optim import (
@@ -60,8 +61,7 @@ class Trainer:
         self.model = build_model(cfg.model).to(system.device)  # the same seed gives every rank the same start
         self.parallel = ParallelModel(self.model, self.ranks, system.device, cfg.system.fsdp)
         wrapped = self.parallel.wrapped
-        self.forward_model = (torch.compile(wrapped, mode=cfg.system.compile_mode) if system.compile
-                              else wrapped)
+        self.forward_model = torch.compile(wrapped, mode=system.compile_mode) if system.compile else wrapped
         if self.ranks.rank:
             torch.manual_seed(cfg.system.seed + self.ranks.rank)  # its own dropout masks
         self.optimizer = make_optimizer(self.model, t, system.device, system.dtype)
@@ -70,7 +70,7 @@ class Trainer:
                                for g in self.optimizer.param_groups]
         fp16 = system.dtype == torch.float16
         self.scaler = torch.amp.GradScaler(system.device.type, enabled=fp16)
-        self.autocast = autocast_context(system.device, system.dtype)
+        self.autocast = forward_context(cfg, system, autocast_context(system.device, system.dtype))
         self.data_rng = torch.Generator().manual_seed(cfg.system.seed)
         self.sequential = (SequentialWindows(len(self.data.train), cfg.model.block_size, cfg.system.seed)
                            if cfg.data.sampling == "sequential" else None)

@@ -18,6 +18,7 @@ import torch
 from config import SystemConfig
 from distributed import Ranks
 from errors import UserError
+from kernels import resolve_compile_mode
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -165,6 +166,7 @@ class DeviceInfo:
     compile: bool
     processes: int = 1  # torchrun's WORLD_SIZE: this device is one of that many alike
     dtype_reason: str = ""  # why `dtype auto` chose this dtype, where it was a measured choice
+    compile_mode: str = "default"  # torch.compile's mode, "auto" resolved (kernels.py)
 
     def describe(self) -> str:
         name = self.device.type
@@ -173,7 +175,8 @@ class DeviceInfo:
         if self.processes > 1:
             name += f" x {self.processes} processes"
         dtype = str(self.dtype).removeprefix("torch.")
-        return f"{name}, {dtype}, compile {'on' if self.compile else 'off'}"
+        compiled = f"on ({self.compile_mode})" if self.compile else "off"
+        return f"{name}, {dtype}, compile {compiled}"
 
 
 def device_for_rank(requested: str, ranks: Ranks) -> torch.device:
@@ -190,8 +193,9 @@ def device_for_rank(requested: str, ranks: Ranks) -> torch.device:
 
 
 def resolve_system(device: str, dtype: str, compile_requested: bool | None,
-                   ranks: Ranks = Ranks()) -> DeviceInfo:
-    """Return the device, dtype and compile choice for the system section of a config.
+                   ranks: Ranks = Ranks(), compile_mode: str = "auto", grad_accum_steps: int = 1) -> DeviceInfo:
+    """Return the device, dtype and compile choice (with its mode) for the system section of a
+    config; grad_accum_steps matters to compile_mode auto, which uses CUDA graphs only without it.
 
     Compilation is on by default on CUDA only; on CPU it is used when asked for explicitly.
     """
@@ -203,7 +207,8 @@ def resolve_system(device: str, dtype: str, compile_requested: bool | None,
             if compile_requested:
                 notice(f"{why}; running without it")
             use_compile = False
-    return DeviceInfo(chosen, select_dtype(chosen, dtype), use_compile, ranks.world_size)
+    mode = resolve_compile_mode(compile_mode, chosen, ranks.launched, grad_accum_steps)
+    return DeviceInfo(chosen, select_dtype(chosen, dtype), use_compile, ranks.world_size, compile_mode=mode)
 
 
 def _fsync_directory(directory: Path) -> None:

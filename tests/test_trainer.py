@@ -212,7 +212,7 @@ def test_tokens_on_the_device_train_exactly_as_tokens_on_the_host(workdir, tiny_
 def test_compile_mode_reaches_torch_compile(workdir, tiny_config_file, monkeypatch):
     calls = []
     monkeypatch.setattr(torch, "compile", lambda model, **kwargs: calls.append(kwargs) or model)
-    system = dataclasses.replace(resolve_system("cpu", "auto", None), compile=True)
+    system = dataclasses.replace(resolve_system("cpu", "auto", None, compile_mode="reduce-overhead"), compile=True)
     build(tiny_config_file, "--system.compile_mode", "reduce-overhead", system=system)
     assert calls == [{"mode": "reduce-overhead"}]
 
