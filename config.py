@@ -78,8 +78,8 @@ class ModelConfig:
     zero_init_projections: bool = option(
         False, "start the residual output projections at zero (each block begins as the identity)")
     loss_chunk_size: int = option(
-        0, "compute the output head and loss this many positions at a time, recomputed in the "
-        "backward pass, so the tokens x vocabulary logits never exist whole; 0: all at once")
+        0, "compute the output head and loss this many positions at a time, each chunk's gradients at "
+        "once, so the tokens x vocabulary logits never exist whole; 0: all at once")
     impl: str = option("", "the model class: empty for model.py's GPT, or 'path/to/my_gpt.py:MyGPT' for "
                        "one of your own (contract.py, docs/build-your-own-gpt.md)")
 

@@ -12,12 +12,11 @@ from typing import Optional
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
-from torch.utils.checkpoint import checkpoint
 
 from config import ModelConfig
+from losses import IGNORE_INDEX, chunked_cross_entropy
 
 Rotary = tuple[torch.Tensor, torch.Tensor]  # cos and sin tables, (T, hs/2) each
-IGNORE_INDEX = -100  # a target the loss skips (chat data: every token but the assistant's)
 
 
 def rotary_tables(length: int, head_size: int, base: float = 10000.0) -> Rotary:
@@ -270,8 +269,10 @@ class GPT(nn.Module):
         if cache is not None:
             cache.length += T
             return self.lm_head(x[:, -1:]), None
-        if targets is not None and self.config.loss_chunk_size:
-            return None, self._chunked_loss(x, targets)
+        if targets is not None and self.config.loss_chunk_size:  # the head and loss in chunks: losses.py
+            summed = chunked_cross_entropy(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1),
+                                           self.config.loss_chunk_size)
+            return None, summed / counted_targets(targets)
         logits = self.lm_head(x)  # (B, T, vocab)
         loss = None
         if targets is not None:
@@ -283,21 +284,6 @@ class GPT(nn.Module):
     def new_cache(self) -> KVCache:
         """An empty KV cache for forward(..., cache=) (the contract's optional hook)."""
         return KVCache(self.config.n_layer)
-
-    def _chunked_loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Return the mean cross-entropy, computing the head's logits for a few positions at a
-        time and again in the backward pass: memory for one chunk's logits instead of all."""
-        hidden, flat_targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)
-        total = x.new_zeros((), dtype=torch.float32)
-        size = self.config.loss_chunk_size
-        for start in range(0, hidden.size(0), size):
-            total = total + checkpoint(self._summed_loss, hidden[start : start + size],
-                                       flat_targets[start : start + size], use_reentrant=False)
-        return total / counted_targets(targets)
-
-    def _summed_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(hidden)
-        return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
 
     def _position_params(self) -> int:
         return self.wpe.weight.numel() if self.wpe is not None else 0
