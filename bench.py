@@ -3,6 +3,7 @@
     python bench.py --config configs/cpu_shakespeare_char.json --target_val_loss 1.88
     python bench.py --config configs/gpt2_124m.json --synthetic --steps 50
     python bench.py --config configs/gpt2_124m.json --synthetic --max_batch
+    python bench.py --config configs/gpt2_124m.json --synthetic --steps 60 --at_max_batch
     python bench.py --config configs/shakespeare_bpe.json --dataset big.txt --tokenize
 
 Validation loss here is the mean over the whole validation split, so figures compare across
@@ -36,6 +37,7 @@ from contract import build_model
 from corpus import worker_count
 from data_loader import check_enough_tokens, dataset_files, prepare_data, synthetic_data
 from errors import UserError
+from kernels import forward_context
 from monitor import RunMonitor
 from optim import accumulate_gradients, make_optimizer, optimizer_step
 from precision import choose_cpu_dtype
@@ -60,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="random tokens instead of the dataset (needs model.vocab_size)")
     parser.add_argument("--max_batch", action="store_true",
                         help="find the largest micro-batch that fits in GPU memory, and stop")
+    parser.add_argument("--at_max_batch", action="store_true",
+                        help="find the largest micro-batch as --max_batch does, then benchmark at it")
     parser.add_argument("--tokenize", action="store_true",
                         help="time tokenizing the dataset into a fresh cache (MB/s, peak memory), and stop")
     parser.add_argument("--keep", action="store_true", help="keep the run directory (default: deleted)")
@@ -106,9 +110,12 @@ def figures(trainer: Trainer, monitor: RunMonitor, process_start: float) -> dict
         "device": monitor.facts.environment["device"],
         "dtype": str(trainer.system.dtype).removeprefix("torch."),
         "compile": trainer.system.compile,
-        "compile_mode": trainer.cfg.system.compile_mode if trainer.system.compile else None,
+        "compile_mode": trainer.system.compile_mode if trainer.system.compile else None,
+        "attention_backend": trainer.cfg.system.attention_backend,
+        "loss_chunk_size": trainer.cfg.model.loss_chunk_size,
         "data_on_device": isinstance(trainer.data.train, torch.Tensor),
         "params": trainer.model.num_params(),
+        "batch_size": trainer.cfg.training.batch_size,
         "tokens_per_step": trainer.tokens_per_step,
         "steps": trainer.step,
         "median_ms_per_step": round(seconds_per_step * 1000, 2) if seconds_per_step else None,
@@ -148,11 +155,11 @@ def max_batch(cfg: Config, data_vocab: int) -> dict:
     """Search the largest micro-batch for which a full training step fits in GPU memory."""
     system = resolve_system(cfg.system.device, cfg.system.dtype, False)
     if system.device.type != "cuda":
-        raise UserError("--max_batch searches GPU memory; run it with a CUDA device")
+        raise UserError("--max_batch and --at_max_batch search GPU memory; run them with a CUDA device")
     model = build_model(fill_vocab_size(cfg, data_vocab).model).to(system.device)
     optimizer = make_optimizer(model, cfg.training, system.device, system.dtype)
     scaler = torch.amp.GradScaler("cuda", enabled=system.dtype == torch.float16)
-    autocast = autocast_context(system.device, system.dtype)
+    autocast = forward_context(cfg, system, autocast_context(system.device, system.dtype))  # its attention kernel
     T = cfg.model.block_size
 
     def fits(batch: int) -> bool:
@@ -174,6 +181,17 @@ def max_batch(cfg: Config, data_vocab: int) -> dict:
     return {"device": torch.cuda.get_device_name(system.device), "block_size": T, "max_batch": best,
             "peak_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20),
             "total_memory_mb": round(torch.cuda.get_device_properties(system.device).total_memory / 2**20)}
+
+
+def largest_batch(cfg: Config, data_vocab: int) -> int:
+    """Return the micro-batch --at_max_batch benchmarks at: the largest that fits, said on stderr."""
+    found = max_batch(cfg, data_vocab)
+    if found["max_batch"] < 1:
+        raise UserError(f"not even one sequence of {found['block_size']} tokens fits a training step in "
+                        f"{found['device']}'s memory; try a smaller model or --model.loss_chunk_size")
+    print(f"largest micro-batch that fits: {found['max_batch']} (peak {found['peak_memory_mb']} MiB of "
+          f"{found['total_memory_mb']}); benchmarking at it", file=sys.stderr)
+    return found["max_batch"]
 
 
 def tokenize_figures(cfg: Config, cache_dir: Path) -> dict:
@@ -212,9 +230,13 @@ def main(argv: Sequence[str]) -> int:
         if args.max_batch:
             print(json.dumps(max_batch(cfg, data.tokenizer.vocab_size)))
             return 0
+        if args.at_max_batch:
+            cfg.training.batch_size = largest_batch(cfg, data.tokenizer.vocab_size)
         check_enough_tokens(data, cfg.model.block_size)
         cfg = fill_vocab_size(cfg, data.tokenizer.vocab_size)
-        system = choose_cpu_dtype(cfg, resolve_system(cfg.system.device, cfg.system.dtype, cfg.system.compile))
+        system = choose_cpu_dtype(cfg, resolve_system(cfg.system.device, cfg.system.dtype, cfg.system.compile,
+                                                      compile_mode=cfg.system.compile_mode,
+                                                      grad_accum_steps=cfg.training.grad_accum_steps))
         with contextlib.redirect_stdout(sys.stderr):  # stdout is for the JSON line alone
             trainer = Trainer(cfg, data, system, process_start)
             trainer.train()

@@ -66,8 +66,9 @@ def test_bench_tokenize_times_a_fresh_cache(workdir, tiny_config_file, small_cor
 def test_bench_errors(workdir, tiny_config_file, capsys):
     assert run_cli(bench.main, ["--config", str(tiny_config_file), "--synthetic"]) == 2
     assert "--synthetic needs model.vocab_size" in capsys.readouterr().err
-    assert run_cli(bench.main, ["--config", str(tiny_config_file), "--max_batch"]) == 2
-    assert "--max_batch searches GPU memory" in capsys.readouterr().err
+    for flag in ("--max_batch", "--at_max_batch"):
+        assert run_cli(bench.main, ["--config", str(tiny_config_file), flag]) == 2
+        assert "--max_batch and --at_max_batch search GPU memory" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("largest", [0, 1, 2, 3, 7, 48, 1000, 1 << 16])
@@ -80,3 +81,32 @@ def test_max_batch_search_finds_the_edge(largest):
 
     assert bench.find_max_batch(fits) == largest
     assert len(tried) <= 2 * 17 + 1  # doubling then bisection, not a scan
+
+
+def test_at_max_batch_benchmarks_at_the_largest_micro_batch_found(workdir, tiny_config_file, monkeypatch,
+                                                                   capsys):
+    searched = []
+
+    def found(cfg, vocab):
+        searched.append(cfg.model.loss_chunk_size)  # the search sees the run's model settings
+        return {"device": "NVIDIA H200", "block_size": 16, "max_batch": 3, "peak_memory_mb": 90,
+                "total_memory_mb": 100}
+
+    monkeypatch.setattr(bench, "max_batch", found)
+    assert run_cli(bench.main, ["--config", str(tiny_config_file), "--synthetic", "--model.vocab_size", "64",
+                                "--steps", "2", "--at_max_batch", "--model.loss_chunk_size", "7"]) == 0
+    captured = capsys.readouterr()
+    record = json.loads(captured.out)
+    assert searched == [7]
+    assert record["batch_size"] == 3 and record["tokens_per_step"] == 3 * 16 and record["loss_chunk_size"] == 7
+    assert record["attention_backend"] == "auto"
+    assert "largest micro-batch that fits: 3 (peak 90 MiB of 100); benchmarking at it" in captured.err
+
+
+def test_at_max_batch_without_room_for_one_sequence_is_one_line(workdir, tiny_config_file, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "max_batch", lambda cfg, vocab: {"device": "NVIDIA T4", "block_size": 16,
+                                                               "max_batch": 0, "peak_memory_mb": 0,
+                                                               "total_memory_mb": 100})
+    assert run_cli(bench.main, ["--config", str(tiny_config_file), "--synthetic", "--model.vocab_size", "64",
+                                "--at_max_batch"]) == 2
+    assert "not even one sequence of 16 tokens fits a training step in NVIDIA T4's memory" in capsys.readouterr().err
