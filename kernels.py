@@ -87,11 +87,12 @@ def check_attention_backend(name: str, device: torch.device, dtype: torch.dtype,
 
 def _backend_failure(backend: SDPBackend, device: torch.device, dtype: torch.dtype,
                      cfg: ModelConfig) -> Optional[str]:
-    """Return why the backend refused a training-shaped attention call, or None if it ran."""
-    head_size = cfg.n_embd // cfg.n_head
-    shape = (1, cfg.n_head, min(cfg.block_size, 64), head_size)
-    q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
-    with warnings.catch_warnings(record=True) as caught:
+    """Return why the backend refused a training-shaped attention call, or None if it ran.
+    The random state is left as it was: a run's weights and dropout do not depend on the check."""
+    shape = (1, cfg.n_head, min(cfg.block_size, 64), cfg.n_embd // cfg.n_head)
+    q, k, v = (torch.ones(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    forked = [device.index or 0] if device.type == "cuda" else []
+    with warnings.catch_warnings(record=True) as caught, torch.random.fork_rng(devices=forked):
         warnings.simplefilter("always")  # torch says why a kernel was not used in warnings
         try:
             with sdpa_kernel(backend):
