@@ -180,6 +180,26 @@ def test_a_trainer_runs_its_forwards_with_the_backend(workdir, tiny_config_file,
     assert seen and not any(seen)  # every training and evaluation forward ran with flash off
 
 
+def test_the_loop_keeps_no_tensor_a_forward_returned(workdir, tiny_config_file):
+    """A CUDA graph's outputs are overwritten by its next replay, so the loss a step reports
+    (and the progress window sums) must be a tensor of its own, not the forward's output."""
+    from tests.test_trainer import build
+
+    trainer = build(tiny_config_file, system=utils.resolve_system("cpu", "float32", None))
+    forward, outputs = trainer.forward_model, []
+
+    def recording(x, y):
+        logits, loss = forward(x, y)
+        outputs.append(loss)  # kept alive, so no later tensor can take its memory
+        return logits, loss
+
+    trainer.forward_model = recording
+    kept = [trainer.train_step() for _ in range(2)]
+    assert len(outputs) == 2
+    pointers = {loss.untyped_storage().data_ptr() for loss in outputs}
+    assert not {loss.untyped_storage().data_ptr() for loss in kept} & pointers
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graph_losses_equal_eager_ones(workdir, tiny_config_file):
@@ -211,4 +231,4 @@ def test_each_cuda_backend_runs_or_says_why_not(name):
     with ForwardContext(torch.autocast("cuda", dtype=torch.bfloat16), sdpa_backend(name)):
         pinned = F.scaled_dot_product_attention(q, q, q, is_causal=True)
     reference = F.scaled_dot_product_attention(q.float(), q.float(), q.float(), is_causal=True)
-    assert torch.allclose(pinned.float(), reference, atol=2e-2)
+    assert torch.allclose(pinned.float(), reference, atol=3e-2)  # bfloat16's rounding
