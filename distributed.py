@@ -262,6 +262,17 @@ def whole(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
+def whole_stack(slices: torch.Tensor, like: list[torch.Tensor]) -> torch.Tensor:
+    """Return a stack of this rank's slices of the tensors `like` (FSDP's DTensors: one slice
+    each, sharded as that tensor is) as the stack of the whole tensors, gathered from every
+    rank; a stack for plain tensors as it is."""
+    if not like or not hasattr(like[0], "device_mesh"):
+        return slices
+    from torch.distributed.tensor import DTensor
+    return torch.stack([DTensor.from_local(piece, t.device_mesh, t.placements, run_check=False, shape=t.shape,
+                                           stride=t.stride()).full_tensor() for piece, t in zip(slices.unbind(0), like)])
+
+
 def local(tensor: torch.Tensor) -> torch.Tensor:
     """Return this rank's slice of a sharded tensor (sharing its memory); others as they are."""
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor

@@ -1,12 +1,8 @@
 """Optimizers, their schedule and the update step: AdamW, or Muon for the hidden weight
-matrices with AdamW for everything else.
+matrices with AdamW for everything else (muon.py).
 
-Muon (Jordan et al. 2024, "Muon: an optimizer for hidden layers in neural networks") takes
-SGD-momentum's update for a weight matrix and replaces it by the nearest semi-orthogonal
-matrix, found with a few Newton-Schulz iterations (for a fused weight, such as our attention's
-q, k and v in one, for each of its matrices); embeddings, the head and the 1-D gains and
-biases keep AdamW. Every group carries `initial_lr`, and the schedule scales each group's
-learning rate by the same factor.
+Every group carries `initial_lr`, and the schedule scales each group's learning rate by the
+same factor.
 """
 from __future__ import annotations
 
@@ -18,123 +14,10 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 
 from config import TrainingConfig
-from distributed import Collectives, local, shard_like, whole
+from distributed import Collectives, local, whole
 from model import target_count
+from muon import MuonWithAdamW, fused_splits, uses_muon
 from utils import notice
-
-# The quintic Newton-Schulz coefficients from the Muon write-up: they push every singular
-# value of a matrix scaled to norm <= 1 towards 1 within a handful of steps.
-NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)
-
-
-def orthogonalize(matrix: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """Return approximately semi-orthogonal matrices with the row/column spaces of `matrix`
-    (one matrix, or a stack of same-shaped ones: (..., rows, columns)), iterating in `dtype`."""
-    a, b, c = NEWTON_SCHULZ
-    x = matrix.to(dtype)
-    tall = x.size(-2) > x.size(-1)
-    if tall:  # iterate on the smaller Gram matrix
-        x = x.transpose(-2, -1)
-    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-    for _ in range(steps):
-        gram = x @ x.transpose(-2, -1)
-        x = a * x + (b * gram + c * gram @ gram) @ x
-    return (x.transpose(-2, -1) if tall else x).to(matrix.dtype)
-
-
-def uses_muon(name: str, param: torch.nn.Parameter) -> bool:
-    """Muon takes the 2-D weights inside the transformer blocks; the rest stays with AdamW."""
-    return param.dim() == 2 and name.startswith("blocks.")
-
-
-def fused_splits(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
-    """Return {name: rows of each matrix} for the weights that hold several matrices stacked:
-    the c_attn of each attention layer that says how its queries, keys and values are stacked
-    (our CausalSelfAttention's qkv_widths). Every other weight, as those of a model of one's own
-    that says nothing, is one matrix."""
-    return {f"{name}.c_attn.weight": tuple(module.qkv_widths) for name, module in model.named_modules()
-            if hasattr(module, "qkv_widths") and isinstance(getattr(module, "c_attn", None), torch.nn.Linear)}
-
-
-def muon_updates(matrices: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
-    """Return Muon's update for each matrix (its orthogonalised momentum), one batched
-    orthogonalisation per distinct shape."""
-    by_shape: dict[torch.Size, list[int]] = {}
-    for index, matrix in enumerate(matrices):
-        by_shape.setdefault(matrix.shape, []).append(index)
-    updates: dict[int, torch.Tensor] = {}
-    for shape, indices in by_shape.items():
-        # the orthogonal update has unit spectral norm; a tall matrix gets a larger step
-        # so that its per-element size matches a square one's
-        scale = max(1.0, shape[0] / shape[1]) ** 0.5
-        same = orthogonalize(torch.stack([matrices[i] for i in indices]), dtype=dtype) * scale
-        updates.update(zip(indices, same))
-    return [updates[index] for index in range(len(matrices))]
-
-
-class MuonWithAdamW(torch.optim.Optimizer):
-    """Muon for groups with `muon: True`, AdamW (decoupled weight decay) for the others.
-
-    A Muon group may list `splits`, one per parameter: None for a matrix, or the rows of each
-    matrix stacked in a fused one (q, k and v), which Muon orthogonalises apart, as reference
-    Muon does with separate matrices.
-    """
-
-    def __init__(self, groups: list[dict], betas: tuple[float, float] = (0.9, 0.95),
-                 eps: float = 1e-8, momentum: float = 0.95,
-                 newton_schulz_dtype: torch.dtype = torch.bfloat16):
-        super().__init__(groups, dict(betas=betas, eps=eps, momentum=momentum, weight_decay=0.0,
-                                      muon=False, splits=None))
-        self.newton_schulz_dtype = newton_schulz_dtype
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            if group["muon"]:
-                self._muon_update(group)
-            else:
-                for param in (p for p in group["params"] if p.grad is not None):
-                    self._adamw_update(param, group)
-        return None
-
-    def _nesterov_momentum(self, param: torch.Tensor, momentum: float) -> torch.Tensor:
-        state = self.state[param]
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(param)
-        buffer = state["momentum_buffer"]
-        buffer.mul_(momentum).add_(param.grad)
-        return param.grad.add(buffer, alpha=momentum)
-
-    def _muon_update(self, group: dict) -> None:
-        # None, or missing from a group loaded from a checkpoint older than splits
-        splits = group.get("splits") or [None] * len(group["params"])
-        params = [(p, rows) for p, rows in zip(group["params"], splits) if p.grad is not None]
-        # Newton-Schulz needs whole matrices: under FSDP every rank gathers them, computes
-        # the same updates and applies its own slice
-        momenta = [whole(self._nesterov_momentum(p, group["momentum"])) for p, _ in params]
-        parts = [m.split(rows) if rows else (m,) for m, (_, rows) in zip(momenta, params)]
-        updates = iter(muon_updates([part for pieces in parts for part in pieces], self.newton_schulz_dtype))
-        for (param, _), pieces in zip(params, parts):
-            parts_done = [next(updates) for _ in pieces]
-            update = parts_done[0] if len(parts_done) == 1 else torch.cat(parts_done)  # fused: stacked again
-            param.mul_(1 - group["lr"] * group["weight_decay"])
-            param.add_(shard_like(update, param), alpha=-group["lr"])
-
-    def _adamw_update(self, param: torch.Tensor, group: dict) -> None:
-        state = self.state[param]
-        if "step" not in state:
-            state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(param)
-            state["exp_avg_sq"] = torch.zeros_like(param)
-        beta1, beta2 = group["betas"]
-        state["step"] += 1
-        state["exp_avg"].lerp_(param.grad, 1 - beta1)
-        state["exp_avg_sq"].mul_(beta2).addcmul_(param.grad, param.grad, value=1 - beta2)
-        bias1 = 1 - beta1 ** state["step"]
-        bias2 = 1 - beta2 ** state["step"]
-        denominator = (state["exp_avg_sq"] / bias2).sqrt_().add_(group["eps"])
-        param.mul_(1 - group["lr"] * group["weight_decay"])
-        param.addcdiv_(state["exp_avg"], denominator, value=-group["lr"] / bias1)
 
 
 def newton_schulz_dtype(device: torch.device, compute_dtype: torch.dtype) -> torch.dtype:
@@ -153,8 +36,9 @@ def make_optimizer(model: torch.nn.Module, t: TrainingConfig, device: torch.devi
     if t.optimizer == "adamw":
         groups = [{"params": matrices, "weight_decay": t.weight_decay, "initial_lr": t.lr},
                   {"params": others, "weight_decay": 0.0, "initial_lr": t.lr}]
-        fused = device.type == "cuda"  # one kernel for all parameters instead of one per tensor
-        return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=fused)
+        # one kernel for all parameters instead of one per tensor, and a skip on the device
+        # (found_inf); torch >= 2.4 has it for CUDA, CPU (pytorch#123074) and MPS (pytorch#127242)
+        return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=True)
     hidden = [(n, p) for n, p in named if uses_muon(n, p)]
     if not hidden:
         notice(f"training.optimizer muon found no 2-D weights under 'blocks.' in {type(model).__name__}, "

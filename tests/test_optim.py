@@ -5,20 +5,16 @@ import copy
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-import optim
+import muon
 import train
 from checkpoint import load_checkpoint
 from config import TrainingConfig
 from contract import load_class
 from model import GPT
-from optim import (
-    MuonWithAdamW,
-    make_optimizer,
-    newton_schulz_dtype,
-    orthogonalize,
-    set_learning_rates,
-)
+from muon import MuonWithAdamW, orthogonalize
+from optim import make_optimizer, newton_schulz_dtype, set_learning_rates
 from tests.conftest import REPO_ROOT, tiny_model_config
 
 
@@ -113,7 +109,7 @@ def one_muon_step(model: torch.nn.Module, monkeypatch) -> tuple[dict[str, torch.
         param.grad = torch.randn_like(param)
     before = {name: param.detach().clone() for name, param in model.named_parameters()}
     stacks = []
-    monkeypatch.setattr(optim, "orthogonalize",
+    monkeypatch.setattr(muon, "orthogonalize",
                         lambda matrices, **kw: stacks.append(matrices.shape) or orthogonalize(matrices, **kw))
     optimizer.step()
     return {name: param.detach() - before[name] for name, param in model.named_parameters()}, stacks
@@ -137,7 +133,7 @@ def test_muon_orthogonalises_the_fused_queries_keys_and_values_apart(n_kv_head, 
                                expected_muon_change(attention.c_attn.weight.grad, (16, kv, kv)))
     torch.testing.assert_close(changes["blocks.0.attn.c_proj.weight"],  # a plain matrix stays whole
                                expected_muon_change(attention.c_proj.weight.grad, (16,)))
-    distinct = {(16, 16), (kv, 16), (64, 16), (16, 64)}  # q, k, v and c_proj; the MLP's two
+    distinct = {(16, 16), (kv, 16), (16, 64)}  # q, k, v and c_proj; the MLP's two (one tall, as its transpose)
     assert sorted(shape[1:] for shape in stacks) == sorted(distinct)  # one batched call per shape
 
     # a model of one's own, with q, k and v in one matrix too: Muon cannot know, so it stays whole
@@ -146,3 +142,104 @@ def test_muon_orthogonalises_the_fused_queries_keys_and_values_apart(n_kv_head, 
     weight = users.blocks[0].attention.query_key_value.weight
     torch.testing.assert_close(changes["blocks.0.attention.query_key_value.weight"],
                                expected_muon_change(weight.grad, (48,)))
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the aten operations dispatched (on a GPU, each a kernel launch, or a view)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def ops_per_step(optimizer_name: str, n_layer: int) -> int:
+    """The operations of one optimizer step after the first (which creates the state)."""
+    model = GPT(tiny_model_config(n_layer=n_layer))
+    optimizer = make_optimizer(model, TrainingConfig(optimizer=optimizer_name), torch.device("cpu"))
+    for step in range(2):
+        for param in model.parameters():
+            param.grad = torch.randn_like(param)
+        with CountOps() as ops:
+            optimizer.step()
+    return ops.count
+
+
+def test_an_update_step_costs_as_many_operations_whatever_the_depth():
+    """O(shapes), not O(parameters): Muon updates each layer's weights of all blocks as one stack."""
+    counts = {name: [ops_per_step(name, n_layer) for n_layer in (2, 6)] for name in ("adamw", "muon")}
+    assert counts["adamw"][0] == counts["adamw"][1] < 40  # fused AdamW: one kernel per group
+    assert counts["muon"][0] == counts["muon"][1] < 250  # the step this replaced ran 500-650
+
+
+@pytest.mark.parametrize("optimizer_name", ["adamw", "muon"])
+def test_a_step_marked_found_inf_changes_nothing(optimizer_name):
+    """What optimizer_step does with a non-finite gradient, without reading it on the host."""
+    torch.manual_seed(0)
+    model = GPT(tiny_model_config())
+    optimizer = make_optimizer(model, TrainingConfig(optimizer=optimizer_name, weight_decay=0.5), torch.device("cpu"))
+    for param in model.parameters():
+        param.grad = torch.randn_like(param)
+    optimizer.step()  # the state exists
+    before = copy.deepcopy((model.state_dict(), optimizer.state_dict()))
+    for param in model.parameters():
+        param.grad = torch.full_like(param, float("nan"))
+    optimizer.found_inf = torch.ones(())
+    optimizer.step()
+    del optimizer.found_inf
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[0][name]), name
+    for index, moments in optimizer.state_dict()["state"].items():
+        for key, value in moments.items():
+            assert torch.equal(value, before[1]["state"][index][key]), (index, key)
+
+
+def test_muon_momentum_over_two_steps(monkeypatch):
+    """Nesterov momentum as in Muon's reference: buffer = m buffer + g; update from g + m buffer."""
+    model = GPT(tiny_model_config())
+    optimizer = make_optimizer(model, TrainingConfig(optimizer="muon", muon_lr=0.1, muon_momentum=0.9),
+                               torch.device("cpu"), torch.float32)
+    weight = model.blocks[1].attn.c_proj.weight
+    torch.manual_seed(0)
+    grads = [torch.randn_like(weight) for _ in range(2)]
+    for grad in grads:
+        for param in model.parameters():
+            param.grad = torch.zeros_like(param)
+        weight.grad = grad.clone()
+        before = weight.detach().clone()
+        optimizer.step()
+    buffer = 0.9 * grads[0] + grads[1]
+    expected = -0.1 * orthogonalize(grads[1] + 0.9 * buffer, dtype=torch.float32)
+    torch.testing.assert_close(weight.detach() - before, expected)
+    torch.testing.assert_close(optimizer.state[weight]["momentum_buffer"], buffer)
+
+
+def test_a_muon_state_from_before_the_fused_adamw_kernel_loads(tmp_path):
+    """Checkpoints written by the per-parameter MuonWithAdamW hold an int "step": they still resume."""
+    torch.manual_seed(0)
+    models = [GPT(tiny_model_config()) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    optimizers = [make_optimizer(m, TrainingConfig(optimizer="muon"), torch.device("cpu"), torch.float32)
+                  for m in models]
+    grads = [torch.randn_like(p) for p in models[0].parameters()]
+    for model, optimizer in zip(models, optimizers):
+        for param, grad in zip(model.parameters(), grads):
+            param.grad = grad.clone()
+        optimizer.step()
+    old = copy.deepcopy(optimizers[0].state_dict())
+    for moments in old["state"].values():
+        if "step" in moments:
+            moments["step"] = int(moments["step"])  # as today's checkpoints hold it
+    torch.save(old, tmp_path / "old.pt")
+    optimizers[1].load_state_dict(torch.load(tmp_path / "old.pt", weights_only=True))
+    steps = [s["step"] for s in optimizers[1].state.values() if "step" in s]
+    assert steps and all(s.dtype == torch.float32 and s.item() == 1 for s in steps)
+    for model, optimizer in zip(models, optimizers):  # both continue alike
+        for param, grad in zip(model.parameters(), grads):
+            param.grad = grad.clone()
+        optimizer.step()
+    for a, b in zip(*(m.parameters() for m in models)):
+        assert torch.equal(a, b)
