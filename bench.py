@@ -165,8 +165,8 @@ def max_batch(cfg: Config, data_vocab: int) -> dict:
     def fits(batch: int) -> bool:
         x = torch.randint(0, data_vocab, (batch, T), device=system.device)
         try:
-            loss = accumulate_gradients(model, [(x, x)], 1, autocast, scaler)
-            optimizer_step(model, optimizer, scaler, cfg.training.grad_clip, loss)
+            accumulate_gradients(model, [(x, x)], 1, autocast, scaler)
+            optimizer_step(model, optimizer, scaler, cfg.training.grad_clip)
             torch.cuda.synchronize()
             return True
         except torch.cuda.OutOfMemoryError:

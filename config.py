@@ -138,9 +138,9 @@ class TrainingConfig:
     keep_last: int = option(3, "rolling ckpt-<step>.pt files kept beside ckpt.pt and best.pt; 0: none")
     max_bad_steps: int = option(10, "non-finite losses in a row that stop the run (each one is skipped)")
     nonfinite_check: str = option(
-        "step", "step: check each step's loss and gradient on the host and skip a bad update "
-        "exactly (one host-device sync a step); log: drop a bad step's gradients on the device "
-        "and count it at the next progress report (no sync; the optimizer's momentum still moves)",
+        "log", "a step with a non-finite loss or gradient is skipped on the device, weights and "
+        "optimizer state untouched; log: the host learns of it at the next progress report (no "
+        "host-device sync in a step); step: after every step (one sync a step), to name each one",
         choices=("step", "log"))
     target_val_loss: Optional[float] = option(None, "stop once an evaluation reaches this val loss")
     max_time_s: Optional[float] = option(

@@ -128,12 +128,6 @@ class Collectives:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
-    def mean(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Return the mean of a device tensor over the ranks (Gloo has no AVG, so sum / n)."""
-        if not self.active:
-            return tensor
-        return self.sum_(tensor.clone()) / self.ranks.world_size
-
     def gather_objects(self, obj: Any) -> list[Any]:
         """Return every rank's `obj` (small picklable things: random states), in rank order."""
         if not self.active:

@@ -5,6 +5,7 @@ checkpoint and says why it stopped.
 """
 from __future__ import annotations
 
+import math
 import signal
 import sys
 import threading
@@ -130,17 +131,39 @@ class StepTimer:
 
 
 class DeferredSkips:
-    """Non-finite steps counted on the device, read only at progress reports."""
+    """The steps skipped for a non-finite loss or gradient, counted on the device so that no
+    step waits for it, and brought to the host only when read (at progress reports).
 
-    def __init__(self, device: torch.device):
-        self.total = torch.zeros((), dtype=torch.int64, device=device)
-        self.in_a_row = torch.zeros((), dtype=torch.int64, device=device)
+    Under torchrun every rank skips the same steps (optim.accumulate_gradients), so every rank
+    reads the same counts and stops at the same report.
+    """
 
-    def add(self, finite: torch.Tensor) -> None:
-        bad = (~finite).long()
-        self.total += bad
-        self.in_a_row = (self.in_a_row + 1) * bad
+    def __init__(self, device: torch.device, step: int = 0):
+        self._total = torch.zeros((), dtype=torch.int64, device=device)
+        self._in_a_row = torch.zeros((), dtype=torch.int64, device=device)
+        self.total = 0  # as of the last read
+        self.in_a_row = 0
+        self.read_at = step  # the last step the last read covered
+        self.since = step + 1  # the first one it covered
 
-    def read(self) -> tuple[int, int]:
-        """Return (non-finite steps so far, how many of the latest were in a row)."""
-        return int(self.total), int(self.in_a_row)
+    def add(self, applied: torch.Tensor) -> None:
+        """Count one step; `applied`: whether it was (a device bool)."""
+        skipped = (~applied).long()
+        self._total += skipped
+        self._in_a_row = (self._in_a_row + 1) * skipped
+
+    def read(self, step: int, loss: Optional[torch.Tensor] = None) -> Optional[str]:
+        """Bring the counts to the host (a host-device sync) after `step`; return the line that
+        reports the steps skipped since the last read, or None if there were none. `loss`: the
+        step's own, when read after every step (the line then says what was not finite)."""
+        before, self.since, self.read_at = self.total, self.read_at + 1, step
+        self.total, self.in_a_row = int(self._total), int(self._in_a_row)
+        new = self.total - before
+        if not new:
+            return None
+        if loss is None:
+            return (f"steps {self.since}-{step}: {new} non-finite step(s) skipped "
+                    f"({self.in_a_row} in a row at step {step})")
+        value = loss.item()
+        what = "gradient" if math.isfinite(value) else "loss"
+        return f"step {step}: the {what} is not finite (loss {value:.4f}); update skipped ({self.in_a_row} in a row)"

@@ -10,7 +10,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from tqdm import tqdm
@@ -153,31 +153,34 @@ def format_sections(sections: list[tuple[str, list[tuple[str, str]]]], style: St
 class LogWindow:
     """The steps since the last progress report: their wall time and mean training loss.
 
-    Losses are summed on the device, so no step waits for the GPU just to be reported.
+    Losses are summed on the device, so no step waits for the GPU just to be reported; under
+    torchrun each rank sums its own, and the report adds up the ranks' sums.
     """
 
     def __init__(self) -> None:
         self.started = time.perf_counter()
         self.steps = 0
         self.loss_sum: Optional[torch.Tensor] = None
-        self.losses: Optional[torch.Tensor] = None  # how many of the steps had a finite loss
+        self.counted: Optional[torch.Tensor] = None  # how many of the steps were applied
 
-    def add(self, loss: Optional[torch.Tensor]) -> None:
-        """Count a step; a skipped one passes None, and a non-finite loss is left out of the
-        mean (on the device, so a run that checks steps only at reports needs no sync here)."""
+    def add(self, loss: torch.Tensor, applied: torch.Tensor) -> None:
+        """Count a step; its loss joins the mean only if it was `applied` (a device bool: a
+        skipped step's, non-finite on some rank, is left out alike on every rank)."""
         self.steps += 1
-        if loss is None:
-            return
-        finite = torch.isfinite(loss)
-        kept = torch.where(finite, loss.float(), 0.0)
+        kept = torch.where(applied, loss.float(), 0.0)
         if self.loss_sum is None:
-            self.loss_sum, self.losses = kept, finite.long()
+            self.loss_sum, self.counted = kept, applied.long()
         else:
-            self.loss_sum, self.losses = self.loss_sum + kept, self.losses + finite
+            self.loss_sum, self.counted = self.loss_sum + kept, self.counted + applied
 
-    def mean_loss(self) -> float:
-        count = int(self.losses) if self.losses is not None else 0
-        return self.loss_sum.item() / count if count else math.nan
+    def mean_loss(self, sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] = lambda sums: sums) -> float:
+        """Return the mean loss of the applied steps (read on the host: a sync); under torchrun,
+        `sum_over_ranks` (an all-reduce) makes it the mean of every rank's."""
+        if self.loss_sum is None:
+            return math.nan
+        loss_sum, counted = sum_over_ranks(torch.stack([self.loss_sum, self.counted.float()]))
+        count = counted.item()
+        return loss_sum.item() / count if count else math.nan
 
     def seconds_per_step(self) -> float:
         return (time.perf_counter() - self.started) / max(1, self.steps)

@@ -2,7 +2,8 @@
 matrices with AdamW for everything else (muon.py).
 
 Every group carries `initial_lr`, and the schedule scales each group's learning rate by the
-same factor.
+same factor. The update step never reads the device on the host: a step with a non-finite
+loss or gradient is skipped on the device (the optimizer's found_inf, as GradScaler does).
 """
 from __future__ import annotations
 
@@ -115,13 +116,17 @@ def accumulate_gradients(
     weights: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Backpropagate the weighted sum of the losses of `n_micro` micro-batches; return it
-    (detached).
+    (detached: this rank's share of the step's loss).
 
     By default each micro-batch's loss is divided by n_micro, so the summed gradients equal
     those of one batch n_micro times larger when every micro-batch counts as many targets;
     with a loss mask they do not, and `weights` (token_weights) give each loss its share of
     the step's targets instead. `sync(last)` wraps each micro-step: under DDP only the last
     one all-reduces the summed gradients.
+
+    A non-finite loss makes every gradient it reaches NaN (a loss of inf can have finite
+    gradients), so the gradient norm alone says whether a step is sound, and under torchrun
+    it says so alike on every rank: DDP averages one rank's NaN into all of them.
     """
     losses = []
     for index, (x, y) in enumerate(micro_batches):
@@ -129,7 +134,8 @@ def accumulate_gradients(
             with autocast:
                 _, loss = model(x, y)
             loss = loss / n_micro if weights is None else loss * weights[index]
-            scaler.scale(loss).backward()
+            poison = torch.where(torch.isfinite(loss.detach()), 1.0, math.nan)  # 1.0: exactly the loss
+            scaler.scale(loss * poison).backward()
         losses.append(loss.detach())
     return torch.stack(losses).sum()
 
@@ -139,39 +145,27 @@ def optimizer_step(
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
     grad_clip: float,
-    loss: torch.Tensor,
-    check_on_host: bool = True,
 ) -> torch.Tensor:
-    """Clip the gradients, update the weights unless the loss or gradients are not finite,
-    clear the gradients; return (on the device) whether the step was finite.
+    """Clip the gradients, update the weights unless their norm is not finite, clear the
+    gradients; return (on the device) whether the step was applied.
 
-    check_on_host: skip a bad update exactly, at the price of one host-device sync per step.
-    Otherwise a bad step's gradients are zeroed on the device and the update runs (the
-    optimizer's momentum still moves the weights), so the host never waits for the GPU.
+    Nothing is read on the host: a bad step is skipped on the device, where the optimizer's
+    kernels see `found_inf` (torch's fused AdamW, our MuonWithAdamW) and leave every weight,
+    moment and step count as it was. With fp16, GradScaler's inf check and scale update also
+    stay on the device, since its step() (which reads found_inf for most optimizers) is not used.
     """
     scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
     max_norm = grad_clip if grad_clip > 0 else math.inf
     grad_norm = whole(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
-    # With fp16 the scaler itself skips steps whose gradients overflowed and lowers the scale;
-    # otherwise a non-finite gradient norm means the update would poison the weights.
-    finite = torch.isfinite(loss) & (torch.isfinite(grad_norm) | scaler.is_enabled())
-    if check_on_host:
-        if bool(finite):  # the step's one host-device sync
-            scaler.step(optimizer)
-    else:
-        drop_gradients_unless(finite, model.parameters())
-        scaler.step(optimizer)
-    scaler.update()
+    applied = torch.isfinite(grad_norm)  # a non-finite loss has made its gradients NaN
+    optimizer.found_inf = (~applied).float()  # what GradScaler hands a fused optimizer
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.found_inf
+    scaler.update()  # with fp16: a lower scale after an overflow (its own check, on the device)
     optimizer.zero_grad(set_to_none=True)
-    return finite
-
-
-def drop_gradients_unless(finite: torch.Tensor, params: Iterable[torch.nn.Parameter]) -> None:
-    """Zero every gradient when `finite` (a device bool) is false, without reading it."""
-    bad = ~finite
-    for param in params:
-        if param.grad is not None:
-            local(param.grad).masked_fill_(bad, 0.0)
+    return applied
 
 
 def weights_are_finite(model: torch.nn.Module) -> bool:

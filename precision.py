@@ -165,9 +165,9 @@ class _TimedStep:
     def run(self) -> None:
         """Time one step: forward and backward, then the update."""
         started = time.perf_counter()
-        loss = accumulate_gradients(self.model, [self.batch], 1, self.autocast, self.scaler)
+        accumulate_gradients(self.model, [self.batch], 1, self.autocast, self.scaler)
         backward_done = time.perf_counter()
-        optimizer_step(self.model, self.optimizer, self.scaler, self.grad_clip, loss)
+        optimizer_step(self.model, self.optimizer, self.scaler, self.grad_clip)
         update_done = time.perf_counter()
         backward_s, update_s = backward_done - started, update_done - backward_done
         self.backward_s, self.update_s = min(self.backward_s, backward_s), min(self.update_s, update_s)

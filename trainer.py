@@ -48,6 +48,13 @@ class Trainer:
 
     Under torchrun every rank runs this same loop on its own share of each step's batch;
     `collectives` keeps them at the same step, and rank 0 alone writes.
+
+    Host-device syncs (the host waiting for the GPU): a training step causes none; a bad step
+    is skipped on the device (optim.optimizer_step). A progress report reads the skipped steps'
+    count and the window's loss (nonfinite_check "step": the count after every step); an
+    evaluation its losses; a save whether the weights are finite, and the state. Under torchrun
+    the ranks agree whether to stop (a host all-reduce) before every step, and all-reduce the
+    gradients (DDP) and, with a loss mask, the target count.
     """
 
     def __init__(self, cfg: Config, data: PreparedData, system: DeviceInfo, process_start: float,
@@ -84,10 +91,7 @@ class Trainer:
         self.lr = t.lr  # the schedule's current learning rate (Muon's moves in proportion)
         self.saved_step = -1  # the step ckpt.pt holds, so a stop right after a save skips a copy
         self.losses = LossRecord()
-        self.bad_steps_in_a_row = 0
-        self.skipped_steps = 0
-        self.deferred_skips = DeferredSkips(system.device)  # for nonfinite_check "log"
-        self.skips_read_at = 0  # the step up to which deferred_skips were read
+        self.skips = DeferredSkips(system.device)  # steps skipped for a non-finite loss or gradient
         self.target_reached = False
         self.elapsed_before_s = 0.0  # training time of earlier sessions of this run
         self._session_start: Optional[float] = None
@@ -235,10 +239,10 @@ class Trainer:
         return batch_at(tokens, starts[rank * batch_size:(rank + 1) * batch_size], self.cfg.model.block_size,
                         self.system.device, mask)
 
-    def train_step(self) -> Optional[torch.Tensor]:
-        """Run one optimizer step over grad_accum_steps micro-batches; return the mean loss
-        per counted target of all ranks, or None when a non-finite loss or gradient made it
-        skip the update (too many in a row stop the run)."""
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run one optimizer step over grad_accum_steps micro-batches; return, on the device,
+        this rank's loss per counted target and whether the step was applied (a non-finite loss
+        or gradient skips it, on every rank, and too many in a row stop the run when read)."""
         t = self.cfg.training
         self.lr = learning_rate(self.step, t, self.max_steps)
         set_learning_rates(self.optimizer, self.lr / t.lr)
@@ -247,41 +251,23 @@ class Trainer:
                    if self.data.train_mask is not None else None)
         loss = accumulate_gradients(self.forward_model, micro_batches, t.grad_accum_steps, self.autocast,
                                     self.scaler, self.parallel.sync, weights)
-        loss = self.collectives.mean(loss)  # so every rank reports, and skips on, the same loss
-        check_on_host = t.nonfinite_check == "step"
-        finite = optimizer_step(self.model, self.optimizer, self.scaler, t.grad_clip, loss, check_on_host)
-        if not check_on_host:
-            self.deferred_skips.add(finite)
-            return loss  # a non-finite one is left out of the reported mean, on the device
-        if bool(finite):
-            self.bad_steps_in_a_row = 0
-            return loss
-        self.bad_steps_in_a_row += 1
-        self.skipped_steps += 1
-        loss_value = loss.item()
-        what = "gradient" if math.isfinite(loss_value) else "loss"
-        self.monitor.message(f"step {self.step + 1}: the {what} is not finite (loss {loss_value:.4f}); "
-                             f"update skipped ({self.bad_steps_in_a_row} in a row)")
-        self._stop_if_too_many_bad_steps(self.step + 1)
-        return None
+        applied = optimizer_step(self.model, self.optimizer, self.scaler, t.grad_clip)
+        self.skips.add(applied)
+        return loss, applied
 
-    def _read_deferred_skips(self) -> None:
-        """For nonfinite_check "log": report the non-finite steps since the last reading, and
-        stop the run as the per-step check would (up to log_interval steps later)."""
-        total, in_a_row = self.deferred_skips.read()
-        new = total - self.skipped_steps
-        self.skipped_steps, self.bad_steps_in_a_row = total, in_a_row
-        if new:
-            self.monitor.message(f"steps {self.skips_read_at + 1}-{self.step}: {new} non-finite step(s); "
-                                 f"their gradients were dropped ({in_a_row} in a row at step {self.step})")
-        self.skips_read_at = self.step
+    def _read_skips(self, loss: Optional[torch.Tensor] = None) -> None:
+        """Report the steps skipped since the last reading (a sync), and stop the run after
+        max_bad_steps in a row; `loss`: the last step's, when read after every step."""
+        line = self.skips.read(self.step, loss)
+        if line:
+            self.monitor.message(line)
         self._stop_if_too_many_bad_steps(self.step)
 
     def _stop_if_too_many_bad_steps(self, step: int) -> None:
         t = self.cfg.training
-        if self.bad_steps_in_a_row >= t.max_bad_steps:
+        if self.skips.in_a_row >= t.max_bad_steps:
             raise UserError(
-                f"the loss or its gradient was not finite for {self.bad_steps_in_a_row} steps in a "
+                f"the loss or its gradient was not finite for {self.skips.in_a_row} steps in a "
                 f"row (to step {step}), so the run stopped; {self._last_checkpoint()}; try a lower "
                 f"--lr (now {t.lr:g}) or another --precision (now "
                 f"{str(self.system.dtype).removeprefix('torch.')})")
@@ -343,7 +329,7 @@ class Trainer:
         t = self.cfg.training
         self._session_start = started = time.perf_counter()
         start_step, train_seconds = self.step, 0.0
-        self.skips_read_at = self.step
+        self.skips = DeferredSkips(self.system.device, self.step)
         window = LogWindow()
         reason, signal = "finished", None
         self.monitor.start(self.step, self.resumed_from)
@@ -354,17 +340,18 @@ class Trainer:
                 if reason != "finished":
                     break
                 step_start = time.perf_counter()
-                loss = self.train_step()
+                loss, applied = self.train_step()
                 self.step += 1
                 step_seconds = time.perf_counter() - step_start
                 self.timer.record_step(step_seconds)
                 train_seconds += step_seconds
-                window.add(loss)
+                window.add(loss, applied)
                 self.monitor.advance()
+                if t.nonfinite_check == "step":
+                    self._read_skips(loss)
                 if self.step % t.log_interval == 0 or self.step == self.max_steps:
-                    if t.nonfinite_check == "log":
-                        self._read_deferred_skips()
-                    self.monitor.log(self.step, window.mean_loss(), self.lr,
+                    self._read_skips()
+                    self.monitor.log(self.step, window.mean_loss(self.collectives.sum_), self.lr,
                                      window.seconds_per_step(), self.elapsed_s())
                     window = LogWindow()
                 if self._evaluates_at(self.step):
@@ -372,12 +359,11 @@ class Trainer:
                     window.restart_clock()  # evaluation time is not training speed
                 elif t.checkpoint_interval and self.step % t.checkpoint_interval == 0:
                     self.save_latest()
-            if t.nonfinite_check == "log":
-                self._read_deferred_skips()
+            self._read_skips()
             if self.saved_step != self.step:
                 self.save_latest()
         result = RunResult(start_step, self.step, time.perf_counter() - started, train_seconds, self.losses,
-                           reason, signal if reason == "signal" else None, self.skipped_steps)
+                           reason, signal if reason == "signal" else None, self.skips.total)
         self.monitor.finish(result, self.elapsed_s())
         return result
 

@@ -1,6 +1,7 @@
 """Faults a long run meets: kills, damaged files, a full disk, NaNs, OOM, time limits, signals."""
 from __future__ import annotations
 
+import copy
 import math
 import random
 import re
@@ -19,7 +20,7 @@ from checkpoint import load_checkpoint, load_latest_valid
 from cli import run_cli
 from config import SystemConfig, TrainingConfig, parse_duration
 from errors import UserError
-from guards import StepTimer, TimeLimit, format_duration
+from guards import DeferredSkips, StepTimer, TimeLimit, format_duration
 from tests.conftest import REPO_ROOT
 from utils import resolve_system
 
@@ -82,54 +83,62 @@ class PoisonedLoss(torch.nn.Module):
         return logits, loss
 
 
-def test_a_nan_loss_skips_the_update_and_is_counted(workdir, tiny_config_file):
-    trainer = build_trainer(tiny_config_file, "--training.max_bad_steps", "3")
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_a_nan_loss_skips_the_update_exactly_and_is_counted(workdir, tiny_config_file, optimizer):
+    """The skip happens on the device: weights, moments, momentum and step counts stay as they were."""
+    trainer = build_trainer(tiny_config_file, "--training.max_bad_steps", "3", "--training.optimizer", optimizer)
     trainer.forward_model = PoisonedLoss(trainer, bad_steps={2})
-    changed = []
+    changed, state_changed = [], []
     for _ in range(3):
         before = [p.detach().clone() for p in trainer.model.parameters()]
-        trainer.train_step()
+        state = copy.deepcopy(trainer.optimizer.state_dict()["state"])
+        loss, applied = trainer.train_step()
         trainer.step += 1
+        assert bool(applied) == math.isfinite(loss.item())
         changed.append(any(not torch.equal(b, p) for b, p in zip(before, trainer.model.parameters())))
-    assert changed == [True, False, True]
-    assert trainer.skipped_steps == 1 and trainer.bad_steps_in_a_row == 0
+        after = trainer.optimizer.state_dict()["state"]
+        state_changed.append(bool(state) and any(not torch.equal(value, after[index][key])
+                                                 for index, moments in state.items() for key, value in moments.items()))
+    assert changed == [True, False, True] and state_changed == [False, False, True]  # step 1: created
+    assert trainer.skips.read(trainer.step) == "steps 1-3: 1 non-finite step(s) skipped (0 in a row at step 3)"
+    assert trainer.skips.total == 1 and trainer.skips.in_a_row == 0
 
 
 def test_too_many_nan_losses_in_a_row_stop_the_run(workdir, tiny_config_file, capsys):
-    trainer = build_trainer(tiny_config_file, "--training.max_bad_steps", "3", "--max_steps", "20")
+    trainer = build_trainer(tiny_config_file, "--training.max_bad_steps", "3", "--max_steps", "20",
+                            "--training.nonfinite_check", "step", "--log_interval", "5")
     trainer.forward_model = PoisonedLoss(trainer, bad_steps={2, 7, 8, 9})
     with pytest.raises(UserError, match=r"not finite for 3 steps in a row \(to step 9\).*resume from "
                                         r"models/tiny_test/ckpt.pt \(step 6\).*lower --lr"):
         trainer.train()
     assert "step 2: the loss is not finite (loss nan); update skipped (1 in a row)" in capsys.readouterr().out
     assert load_checkpoint(workdir / "models/tiny_test/ckpt.pt")["step"] == 6
-    assert trainer.skipped_steps == 4
+    assert trainer.skips.total == 4
 
 
-def test_deferred_check_drops_a_bad_steps_gradients_and_reports_it(workdir, tiny_config_file, capsys):
-    """nonfinite_check log: no host read per step; the bad step is counted at the next report."""
-    trainer = build_trainer(tiny_config_file, "--training.nonfinite_check", "log", "--max_steps", "12",
-                            "--log_interval", "5", "--eval_interval", "100")
+def test_skipped_steps_are_read_only_at_reports(workdir, tiny_config_file, capsys, monkeypatch):
+    """nonfinite_check log (the default): no host read per step; the bad step is counted at the next report."""
+    trainer = build_trainer(tiny_config_file, "--max_steps", "12", "--log_interval", "5", "--eval_interval", "100")
     trainer.forward_model = PoisonedLoss(trainer, bad_steps={3})
     reads = []
-    original = trainer.deferred_skips.read
-    trainer.deferred_skips.read = lambda: reads.append(trainer.step) or original()
+    original = DeferredSkips.read
+    monkeypatch.setattr(DeferredSkips, "read", lambda skips, step, loss=None: reads.append(step) or
+                        original(skips, step, loss))
     result = trainer.train()
     assert reads == [5, 10, 12, 12]  # each report, and once at the end; never per step
-    assert "steps 1-5: 1 non-finite step(s); their gradients were dropped (0 in a row at step 5)" in \
-        capsys.readouterr().out
-    assert result.skipped_steps == trainer.skipped_steps == 1
+    assert "steps 1-5: 1 non-finite step(s) skipped (0 in a row at step 5)" in capsys.readouterr().out
+    assert result.skipped_steps == trainer.skips.total == 1
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
     assert math.isfinite(result.losses.final_val)
 
 
 def test_deferred_check_stops_after_too_many_bad_steps_in_a_row(workdir, tiny_config_file):
-    trainer = build_trainer(tiny_config_file, "--training.nonfinite_check", "log", "--max_steps", "20",
-                            "--training.max_bad_steps", "3", "--log_interval", "4", "--eval_interval", "100")
+    trainer = build_trainer(tiny_config_file, "--max_steps", "20", "--training.max_bad_steps", "3",
+                            "--log_interval", "4", "--eval_interval", "100")
     trainer.forward_model = PoisonedLoss(trainer, bad_steps={6, 7, 8})
     with pytest.raises(UserError, match=r"not finite for 3 steps in a row \(to step 8\).*no checkpoint"):
         trainer.train()
-    assert trainer.step == 8 and trainer.skipped_steps == 3
+    assert trainer.step == 8 and trainer.skips.total == 3
 
 
 def test_non_finite_weights_are_never_saved(workdir, tiny_config_file):
@@ -320,8 +329,9 @@ def test_a_diverging_run_skips_non_finite_gradients(workdir, tiny_config_file, c
     trainer = build_trainer(tiny_config_file, "--lr", "1e5", "--training.min_lr", "0",
                             "--training.warmup_steps", "0")
     for _ in range(4):
-        trainer.train_step()
+        loss, _ = trainer.train_step()
         trainer.step += 1
-    assert trainer.skipped_steps >= 1
+        trainer._read_skips(loss)  # as nonfinite_check step does after every step
+    assert trainer.skips.total >= 1
     assert "the gradient is not finite" in capsys.readouterr().out
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import train
 from checkpoint import load_checkpoint
@@ -50,8 +51,8 @@ def test_accumulated_micro_batches_equal_one_big_batch(masked):
     assert torch.allclose(loss_big, loss_small, atol=1e-6)
     for p_big, p_small in zip(big.parameters(), small.parameters()):
         assert torch.allclose(p_big.grad, p_small.grad, atol=1e-6)
-    for model, optimizer, loss in zip((big, small), optimizers, (loss_big, loss_small)):
-        assert optimizer_step(model, optimizer, scaler, grad_clip=1.0, loss=loss)
+    for model, optimizer in zip((big, small), optimizers):
+        assert optimizer_step(model, optimizer, scaler, grad_clip=1.0)
     for p_big, p_small in zip(big.parameters(), small.parameters()):
         assert torch.allclose(p_big, p_small, atol=1e-6)
 
@@ -202,7 +203,7 @@ def test_tokens_on_the_device_train_exactly_as_tokens_on_the_host(workdir, tiny_
     for resident in ("false", "true"):
         trainer = build(tiny_config_file, "--system.data_on_device", resident, "--out_dir", f"r{resident}")
         assert isinstance(trainer.data.train, torch.Tensor) == (resident == "true")
-        losses = [trainer.train_step().item() for _ in range(3)]
+        losses = [trainer.train_step()[0].item() for _ in range(3)]
         runs[resident] = (losses, trainer.evaluate(), trainer.model.state_dict())
     (losses_a, eval_a, weights_a), (losses_b, eval_b, weights_b) = runs.values()
     assert losses_a == losses_b and eval_a == eval_b
@@ -245,8 +246,54 @@ def test_masked_micro_batches_of_the_trainer_equal_one_big_batch(workdir, tiny_c
                         "--training.grad_accum_steps", str(accumulation), "--out_dir", f"b{batch_size}",
                         system=resolve_system("cpu", "float32", None))
         assert trainer.data.train_mask is not None
-        runs.append(([trainer.train_step().item() for _ in range(3)], trainer.model.state_dict()))
+        runs.append(([trainer.train_step()[0].item() for _ in range(3)], trainer.model.state_dict()))
     (losses_big, weights_big), (losses_small, weights_small) = runs
     assert losses_small == pytest.approx(losses_big, abs=1e-6)
     for name, tensor in weights_big.items():
         torch.testing.assert_close(weights_small[name], tensor, rtol=0, atol=1e-6, msg=name)
+
+
+class HostReads(TorchDispatchMode):
+    """Records each operation by which the host reads a tensor's value (.item(), bool(), int():
+    on a GPU, the host waiting for the device), with the trainer's step and whether it came
+    from inside a training step."""
+
+    READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default)
+
+    def __init__(self, trainer):
+        super().__init__()
+        self.trainer, self.in_step, self.reads = trainer, False, []
+        train_step = trainer.train_step
+
+        def counted_step():
+            self.in_step = True
+            try:
+                return train_step()
+            finally:
+                self.in_step = False
+
+        trainer.train_step = counted_step
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.READS:
+            self.reads.append((self.trainer.step, self.in_step))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("flags", [
+    [],
+    ["--training.optimizer", "muon", "--training.grad_accum_steps", "2"],
+    ["--training.grad_clip", "0"],
+    ["--training.optimizer", "muon", "--chat"],
+], ids=["adamw", "muon-accumulated", "adamw-unclipped", "muon-chat"])
+def test_a_training_step_never_reads_the_device(workdir, tiny_config_file, flags):
+    """No host-device sync in a step: the host reads values only at progress reports (steps 5,
+    10 and the last, 12), the evaluation and the save."""
+    if "--chat" in flags:  # a loss mask: token_weights' counts stay on the device too
+        flags = [f for f in flags if f != "--chat"] + ["--dataset", str(write_jsonl(workdir / "c.jsonl", CHATS * 20))]
+    trainer = build(tiny_config_file, "--max_steps", "12", "--log_interval", "5", "--eval_interval", "100", *flags,
+                    system=resolve_system("cpu", "float32", None))
+    with HostReads(trainer) as host:
+        trainer.train()
+    assert not [step for step, in_step in host.reads if in_step]
+    assert {step for step, _ in host.reads} == {5, 10, 12}  # the reports (and at 12 evaluation, save)
