@@ -125,9 +125,9 @@ class StepTimer:
         # an exponential average follows drift without jumping at every slow step
         self.step_s = seconds if self._steps_seen == 2 else 0.9 * self.step_s + 0.1 * seconds
 
-    def needed_for_next(self, evaluates: bool) -> float:
-        """Seconds the next step needs, with its evaluation, plus a save and a safety step."""
-        return 2 * self.step_s + (self.eval_s if evaluates else 0.0) + self.save_s
+    def needed_for_next(self, evaluates: bool, steps: int = 1) -> float:
+        """Seconds the next `steps` steps need, with an evaluation, plus a save and a safety step."""
+        return (steps + 1) * self.step_s + (self.eval_s if evaluates else 0.0) + self.save_s
 
 
 class DeferredSkips:

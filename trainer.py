@@ -53,8 +53,8 @@ class Trainer:
     is skipped on the device (optim.optimizer_step). A progress report reads the skipped steps'
     count and the window's loss (nonfinite_check "step": the count after every step); an
     evaluation its losses; a save whether the weights are finite, and the state. Under torchrun
-    the ranks agree whether to stop (a host all-reduce) before every step, and all-reduce the
-    gradients (DDP) and, with a loss mask, the target count.
+    the ranks agree whether to stop (a host all-reduce) only at reports and evaluations; in a
+    step they only all-reduce the gradients (DDP) and, with a loss mask, the target count.
     """
 
     def __init__(self, cfg: Config, data: PreparedData, system: DeviceInfo, process_start: float,
@@ -312,10 +312,19 @@ class Trainer:
     def _evaluates_at(self, step: int) -> bool:
         return step % self.cfg.training.eval_interval == 0 or step == self.max_steps
 
+    def _ranks_meet_at(self, step: int) -> bool:
+        """Whether the ranks agree on stopping after `step`: after reports and evaluations (one
+        process decides alone, after every step)."""
+        t = self.cfg.training
+        return not self.collectives.active or step % t.log_interval == 0 or step % t.eval_interval == 0
+
     def _out_of_time(self) -> bool:
         if self.time_limit is None:
             return False
-        needed = self.timer.needed_for_next(self._evaluates_at(self.step + 1))
+        meeting = self.step + 1  # the steps that run before the next decision
+        while not self._ranks_meet_at(meeting) and meeting < self.max_steps:
+            meeting += 1
+        needed = self.timer.needed_for_next(self._evaluates_at(meeting), steps=meeting - self.step)
         return self.time_limit.leaves_no_room(needed)
 
     def train(self) -> RunResult:
@@ -369,8 +378,12 @@ class Trainer:
 
     def _stop_reason(self, signal: Optional[int]) -> tuple[str, Optional[int]]:
         """Return why the run stops before the next step ("finished": it does not) and the
-        signal that stopped it; under torchrun every rank gets the same answer, so all stop
-        at one step (a signal reaching one rank first, a deadline on another's clock)."""
+        signal that stopped it. Under torchrun every rank gets the same answer, so all stop at
+        one step (a signal reaching one rank first, a deadline on another's clock): they agree
+        after reports and evaluations only, and a stop waits for the next of them (the time
+        limit looks that far ahead)."""
+        if not self._ranks_meet_at(self.step):
+            return "finished", None
         reason = ("signal" if signal is not None else "target" if self.target_reached
                   else "time" if self._out_of_time() else "finished")
         code, signal_number = self.collectives.agree([STOP_REASONS.index(reason), signal or 0])

@@ -238,7 +238,8 @@ def test_a_users_model_class_trains_under_torchrun_as_in_one_process(two_process
 @pytest.mark.slow
 def test_sigterm_to_the_torchrun_group_stops_every_rank_with_one_checkpoint(workdir, ddp_config):
     command = [*TORCHRUN, str(PROBE), str(workdir / "record"), "--config", str(ddp_config),
-               "--max_steps", "100000", "--eval_interval", "100000", "--training.keep_last", "0"]
+               "--max_steps", "100000", "--eval_interval", "100000", "--training.keep_last", "0",
+               "--log_interval", "3"]  # the ranks agree on stopping every third step only
     (workdir / "record").mkdir()
     process = subprocess.Popen(command, cwd=workdir, env=torchrun_env(), stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -259,7 +260,7 @@ def test_sigterm_to_the_torchrun_group_stops_every_rank_with_one_checkpoint(work
     assert stopped, output[-3000:]
     assert sorted(p.name for p in (workdir / "models" / "ddp").glob("*.pt")) == ["ckpt.pt"]
     checkpoint = load_checkpoint(workdir / "models" / "ddp" / "ckpt.pt")  # whole and verified
-    assert checkpoint["step"] == int(stopped.group(1))
+    assert checkpoint["step"] == int(stopped.group(1)) and checkpoint["step"] % 3 == 0
     assert "Traceback" not in output.split("stopped by a signal")[0]
     assert output.count("SIGTERM received") == 1, output[-3000:]  # rank 0 alone says so
 
@@ -318,7 +319,11 @@ class PeerSays(Collectives):
         self.peer = peer
 
     def agree(self, values: list[int]) -> list[int]:
+        self.agreements += 1
         return [max(mine, theirs) for mine, theirs in zip(values, self.peer)]
+
+    agreements = 0
+    active = False  # a test sets it once the trainer is built, to take the path of torchrun's loop
 
 
 @pytest.mark.parametrize("peer, expected", [
@@ -349,3 +354,29 @@ def test_an_error_on_rank_0_during_setup_stops_rank_1_with_one_line(workdir, ddp
     assert "error (rank 1): rank 0 could not prepare the run; its error is above" in output
     assert "[rank1]: Traceback" not in output and "[rank0]: Traceback" not in output
     assert (workdir / "earlier" / "ckpt.pt").read_bytes() == b"an earlier run's"  # nothing lost
+
+
+def test_ranks_agree_on_stopping_only_after_reports_and_evaluations(tiny_config_file):
+    """A stop one rank sees waits for the next report or evaluation, where both agree on it;
+    the time limit then leaves room for every step until that one."""
+    args = train.build_parser().parse_args(["--config", str(tiny_config_file), "--overwrite", "--max_steps", "100",
+                                            "--log_interval", "5", "--eval_interval", "8", "--max_time", "1h"])
+    cfg, _, _ = train.resolve_run_config(args)
+    peer = PeerSays([3, int(signal.SIGTERM)])
+    trainer = train.build_trainer(args, cfg, None, None, resolve_system("cpu", "auto", False), peer)
+    peer.active = True
+    decisions = {}
+    for trainer.step in range(12):
+        decisions[trainer.step] = trainer._stop_reason(None)
+    assert {step for step, reason in decisions.items() if reason[0] == "signal"} == {0, 5, 8, 10}
+    assert peer.agreements == 4  # the others answered without a collective
+    trainer.timer.step_s, trainer.timer.save_s, trainer.timer.eval_s = 1.0, 0.0, 50.0
+    trainer.step = 10  # the next decision after step 15: five steps, one safety step, no evaluation
+    assert trainer.time_limit.deadline - time.time() > 3000
+    trainer.time_limit.deadline = time.time() + 6.5
+    assert not trainer._out_of_time()
+    trainer.time_limit.deadline = time.time() + 5.5
+    assert trainer._out_of_time()
+    trainer.step = 5  # next after step 8, an evaluation: three steps, a safety step and 50 s
+    trainer.time_limit.deadline = time.time() + 53.5
+    assert trainer._out_of_time()
