@@ -65,7 +65,7 @@ def muon_updates(stacks: list[torch.Tensor], dtype: torch.dtype) -> list[torch.T
     by_shape: dict[tuple[int, int], list[int]] = {}
     for index, stack in enumerate(stacks):
         by_shape.setdefault(tuple(sorted(stack.shape[1:])), []).append(index)
-    updates: list[torch.Tensor] = [torch.empty(0)] * len(stacks)
+    updates: dict[int, torch.Tensor] = {}
     for indices in by_shape.values():
         wide = [stacks[i] if stacks[i].size(1) <= stacks[i].size(2) else stacks[i].transpose(1, 2) for i in indices]
         done = orthogonalize(wide[0] if len(wide) == 1 else torch.cat(wide), dtype=dtype)
@@ -75,7 +75,7 @@ def muon_updates(stacks: list[torch.Tensor], dtype: torch.dtype) -> list[torch.T
             # so that its per-element size matches a square one's
             scale = max(1.0, rows / columns) ** 0.5
             updates[index] = (update.transpose(1, 2) if rows > columns else update) * scale
-    return updates
+    return [updates[index] for index in range(len(stacks))]
 
 
 class MuonWithAdamW(torch.optim.Optimizer):

@@ -14,7 +14,7 @@ from config import TrainingConfig
 from contract import load_class
 from model import GPT
 from muon import MuonWithAdamW, orthogonalize
-from optim import make_optimizer, newton_schulz_dtype, set_learning_rates
+from optim import make_optimizer, newton_schulz_dtype, optimizer_step, set_learning_rates
 from tests.conftest import REPO_ROOT, tiny_model_config
 
 
@@ -243,3 +243,36 @@ def test_a_muon_state_from_before_the_fused_adamw_kernel_loads(tmp_path):
         optimizer.step()
     for a, b in zip(*(m.parameters() for m in models)):
         assert torch.equal(a, b)
+
+
+class HostReads(TorchDispatchMode):
+    """Counts .item(), bool() and int() on tensors: on a GPU, the host waiting for the device."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("optimizer_name", ["adamw", "muon"])
+def test_loss_scaling_skips_an_overflow_on_the_device(optimizer_name):
+    """fp16: GradScaler's overflow check and scale update, and the skip, without a host read."""
+    torch.manual_seed(0)
+    model = GPT(tiny_model_config())
+    optimizer = make_optimizer(model, TrainingConfig(optimizer=optimizer_name), torch.device("cpu"))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    scaler.scale(torch.zeros(()))  # the scale exists once a loss has been scaled
+    for overflow in (False, True, False):
+        for param in model.parameters():
+            param.grad = torch.randn_like(param) * scaler.get_scale()
+        if overflow:
+            next(model.parameters()).grad[0] = float("inf")
+        before, scale = copy.deepcopy(model.state_dict()), scaler.get_scale()
+        with HostReads() as reads:
+            applied = optimizer_step(model, optimizer, scaler, grad_clip=1.0)
+        assert reads.count == 0 and bool(applied) == (not overflow)
+        unchanged = all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
+        assert unchanged == overflow and scaler.get_scale() == (scale / 2 if overflow else scale)
