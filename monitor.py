@@ -164,8 +164,7 @@ class LogWindow:
         self.counted: Optional[torch.Tensor] = None  # how many of the steps were applied
 
     def add(self, loss: torch.Tensor, applied: torch.Tensor) -> None:
-        """Count a step; its loss joins the mean only if it was `applied` (a device bool: a
-        skipped step's, non-finite on some rank, is left out alike on every rank)."""
+        """Count a step; its loss joins the mean if it was `applied` (a device bool, alike on all ranks)."""
         self.steps += 1
         kept = torch.where(applied, loss.float(), 0.0)
         if self.loss_sum is None:
@@ -174,8 +173,7 @@ class LogWindow:
             self.loss_sum, self.counted = self.loss_sum + kept, self.counted + applied
 
     def mean_loss(self, sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] = lambda sums: sums) -> float:
-        """Return the mean loss of the applied steps (read on the host: a sync); under torchrun,
-        `sum_over_ranks` (an all-reduce) makes it the mean of every rank's."""
+        """Return the applied steps' mean loss (a host read); of all ranks' with `sum_over_ranks`."""
         if self.loss_sum is None:
             return math.nan
         loss_sum, counted = sum_over_ranks(torch.stack([self.loss_sum, self.counted.float()]))
