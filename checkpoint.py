@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import re
 import shutil
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 from config import Config, ModelConfig
 from contract import build_model, source_sha256
 from errors import UserError
-from utils import notice, write_file_atomic
+from utils import fsync_directory, notice, write_file_atomic
 
 FORMAT = "gpt-trainer checkpoint"
 FORMAT_VERSION = 2
@@ -113,6 +114,24 @@ def copy_checkpoint(source: str | Path, target: str | Path) -> Path:
         return _write_checkpoint_file(Path(target), lambda file: shutil.copyfileobj(src, file))
 
 
+def link_checkpoint(source: Path, target: Path) -> Path:
+    """Make `target` another name of the checkpoint file `source` (a hard link: no bytes
+    copied), replacing an existing `target` atomically; copy it where links fail (a
+    filesystem without them). Every checkpoint is written to a new file and renamed into
+    place (write_file_atomic), never rewritten in place, so a later ckpt.pt is a new file
+    and leaves what best.pt or ckpt-<step>.pt name as it was."""
+    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    try:
+        partial.unlink(missing_ok=True)
+        os.link(source, partial)
+        os.replace(partial, target)
+    except OSError:
+        partial.unlink(missing_ok=True)
+        return copy_checkpoint(source, target)
+    fsync_directory(target.parent)
+    return target
+
+
 def rolling_checkpoints(run_dir: Path) -> list[Path]:
     """Return the run's ckpt-<step>.pt files, newest step first."""
     found = [(int(m.group(1)), p) for p in run_dir.glob("ckpt-*.pt") if (m := ROLLING.fullmatch(p.name))]
@@ -120,9 +139,9 @@ def rolling_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def keep_rolling_copy(latest: Path, step: int, keep_last: int) -> None:
-    """Copy ckpt.pt to ckpt-<step>.pt and delete all but the newest `keep_last` such copies."""
+    """Link ckpt.pt as ckpt-<step>.pt and delete all but the newest `keep_last` such copies."""
     if keep_last > 0:
-        copy_checkpoint(latest, latest.with_name(f"ckpt-{step}.pt"))
+        link_checkpoint(latest, latest.with_name(f"ckpt-{step}.pt"))
     for old in rolling_checkpoints(latest.parent)[keep_last:]:
         old.unlink(missing_ok=True)
 

@@ -9,7 +9,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from checkpoint import BEST, LATEST, copy_checkpoint, keep_rolling_copy, save_checkpoint, weights_mismatch
+from checkpoint import BEST, LATEST, keep_rolling_copy, link_checkpoint, save_checkpoint, weights_mismatch
 from config import Config, config_to_dict, tokens_per_step
 from contract import build_model, flops_per_token, params_without_embeddings
 from data_loader import (
@@ -396,9 +396,9 @@ class Trainer:
         improved = self.losses.update(self.step, losses["train"], losses["val"])
         elapsed_s = self.elapsed_s()  # before the save, so a resumed run's clock never goes back
         saved = [self.save_latest()]
-        if improved:  # the same bytes: copy the file rather than serialize the state again
+        if improved:  # the same bytes: another name of the file rather than another serialization
             best = self.out_dir / BEST
-            saved.append(copy_checkpoint(saved[0], best) if self.ranks.is_main else best)
+            saved.append(link_checkpoint(saved[0], best) if self.ranks.is_main else best)
         self.monitor.evaluation(self.step, losses, improved, saved, elapsed_s)
         target = self.cfg.training.target_val_loss
         self.target_reached = target is not None and losses["val"] <= target

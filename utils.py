@@ -211,7 +211,8 @@ def resolve_system(device: str, dtype: str, compile_requested: bool | None,
     return DeviceInfo(chosen, select_dtype(chosen, dtype), use_compile, ranks.world_size, compile_mode=mode)
 
 
-def _fsync_directory(directory: Path) -> None:
+def fsync_directory(directory: Path) -> None:
+    """Flush a directory's entries to disk, so a rename or a new link in it survives a power cut."""
     if os.name == "nt":  # Windows cannot open a directory to flush it
         return
     fd = os.open(directory, os.O_RDONLY)
@@ -234,7 +235,7 @@ def write_file_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
             file.flush()
             os.fsync(file.fileno())
         os.replace(partial, path)
-        _fsync_directory(path.parent)
+        fsync_directory(path.parent)
     finally:
         partial.unlink(missing_ok=True)  # only left over when something failed
 

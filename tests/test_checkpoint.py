@@ -109,3 +109,38 @@ def test_tied_weights_are_saved_once_and_load_tied(tmp_path, monkeypatch):
     optimizer.step()
     assert restored.lm_head.weight is restored.wte.weight  # one matrix still, trained as one
     assert not torch.equal(restored.wte.weight, model.wte.weight)
+
+
+def inode(path) -> int:
+    return path.stat().st_ino
+
+
+def test_best_and_rolling_copies_are_links_that_a_later_save_leaves_alone(tmp_path):
+    latest, best = tmp_path / checkpoint.LATEST, tmp_path / checkpoint.BEST
+    for step in (3, 4, 5):
+        save_checkpoint({"model": {"w": torch.full((4,), float(step))}, "step": step}, latest)
+        checkpoint.keep_rolling_copy(latest, step, keep_last=2)
+        if step == 3:
+            checkpoint.link_checkpoint(latest, best)
+            assert inode(best) == inode(latest) == inode(tmp_path / "ckpt-3.pt")  # one file, three names
+            best_bytes = best.read_bytes()
+    assert inode(latest) == inode(tmp_path / "ckpt-5.pt") != inode(best)  # ckpt.pt is a new file each save
+    assert best.read_bytes() == best_bytes and load_checkpoint(best)["step"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "ckpt-4.pt", "ckpt-5.pt", "ckpt.pt"]
+    checkpoint.link_checkpoint(latest, best)  # a new best replaces the old name, atomically
+    assert inode(best) == inode(latest) and load_checkpoint(best)["step"] == 5
+    assert load_checkpoint(tmp_path / "ckpt-4.pt")["model"]["w"][0] == 4.0
+
+
+def test_without_hard_links_the_names_are_copies(tmp_path, monkeypatch):
+    latest, best = tmp_path / checkpoint.LATEST, tmp_path / checkpoint.BEST
+    save_checkpoint({"step": 1}, latest)
+    best.write_bytes(b"an older best")
+
+    def no_links(source, target):
+        raise OSError(1, "Operation not permitted")  # FAT, some network filesystems
+
+    monkeypatch.setattr(checkpoint.os, "link", no_links)
+    checkpoint.link_checkpoint(latest, best)
+    assert inode(best) != inode(latest) and best.read_bytes() == latest.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "ckpt.pt"]  # no temporary left

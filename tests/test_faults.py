@@ -58,14 +58,16 @@ def tamper(path: Path) -> None:
 def test_resume_skips_damaged_checkpoints_and_says_so(workdir, tiny_config_file, capsys):
     assert run(tiny_config_file, "--eval_interval", "1") == 0
     run_dir = workdir / "models/tiny_test"
+    # ckpt-6.pt is another name of ckpt.pt's file (a hard link): damage in place reaches both
     (run_dir / "ckpt.pt").write_bytes((run_dir / "ckpt.pt").read_bytes()[:2000])
-    tamper(run_dir / "ckpt-6.pt")
+    tamper(run_dir / "ckpt-5.pt")
     capsys.readouterr()
     assert run(tiny_config_file, "--resume", "--max_steps", "8", "--eval_interval", "1") == 0
     out, err = capsys.readouterr()
     assert "skipping a checkpoint that does not verify: models/tiny_test/ckpt.pt is corrupt" in err
-    assert "ckpt-6.pt is damaged: its tensors do not match their checksum" in err
-    assert re.search(r"resuming from +models/tiny_test/ckpt-5.pt at step 5\n", out)
+    assert "skipping a checkpoint that does not verify: models/tiny_test/ckpt-6.pt is corrupt" in err
+    assert "ckpt-5.pt is damaged: its tensors do not match their checksum" in err
+    assert re.search(r"resuming from +models/tiny_test/ckpt-4.pt at step 4\n", out)
     assert load_checkpoint(run_dir / "ckpt.pt")["step"] == 8
 
 
