@@ -35,16 +35,20 @@ ROLLING = re.compile(r"ckpt-(\d+)\.pt")  # ckpt-<step>.pt, the newest keep_last 
 # ---------------------------------------------------------------- checksums
 
 
-def _on_cpu(obj: Any) -> Any:
+def _on_cpu(obj: Any, copy: bool = False) -> Any:
     """Return `obj` with every tensor on the CPU (dicts and lists rebuilt), copied once per
     storage: tensors that share memory on the device (a tied head and token embedding) share
     it on the CPU too, so torch.save writes it once, as it would have from the CPU. Copied one
-    by one, the head would be a second matrix in the file (154 MB for GPT-2 124M)."""
+    by one, the head would be a second matrix in the file (154 MB for GPT-2 124M).
+
+    `copy`: copy what is on the CPU already too, so that the result is a snapshot the
+    training can go on from (on the CPU device the state's tensors are the live parameters
+    and moments, which the next step changes in place)."""
     copies: dict[tuple[torch.device, int], torch.UntypedStorage] = {}
 
     def move(value: Any) -> Any:
         if isinstance(value, torch.Tensor):
-            return _view_on_cpu(value.detach(), copies)
+            return _view_on_cpu(value.detach(), copies, copy)
         if isinstance(value, dict):
             return {key: move(item) for key, item in value.items()}
         if isinstance(value, (list, tuple)):
@@ -54,15 +58,17 @@ def _on_cpu(obj: Any) -> Any:
     return move(obj)
 
 
-def _view_on_cpu(tensor: torch.Tensor, copies: dict[tuple[torch.device, int], torch.UntypedStorage]
-                 ) -> torch.Tensor:
+def _view_on_cpu(tensor: torch.Tensor, copies: dict[tuple[torch.device, int], torch.UntypedStorage],
+                 copy: bool) -> torch.Tensor:
     """Return `tensor` as the same view of a CPU copy of its storage, copying the storage
-    (whole, as torch.save writes it) only if `copies` does not hold it yet."""
+    (whole, as torch.save writes it) only if `copies` does not hold it yet; without `copy`,
+    a storage on the CPU already is used as it is."""
     storage = tensor.untyped_storage()
     key = (storage.device, storage.data_ptr())
     if key not in copies:
         as_bytes = torch.empty(0, dtype=torch.uint8, device=tensor.device).set_(storage)
-        copies[key] = as_bytes.cpu().untyped_storage()  # no copy of what is on the CPU already
+        on_cpu = as_bytes.cpu()  # a copy from a GPU; the very storage from the CPU
+        copies[key] = (on_cpu.clone() if copy and tensor.device.type == "cpu" else on_cpu).untyped_storage()
     view = torch.empty(0, dtype=tensor.dtype)
     return view.set_(copies[key], tensor.storage_offset(), tensor.shape, tensor.stride())
 
@@ -101,11 +107,21 @@ def _write_checkpoint_file(path: Path, write: Callable[[BinaryIO], None]) -> Pat
     return path
 
 
+def checkpoint_snapshot(payload: dict) -> dict:
+    """Return the payload stamped with format and version, every tensor a CPU copy of its own:
+    what a background write serializes while the training goes on changing the originals."""
+    return _on_cpu({"format": FORMAT, "version": FORMAT_VERSION, **payload}, copy=True)
+
+
+def write_checkpoint(snapshot: dict, path: str | Path) -> Path:
+    """Write a checkpoint_snapshot atomically, with the checksum of its tensors."""
+    snapshot = {**snapshot, "checksum": tensor_checksum(snapshot)}
+    return _write_checkpoint_file(Path(path), lambda file: torch.save(snapshot, file))
+
+
 def save_checkpoint(payload: dict, path: str | Path) -> Path:
     """Write a checkpoint atomically, stamped with format, version and a tensor checksum."""
-    payload = _on_cpu({"format": FORMAT, "version": FORMAT_VERSION, **payload})
-    payload["checksum"] = tensor_checksum(payload)
-    return _write_checkpoint_file(Path(path), lambda file: torch.save(payload, file))
+    return write_checkpoint(_on_cpu({"format": FORMAT, "version": FORMAT_VERSION, **payload}), path)
 
 
 def copy_checkpoint(source: str | Path, target: str | Path) -> Path:

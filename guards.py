@@ -109,12 +109,17 @@ class TimeLimit:
 
 
 class StepTimer:
-    """A running estimate of how long a step, an evaluation and a save take."""
+    """A running estimate of how long a step, an evaluation and a save take.
+
+    A save has two parts: the CPU snapshot the training waits for (save_s) and the write that
+    follows in the background (write_s), which a run's last save waits for too.
+    """
 
     def __init__(self, save_guess_s: float) -> None:
         self.step_s = 0.0
         self.eval_s = 0.0
-        self.save_s = save_guess_s  # until a save has been timed
+        self.save_s = 0.0
+        self.write_s = save_guess_s  # until a write has been timed (by the writing thread)
         self._steps_seen = 0
 
     def record_step(self, seconds: float) -> None:
@@ -126,8 +131,9 @@ class StepTimer:
         self.step_s = seconds if self._steps_seen == 2 else 0.9 * self.step_s + 0.1 * seconds
 
     def needed_for_next(self, evaluates: bool, steps: int = 1) -> float:
-        """Seconds the next `steps` steps need, with an evaluation, plus a save and a safety step."""
-        return (steps + 1) * self.step_s + (self.eval_s if evaluates else 0.0) + self.save_s
+        """Seconds the next `steps` steps need, with an evaluation, plus a whole save (the last
+        one's write is waited for) and a safety step."""
+        return (steps + 1) * self.step_s + (self.eval_s if evaluates else 0.0) + self.save_s + self.write_s
 
 
 class DeferredSkips:

@@ -316,7 +316,7 @@ class RunMonitor:
         self.evaluations.append((step, time.time(), val))
         best = self.style.good(" (best)") if improved else ""
         self.message(f"step {step:>6}: train loss {losses['train']:.4f}, val loss {val:.4f}{best}; "
-                     f"saved {', '.join(str(p) for p in saved)}")
+                     f"saving {', '.join(str(p) for p in saved)}")
         self.metrics.append({
             "kind": "eval", "step": step, "elapsed_s": elapsed_s,
             "tokens": step * self.tokens_per_step, "train_loss": losses["train"],

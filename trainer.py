@@ -9,7 +9,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from checkpoint import BEST, LATEST, keep_rolling_copy, link_checkpoint, save_checkpoint, weights_mismatch
+from checkpoint import weights_mismatch
 from config import Config, config_to_dict, tokens_per_step
 from contract import build_model, flops_per_token, params_without_embeddings
 from data_loader import (
@@ -34,9 +34,9 @@ from optim import (
     set_learning_rates,
     token_weights,
     total_steps,
-    weights_are_finite,
 )
 from report import environment
+from saver import CheckpointSaver
 from utils import DeviceInfo, autocast_context
 
 EVAL_SEED = 20240101  # every evaluation scores the same batches, so evaluations compare
@@ -87,9 +87,9 @@ class Trainer:
         self.time_limit = TimeLimit.from_config(t, cfg.system, process_start)
         # a first guess at the save time: weights and two Adam moments at about 100 MB/s
         self.timer = StepTimer(save_guess_s=0.1 + 12 * self.model.num_params() / 100e6)
+        self.saver = CheckpointSaver(self.out_dir, t.keep_last, self.collectives, self.timer)
         self.step = 0
         self.lr = t.lr  # the schedule's current learning rate (Muon's moves in proportion)
-        self.saved_step = -1  # the step ckpt.pt holds, so a stop right after a save skips a copy
         self.losses = LossRecord()
         self.skips = DeferredSkips(system.device)  # steps skipped for a non-finite loss or gradient
         self.target_reached = False
@@ -165,7 +165,7 @@ class Trainer:
         self._apply_config_hyperparameters()
         if checkpoint["scaler"]:
             self.scaler.load_state_dict(checkpoint["scaler"])
-        self.step = self.saved_step = checkpoint["step"]
+        self.step = self.saver.saved_step = checkpoint["step"]
         self.losses = LossRecord(**checkpoint["losses"])
         rng = checkpoint["rng"]
         self.data_rng.set_state(rng["data"])  # the same on every rank: they share each draw
@@ -184,25 +184,11 @@ class Trainer:
         for group, settings in zip(self.optimizer.param_groups, self.group_settings):
             group.update(settings)
 
-    def _last_checkpoint(self) -> str:
-        if self.saved_step < 0:
-            return "no checkpoint was saved yet"
-        return f"resume from {self.out_dir / LATEST} (step {self.saved_step})"
-
-    def save_latest(self) -> Path:
-        """Write ckpt.pt (what --resume continues from) and its rolling ckpt-<step>.pt copy."""
-        if self.collectives.agree([int(not weights_are_finite(self.model))])[0]:  # any rank's slice
-            raise UserError(f"the weights are no longer finite at step {self.step}, so they were not "
-                            f"saved; {self._last_checkpoint()}; try a lower --lr")
-        started = time.perf_counter()
-        state, path = self.state_dict(), self.out_dir / LATEST
-        if self.ranks.is_main:
-            save_checkpoint(state, path)
-            keep_rolling_copy(path, self.step, self.cfg.training.keep_last)
-        self.collectives.barrier()  # no rank runs ahead of a checkpoint being written
-        self.timer.save_s = time.perf_counter() - started
-        self.saved_step = self.step
-        return path
+    def save_latest(self, best: bool = False) -> list[Path]:
+        """Save ckpt.pt (what --resume continues from), its rolling ckpt-<step>.pt copy and,
+        where `best`, best.pt; return their paths. The files are written in the background
+        (see CheckpointSaver; saver.wait waits for them): training waits for a snapshot only."""
+        return self.saver.save(self.model, self.state_dict, self.step, best)
 
     # ------------------------------------------------------------ steps and evaluation
 
@@ -268,7 +254,7 @@ class Trainer:
         if self.skips.in_a_row >= t.max_bad_steps:
             raise UserError(
                 f"the loss or its gradient was not finite for {self.skips.in_a_row} steps in a "
-                f"row (to step {step}), so the run stopped; {self._last_checkpoint()}; try a lower "
+                f"row (to step {step}), so the run stopped; {self.saver.last_checkpoint()}; try a lower "
                 f"--lr (now {t.lr:g}) or another --precision (now "
                 f"{str(self.system.dtype).removeprefix('torch.')})")
 
@@ -331,8 +317,11 @@ class Trainer:
         """Train from the current step until max_steps, a target, a time limit or a signal."""
         try:
             return self._train()
-        except torch.cuda.OutOfMemoryError:
-            raise out_of_memory_error(self.cfg.training, self.cfg.model.block_size) from None
+        except BaseException as error:
+            self.saver.close()  # the checkpoint being written is whole on disk before the run ends
+            if isinstance(error, torch.cuda.OutOfMemoryError):
+                raise out_of_memory_error(self.cfg.training, self.cfg.model.block_size) from None
+            raise
 
     def _train(self) -> RunResult:
         t = self.cfg.training
@@ -369,8 +358,9 @@ class Trainer:
                 elif t.checkpoint_interval and self.step % t.checkpoint_interval == 0:
                     self.save_latest()
             self._read_skips()
-            if self.saved_step != self.step:
+            if self.saver.saved_step != self.step:
                 self.save_latest()
+            self.saver.wait()  # on disk before the summary says so (a signal now is held, too)
         result = RunResult(start_step, self.step, time.perf_counter() - started, train_seconds, self.losses,
                            reason, signal if reason == "signal" else None, self.skips.total)
         self.monitor.finish(result, self.elapsed_s())
@@ -395,10 +385,7 @@ class Trainer:
         self.timer.eval_s = time.perf_counter() - started
         improved = self.losses.update(self.step, losses["train"], losses["val"])
         elapsed_s = self.elapsed_s()  # before the save, so a resumed run's clock never goes back
-        saved = [self.save_latest()]
-        if improved:  # the same bytes: another name of the file rather than another serialization
-            best = self.out_dir / BEST
-            saved.append(link_checkpoint(saved[0], best) if self.ranks.is_main else best)
+        saved = self.save_latest(best=improved)
         self.monitor.evaluation(self.step, losses, improved, saved, elapsed_s)
         target = self.cfg.training.target_val_loss
         self.target_reached = target is not None and losses["val"] <= target

@@ -111,6 +111,21 @@ def test_tied_weights_are_saved_once_and_load_tied(tmp_path, monkeypatch):
     assert not torch.equal(restored.wte.weight, model.wte.weight)
 
 
+def test_a_snapshot_is_a_copy_that_keeps_tied_weights_one_tensor():
+    """On the CPU the state's tensors are the live weights: a background write needs its own."""
+    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=64))
+    snapshot = checkpoint.checkpoint_snapshot({"model": model.state_dict(), "step": 3})
+    weights = snapshot["model"]
+    storages = {weights[name].untyped_storage().data_ptr() for name in ("lm_head.weight", "wte.weight")}
+    assert len(storages) == 1  # tied: one tensor still
+    before = weights["wte.weight"].clone()
+    with torch.no_grad():
+        model.wte.weight.add_(1.0)  # the next training step
+    assert torch.equal(weights["wte.weight"], before)
+    assert (snapshot["format"], snapshot["version"]) == (checkpoint.FORMAT, FORMAT_VERSION)
+    assert snapshot["step"] == 3
+
+
 def inode(path) -> int:
     return path.stat().st_ino
 

@@ -146,6 +146,7 @@ def test_deferred_check_stops_after_too_many_bad_steps_in_a_row(workdir, tiny_co
 def test_non_finite_weights_are_never_saved(workdir, tiny_config_file):
     trainer = build_trainer(tiny_config_file)
     trainer.save_latest()
+    trainer.saver.wait()  # written in the background
     saved = (workdir / "models/tiny_test/ckpt.pt").read_bytes()
     with torch.no_grad():
         trainer.model.wte.weight[0, 0] = float("inf")
@@ -241,6 +242,8 @@ def test_durations_and_step_timing():
     timer.eval_s = 5.0
     assert timer.needed_for_next(evaluates=True) == pytest.approx(2.2 + 5.0 + 2.0)
     assert timer.needed_for_next(evaluates=False) == pytest.approx(2.2 + 2.0)
+    timer.save_s, timer.write_s = 0.1, 1.5  # a timed save: the snapshot, then the background write
+    assert timer.needed_for_next(evaluates=False) == pytest.approx(2.2 + 0.1 + 1.5)
 
 
 def start_training(workdir: Path, corpus: Path, *flags: str) -> subprocess.Popen:
