@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -19,10 +18,10 @@ from checkpoint import LATEST
 from config import Config, TrainingConfig, config_to_dict, tokens_per_step
 from guards import format_duration
 from metrics import MetricsLog, read_metrics
-from plotting import draw_loss_plot
+from plotting import LossPlotter
 from report import write_report
 from run_files import METRICS, PLOT, REPORT, milestone_path
-from utils import DeviceInfo, MemoryStats, memory_stats, notice, peak_flops
+from utils import DeviceInfo, MemoryStats, memory_stats, peak_flops
 
 
 @dataclass
@@ -229,7 +228,7 @@ class RunMonitor:
         self.peak = peak * system.processes if peak else None  # the run's tokens/s are all ranks'
         self.peak_rss_mb = 0.0
         self.estimated = False
-        self.plot_failed = False
+        self.plotter = LossPlotter(out_dir / PLOT, out_dir.name)
         self.progress: Optional[Progress] = None
         self.start_step = 0
         self.last_milestone = 0
@@ -311,7 +310,7 @@ class RunMonitor:
 
     def evaluation(self, step: int, losses: dict[str, float], improved: bool, saved: list[Path],
                    elapsed_s: float) -> None:
-        """Report an evaluation above the bar, add its metrics row, redraw loss.png."""
+        """Report an evaluation above the bar, add its metrics row, start redrawing loss.png."""
         val = losses["val"]
         self.evaluations.append((step, time.time(), val))
         best = self.style.good(" (best)") if improved else ""
@@ -326,28 +325,20 @@ class RunMonitor:
         self._plot(step)
 
     def _plot(self, step: int) -> None:
-        """Redraw loss.png and keep a milestone copy; a failure is reported once, never raised."""
-        if self.plot_failed:
-            return
-        path = self.out_dir / PLOT
-        try:
-            draw_loss_plot([(self.out_dir.name, read_metrics(self.metrics.path))], path)
-            interval = self.cfg.training.plot_milestone_interval
-            if interval and step // interval > self.last_milestone:
-                self.last_milestone = step // interval
-                milestone = milestone_path(self.out_dir, step)
-                milestone.parent.mkdir(exist_ok=True)
-                shutil.copyfile(path, milestone)
-        except Exception as error:  # a plot is never worth a run
-            self.plot_failed = True
-            notice(f"could not draw {path} ({type(error).__name__}: {error}); training goes on "
-                   "without plots; `python plot.py` can draw them from metrics.csv later")
+        """Start redrawing loss.png, with a milestone copy every plot_milestone_interval steps."""
+        milestone = None
+        interval = self.cfg.training.plot_milestone_interval
+        if interval and step // interval > self.last_milestone:
+            self.last_milestone = step // interval
+            milestone = milestone_path(self.out_dir, step)
+        self.plotter.redraw(read_metrics(self.metrics.path), milestone)
 
     # ------------------------------------------------------------ at the end
 
     def finish(self, result: RunResult, elapsed_total_s: float) -> None:
         """Close the bar, print the summary after training and write report.md."""
         self.progress.close()
+        self.plotter.finish(read_metrics(self.metrics.path))
         memory = self._sample_memory()
         print(format_sections(self._summary_rows(result, elapsed_total_s, memory, self.style), self.style),
               flush=True)

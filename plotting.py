@@ -1,10 +1,14 @@
 """Loss curves from metrics.csv rows: one run in detail, or several runs side by side."""
 from __future__ import annotations
 
+import functools
+import shutil
 from pathlib import Path
 from typing import Optional, Sequence
 
+from background import BackgroundWorker
 from metrics import as_float
+from utils import notice, write_file_atomic
 
 
 def smooth(values: Sequence[float]) -> list[float]:
@@ -31,13 +35,15 @@ def draw_loss_plot(runs: list[tuple[str, list[dict]]], path: Path, title: Option
     For one run: raw and smoothed train loss, validation loss with markers, the best
     validation loss marked, and the learning rate on a second axis. For several runs: the
     smoothed train loss and the validation loss of each, one colour per run.
+
+    Drawn with Figure alone, never pyplot (its global figure registry is not thread-safe), so a
+    run can draw on a thread of its own; the file is replaced atomically, so an image viewer
+    never shows half of it.
     """
-    import matplotlib
+    from matplotlib.figure import Figure  # imported here: a second or more, only when plotting
 
-    matplotlib.use("Agg")  # files only, no window
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(9, 5.5))
+    figure = Figure(figsize=(9, 5.5))
+    axis = figure.subplots()
     single = len(runs) == 1
     for index, (label, rows) in enumerate(runs):
         color = f"C{index}"
@@ -76,5 +82,45 @@ def draw_loss_plot(runs: list[tuple[str, list[dict]]], path: Path, title: Option
     axis.set_title(title or (runs[0][0] if single else "comparison"))
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    write_file_atomic(path, lambda file: figure.savefig(file, format="png", dpi=110))
+
+
+
+class LossPlotter:
+    """Keeps a run's loss.png current: redrawn on a thread of its own at each evaluation, so
+    training does not wait the 0.2-0.6 s matplotlib takes, and once more at the end.
+
+    One drawing at a time (a redraw waits for the one before). A failure (no fonts, a full
+    disk) is a notice once, after which the run goes on without plots; never an error.
+    """
+
+    def __init__(self, path: Path, title: str):
+        self.path, self.title = path, title
+        self.worker = BackgroundWorker("plotter")
+        self.failed = False
+        self.rows_drawn = 0  # how many metrics rows the newest loss.png shows
+
+    def redraw(self, rows: list[dict], milestone: Optional[Path] = None) -> None:
+        """Start drawing `rows` (metrics.csv's, read by the caller, who appends to it) and
+        copying the image to `milestone`; return at once."""
+        if not self.failed:
+            self.worker.start(functools.partial(self._draw, rows, milestone))
+
+    def _draw(self, rows: list[dict], milestone: Optional[Path]) -> None:
+        try:
+            draw_loss_plot([(self.title, rows)], self.path)
+            if milestone is not None:
+                milestone.parent.mkdir(exist_ok=True)
+                shutil.copyfile(self.path, milestone)
+            self.rows_drawn = len(rows)
+        except Exception as error:  # a plot is never worth a run
+            self.failed = True
+            notice(f"could not draw {self.path} ({type(error).__name__}: {error}); training goes on "
+                   "without plots; `python plot.py` can draw them from metrics.csv later")
+
+    def finish(self, rows: list[dict]) -> None:
+        """Wait for the drawing in progress, then draw `rows` here if they are more than it
+        showed (a run stopped between evaluations): loss.png is whole and current on return."""
+        self.worker.wait()
+        if not self.failed and len(rows) != self.rows_drawn:
+            self._draw(rows, None)

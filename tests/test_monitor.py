@@ -9,6 +9,7 @@ import struct
 import subprocess
 import sys
 import termios
+import threading
 from pathlib import Path
 
 import matplotlib.image
@@ -17,6 +18,7 @@ import torch
 
 import monitor
 import plot
+import plotting
 import train
 from checkpoint import load_checkpoint
 from cli import run_cli
@@ -81,6 +83,30 @@ def test_plots_are_written_and_decodable(workdir, tiny_config_file):
     assert matplotlib.image.imread(workdir / "both.png").shape[0] > 100
 
 
+def test_the_plot_is_drawn_off_the_training_thread_and_current_at_the_end(tmp_path, monkeypatch):
+    rows = [{"kind": "train", "step": str(step), "train_loss": str(4.0 - step / 10), "val_loss": "",
+             "lr": "0.001"} for step in range(1, 6)]
+    rows.insert(3, {"kind": "eval", "step": "3", "train_loss": "3.7", "val_loss": "3.8", "lr": ""})
+    drawn = []
+    real_draw = plotting.draw_loss_plot
+
+    def recording(runs, path, title=None):
+        drawn.append((threading.current_thread().name, len(runs[0][1])))
+        real_draw(runs, path, title)
+
+    monkeypatch.setattr(plotting, "draw_loss_plot", recording)
+    plotter = plotting.LossPlotter(tmp_path / "loss.png", "run")
+    plotter.redraw(rows[:4], milestone=tmp_path / "plots/loss_step3.png")
+    plotter.finish(rows[:4])  # nothing came since: no second drawing
+    assert drawn == [("plotter", 4)]
+    plotter.redraw(rows[:5])
+    plotter.finish(rows)  # a run stopped between evaluations: the rows since are drawn too
+    assert drawn == [("plotter", 4), ("plotter", 5), ("MainThread", 6)]
+    for path in (tmp_path / "loss.png", tmp_path / "plots/loss_step3.png"):
+        assert matplotlib.image.imread(path).shape[0] > 100
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loss.png", "plots"]  # no temporary file left
+
+
 def test_plot_command_errors(workdir, capsys):
     assert run_cli(plot.main, ["models/none"]) == 2
     assert "metrics.csv does not exist" in capsys.readouterr().err
@@ -93,7 +119,7 @@ def test_a_plotting_failure_never_stops_training(workdir, tiny_config_file, caps
     def broken(*args, **kwargs):
         raise RuntimeError("no fonts")
 
-    monkeypatch.setattr(monitor, "draw_loss_plot", broken)
+    monkeypatch.setattr(plotting, "draw_loss_plot", broken)
     assert run(tiny_config_file) == 0
     err = capsys.readouterr().err
     assert err.count("could not draw") == 1 and "no fonts" in err
