@@ -32,7 +32,7 @@ except ImportError:
 import torch
 
 from cli import CliParser, add_config_flags, overrides_from_args, run_cli
-from config import Config, deep_merge, fill_vocab_size, resolve_config
+from config import Config, deep_merge, fill_vocab_size, resolve_config, train_eval_iters
 from contract import build_model
 from corpus import worker_count
 from data_loader import check_enough_tokens, dataset_files, prepare_data, synthetic_data
@@ -84,6 +84,7 @@ def bench_config(args: argparse.Namespace, out_dir: Path) -> Config:
         if cfg.model.vocab_size is None:
             raise UserError("--synthetic needs model.vocab_size (e.g. --model.vocab_size 50304)")
         cfg.training.eval_iters = min(cfg.training.eval_iters, SYNTHETIC_EVAL_ITERS)
+        cfg.training.eval_train_iters = min(train_eval_iters(cfg.training), SYNTHETIC_EVAL_ITERS)
     return cfg
 
 

@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import LATEST
-from config import Config, TrainingConfig, config_to_dict, tokens_per_step
+from config import Config, TrainingConfig, config_to_dict, tokens_per_step, train_eval_iters
 from guards import format_duration
 from metrics import MetricsLog, read_metrics
 from plotting import LossPlotter
@@ -303,7 +303,7 @@ class RunMonitor:
         evaluations = len([s for s in range(step + 1, max_steps + 1) if s % t.eval_interval == 0])
         evaluations += max_steps % t.eval_interval != 0
         # an evaluation batch is a forward pass only: about a third of a micro-step's work
-        eval_s = 2 * t.eval_iters * seconds_per_step / (3 * t.grad_accum_steps)
+        eval_s = (t.eval_iters + train_eval_iters(t)) * seconds_per_step / (3 * t.grad_accum_steps)
         total = remaining * seconds_per_step + evaluations * eval_s
         self.message(f"estimated time to step {max_steps:,}: about {format_duration(total)} "
                      f"({seconds_per_step * 1000:.1f} ms/step, {evaluations} evaluations)")

@@ -10,7 +10,7 @@ from typing import Iterator, Optional
 import torch
 
 from checkpoint import weights_mismatch
-from config import Config, config_to_dict, tokens_per_step
+from config import Config, config_to_dict, tokens_per_step, train_eval_iters
 from contract import build_model, flops_per_token, params_without_embeddings
 from data_loader import (
     PreparedData,
@@ -269,7 +269,7 @@ class Trainer:
             yield from shard_evenly(windows, self.ranks)
             return
         generator = torch.Generator().manual_seed(EVAL_SEED)
-        for _ in range(t.eval_iters):
+        for _ in range(t.eval_iters if split == "val" else train_eval_iters(t)):
             yield self._random_batch(split, generator), True
 
     @torch.no_grad()

@@ -92,7 +92,7 @@ def workdir(tmp_path, monkeypatch) -> Path:
 TINY_SETTINGS = {
     "model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 16},
     "training": {"max_steps": 6, "batch_size": 4, "eval_interval": 3, "eval_iters": 2,
-                 "log_interval": 1, "warmup_steps": 2},
+                 "eval_train_iters": 2, "log_interval": 1, "warmup_steps": 2},
     "system": {"device": "cpu", "dtype": "float32"},  # pinned: auto differs between CPUs
 }
 

@@ -46,7 +46,8 @@ def test_a_synthetic_run_scores_a_few_batches_not_the_whole_split(workdir, tiny_
 
     monkeypatch.setattr(bench.Trainer, "_eval_batches", counting)
     assert run_cli(bench.main, ["--config", str(tiny_config_file), "--synthetic", "--model.vocab_size", "64",
-                                "--steps", "3", "--eval_iters", "50", "--system.dtype", "float32"]) == 0
+                                "--steps", "3", "--eval_iters", "50", "--training.eval_train_iters", "50",
+                                "--system.dtype", "float32"]) == 0
     record = json.loads(capsys.readouterr().out)
     assert scored == [("train", 3), ("val", 3)]  # one evaluation, at the end, of 3 batches a split
     assert record["val_loss_over"] == "3 random batches of synthetic tokens"

@@ -103,6 +103,7 @@ def test_bad_keys_and_types_are_named(settings, message):
     ("data", "val_fraction", 0.0, "data.val_fraction must be between 0 and 1"),
     ("system", "device", "tpu", "system.device must be one of auto, cpu, cuda, mps"),
     ("training", "epochs", -2.0, "training.epochs must be positive"),
+    ("training", "eval_train_iters", 0, "training.eval_train_iters must be positive"),
 ])
 def test_validation_messages_say_what_is_wrong(section, key, value, message):
     cfg = Config()
@@ -174,6 +175,7 @@ def test_show_config_prints_sections_and_derived_values(capsys, workdir, small_c
     assert re.search(r"device +cpu, float32, compile off", out)
     assert re.search(r"parameters +[0-9,]+ \([0-9,]+ without embeddings\)", out)
     assert re.search(r"lr schedule +warmup 100 steps to 0.002, cosine to 0.0002 at step 1,200", out)
+    assert re.search(r"eval_iters +20\n +eval_train_iters +20\n", out)
 
 
 def test_show_config_never_downloads(capsys, workdir):

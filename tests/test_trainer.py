@@ -192,6 +192,15 @@ def test_full_validation_split_loss(workdir, tiny_config_file):
     assert trainer.evaluate()["val"] == pytest.approx(expected.item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("train_iters, expected", [("5", 5), ("null", 3)])
+def test_the_train_loss_at_an_evaluation_has_a_batch_count_of_its_own(workdir, tiny_config_file, train_iters,
+                                                                       expected):
+    trainer = build(tiny_config_file, "--eval_iters", "3", "--training.eval_train_iters", train_iters)
+    assert [len(list(trainer._eval_batches(split))) for split in ("train", "val")] == [expected, 3]
+    full = build(tiny_config_file, "--training.eval_full_val", "true", "--training.eval_train_iters", "1")
+    assert len(list(full._eval_batches("train"))) == 1  # the val split is scored whole all the same
+
+
 def build(config_file, *flags: str, system=None):
     args = train.build_parser().parse_args(["--config", str(config_file), *flags])
     cfg, _, _ = train.resolve_run_config(args)
