@@ -1,0 +1,180 @@
+"""CUDA: mixed-precision steps, compiled and CUDA-graph steps against eager ones, KV-cache
+decoding, a checkpoint from the GPU read on a CPU, a real out-of-memory, --max_batch.
+
+Every test here needs a CUDA device and is skipped without one (CI's CPUs report them skipped);
+`pytest -m gpu` runs them alone, as scripts/gpu_check.sh does first on a GPU machine.
+"""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import torch
+
+import bench
+import gen
+import train
+from checkpoint import load_checkpoint, load_model
+from cli import run_cli
+from model import GPT
+from sampling import SamplingSettings, generate
+from tests.conftest import REPO_ROOT, tiny_model_config
+from trainer import Trainer
+from utils import resolve_system
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+CUDA = torch.device("cuda")
+HUGE_BATCH = 1 << 24  # windows of 16 tokens, 128 wide: the first embedding alone needs 128 GiB
+
+
+def cuda_trainer(config_file: Path, dtype: str, *flags: str, compile_model: bool = False) -> Trainer:
+    """A Trainer of the tiny test config on the GPU, built as train.py builds it."""
+    args = train.build_parser().parse_args(["--config", str(config_file), "--system.device", "cuda",
+                                            "--system.dtype", dtype, *flags])
+    cfg, _, _ = train.resolve_run_config(args)
+    return train.build_trainer(args, cfg, None, None, resolve_system("cuda", dtype, compile_model))
+
+
+def train_steps(trainer: Trainer, steps: int) -> list[float]:
+    """Run steps as the loop does (the schedule follows trainer.step); return their losses."""
+    losses = []
+    for _ in range(steps):
+        loss = trainer.train_step()
+        assert loss is not None, f"step {trainer.step + 1} was skipped as non-finite"
+        losses.append(loss.item())
+        trainer.step += 1
+    return losses
+
+
+def tensors(obj: object) -> Iterator[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            yield from tensors(value)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            yield from tensors(value)
+
+
+@pytest.fixture
+def exact_float32():
+    """float32 matmuls without TF32 (a trainer's configure_torch sets it process-wide), restored after."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(before)
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Each compiling test starts and leaves with dynamo's caches and counters empty."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    yield torch._dynamo.utils.counters
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_mixed_precision_steps_train(workdir, tiny_config_file, dtype):
+    trainer = cuda_trainer(tiny_config_file, dtype, "--lr", "3e-3", "--max_steps", "40")
+    assert trainer.system.device.type == "cuda" and trainer.system.dtype == getattr(torch, dtype)
+    assert trainer.scaler.is_enabled() == (dtype == "float16")  # loss scaling for float16 only
+    losses = train_steps(trainer, 30)
+    assert all(math.isfinite(loss) for loss in losses)
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3, losses
+    if dtype == "float16":
+        assert 0 < trainer.scaler.get_scale() < math.inf
+    # autocast computes in half precision; the weights the optimizer updates stay float32
+    assert all(p.dtype == torch.float32 and bool(torch.isfinite(p).all()) for p in trainer.model.parameters())
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"], ids=["compiled", "cuda-graphs"])
+def test_compiled_steps_and_evaluations_equal_eager_ones(workdir, tiny_config_file, exact_float32,
+                                                         fresh_dynamo, mode):
+    flags = ("--system.allow_tf32", "false", "--system.compile_mode", mode)
+    eager = cuda_trainer(tiny_config_file, "float32", *flags, "--out_dir", "eager")
+    compiled = cuda_trainer(tiny_config_file, "float32", *flags, "--out_dir", "compiled", compile_model=True)
+    assert compiled.system.compile and compiled.forward_model is not compiled.parallel.wrapped
+    runs = []
+    for trainer in (eager, compiled):
+        losses = train_steps(trainer, 6)  # CUDA graphs: warm-up, recording, then replays
+        evaluation = trainer.evaluate()
+        losses += train_steps(trainer, 2)  # training goes on after an evaluation (eval mode, no grad)
+        runs.append((losses, evaluation))
+    (eager_losses, eager_eval), (compiled_losses, compiled_eval) = runs
+    assert compiled_losses == pytest.approx(eager_losses, rel=1e-3)
+    assert compiled_eval == pytest.approx(eager_eval, rel=1e-3)
+    assert fresh_dynamo["inductor"]["cudagraph_skips"] == 0  # reduce-overhead really replayed graphs
+
+
+VARIANTS = [{}, dict(position="rope", norm="rmsnorm", mlp="relu2", qk_norm=True), dict(n_kv_head=1, mlp="swiglu")]
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=["gpt2", "cpu-recipe", "gqa-swiglu"])
+def test_kv_cache_decoding_on_cuda_equals_recomputing_the_context(exact_float32, variant):
+    torch.manual_seed(0)
+    model = GPT(tiny_model_config(block_size=16, n_head=4, n_embd=32, **variant)).to(CUDA).eval()
+    tokens = torch.randint(0, 11, (1, 16), device=CUDA)
+    with torch.no_grad():
+        full = model(tokens)[0][0]  # every position's logits, the whole context at once
+        cache = model.new_cache()
+        cached = [model(tokens[:, :5], cache=cache)[0][0, -1]]  # a prefill of 5, then one at a time
+        cached += [model(tokens[:, t : t + 1], cache=cache)[0][0, -1] for t in range(5, 16)]
+    torch.testing.assert_close(torch.stack(cached), full[4:], atol=1e-4, rtol=1e-4)
+    greedy = SamplingSettings(max_new_tokens=12, temperature=0)  # 3 + 12 <= 16: no sliding
+    decoded = list(generate(model, 16, [1, 2, 3], greedy, vocab_limit=11))
+    recomputed = [1, 2, 3]
+    with torch.no_grad():
+        for _ in range(12):
+            recomputed.append(int(model(torch.tensor([recomputed], device=CUDA))[0][0, -1].argmax()))
+    assert decoded == recomputed[3:]
+
+
+def test_a_checkpoint_written_from_cuda_loads_on_a_cpu_with_tied_weights(workdir, tiny_config_file, capsys):
+    trainer = cuda_trainer(tiny_config_file, "bfloat16", "--out_dir", "from_cuda")
+    train_steps(trainer, 2)
+    path = trainer.save_latest()
+    checkpoint = load_checkpoint(path)  # its checksum verifies
+    assert all(t.device.type == "cpu" for t in tensors(checkpoint))  # weights, optimizer state, RNG
+    weights = checkpoint["model"]
+    assert weights["lm_head.weight"].untyped_storage().data_ptr() == weights["wte.weight"].untyped_storage().data_ptr()
+    model = load_model(checkpoint, torch.device("cpu"), str(path))
+    assert model.lm_head.weight is model.wte.weight  # one matrix, as in the model trained
+    restored = model.state_dict()
+    for name, tensor in trainer.model.state_dict().items():
+        assert torch.equal(restored[name], tensor.cpu()), name
+    capsys.readouterr()
+    assert run_cli(gen.main, [str(path.parent), "--device", "cpu", "--dtype", "float32", "--prompt", "the",
+                              "--max_new_tokens", "5", "--no_stream"]) == 0
+    assert capsys.readouterr().out.startswith("the")
+
+
+@pytest.mark.slow
+def test_a_real_out_of_memory_ends_with_one_line_and_exit_2(workdir, tiny_config_file):
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "train.py"), "--config", str(tiny_config_file),
+                           "--system.device", "cuda", "--system.dtype", "bfloat16", "--no_compile",
+                           "--model.n_embd", "128", "--batch_size", str(HUGE_BATCH), "--max_steps", "1"],
+                          cwd=workdir, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: CUDA ran out of memory with batch_size {HUGE_BATCH}, block_size 16, "
+                           "grad_accum_steps 1: lower --batch_size"), last
+
+
+def test_max_batch_finds_the_edge_of_gpu_memory(workdir, tiny_config_file, capsys):
+    """A 50k-word head at context 1024 takes hundreds of MB a sequence: memory ends the search."""
+    assert run_cli(bench.main, ["--config", str(tiny_config_file), "--synthetic", "--max_batch",
+                                "--system.device", "cuda", "--system.dtype", "bfloat16",
+                                "--model.vocab_size", "50304", "--model.block_size", "1024",
+                                "--model.n_embd", "768", "--model.n_head", "12"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["block_size"] == 1024
+    assert 1 <= record["max_batch"] < 1 << 16  # the edge of memory, not the search's own limit
+    assert 0 < record["peak_memory_mb"] <= record["total_memory_mb"]
