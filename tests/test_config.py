@@ -57,6 +57,22 @@ def test_shipped_configs_hold_the_documented_recipes():
     assert (gpu.training.lr, gpu.training.beta2, gpu.training.warmup_steps) == (1e-3, 0.99, 100)
 
 
+def test_the_speedrun_recipe_is_the_baseline_model_with_the_levers_on():
+    """Its time to val 1.47 compares with shakespeare_char.json's: the same model, data and batch."""
+    base = resolve_config(str(REPO_ROOT / "configs/shakespeare_char.json"), {})
+    speedrun = resolve_config(str(REPO_ROOT / "configs/shakespeare_char_speedrun.json"), {})
+    def shape(cfg):
+        return (cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd, cfg.model.block_size,
+                cfg.training.batch_size, cfg.data.tokenizer, cfg.data.val_fraction)
+
+    assert shape(speedrun) == shape(base) == (6, 6, 384, 256, 64, "char", 0.1)
+    m, t = speedrun.model, speedrun.training
+    assert (m.position, m.norm, m.mlp, m.qk_norm, t.optimizer, t.schedule) == (
+        "rope", "rmsnorm", "relu2", True, "muon", "wsd")
+    assert m.dropout < base.model.dropout and t.max_steps < 1000 and t.max_steps % t.eval_interval == 0
+    assert t.eval_full_val and t.eval_iters <= 10 and t.keep_last == 0  # evaluations cost little
+
+
 def test_extends_is_relative_to_the_file_and_deep_merged(tmp_path):
     (tmp_path / "sub").mkdir()
     write(tmp_path / "base.json", {"model": {"n_layer": 3, "n_head": 2}, "training": {"lr": 0.01}})
