@@ -29,7 +29,7 @@ from utils import resolve_system
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 CUDA = torch.device("cuda")
-HUGE_BATCH = 1 << 24  # windows of 16 tokens, 128 wide: the first embedding alone needs 128 GiB
+HUGE_BATCH = 1 << 24  # windows of 16 tokens, 256 wide: the first embedding alone needs 256 GiB
 
 
 def cuda_trainer(config_file: Path, dtype: str, *flags: str, compile_model: bool = False) -> Trainer:
@@ -159,7 +159,7 @@ def test_a_checkpoint_written_from_cuda_loads_on_a_cpu_with_tied_weights(workdir
 def test_a_real_out_of_memory_ends_with_one_line_and_exit_2(workdir, tiny_config_file):
     done = subprocess.run([sys.executable, str(REPO_ROOT / "train.py"), "--config", str(tiny_config_file),
                            "--system.device", "cuda", "--system.dtype", "bfloat16", "--no_compile",
-                           "--model.n_embd", "128", "--batch_size", str(HUGE_BATCH), "--max_steps", "1"],
+                           "--model.n_embd", "256", "--batch_size", str(HUGE_BATCH), "--max_steps", "1"],
                           cwd=workdir, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr[-3000:]
     assert "Traceback" not in done.stderr

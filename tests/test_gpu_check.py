@@ -13,10 +13,11 @@ import pytest
 
 import check_runner
 import gpu_check
+import gpu_items
 from check_runner import Finished, Outcome, failure, markdown_table, run_command
 from cli import run_cli
 from config import resolve_config
-from gpu_check import Context, Item
+from gpu_items import Context, Item
 from tests.conftest import REPO_ROOT
 
 SCRIPT = REPO_ROOT / "scripts" / "gpu_check.sh"
@@ -39,10 +40,10 @@ def read_lines(path: Path) -> list[dict]:
 
 
 def test_the_items_are_named_once_and_wait_only_for_earlier_ones():
-    names = [item.name for item in gpu_check.ITEMS]
+    names = [item.name for item in gpu_items.ITEMS]
     assert len(set(names)) == len(names)
-    for index, item in enumerate(gpu_check.ITEMS):
-        assert gpu_check.MIN_START_S < item.budget_s <= 120, item.name
+    for index, item in enumerate(gpu_items.ITEMS):
+        assert gpu_check.MIN_START_S < item.budget_s <= gpu_check.TOTAL_S / 3, item.name  # no item eats the rest
         if item.after is not None:
             assert item.after in names[:index], item.name
     # the issue's levers each have an item of their own
@@ -52,17 +53,17 @@ def test_the_items_are_named_once_and_wait_only_for_earlier_ones():
 
 
 def test_the_whole_sweep_fits_in_one_gpu_check_budget():
-    points = len(gpu_check.SWEEP_GRID.steps) * len(gpu_check.SWEEP_GRID.lr_scales)
-    assert points * gpu_check.SWEEP_BUDGET_S <= gpu_check.TOTAL_S
-    recipe = resolve_config(str(REPO_ROOT / gpu_check.SPEEDRUN_CONFIG), {})
-    steps = gpu_check.SWEEP_GRID.steps
+    points = len(gpu_items.SWEEP_GRID.steps) * len(gpu_items.SWEEP_GRID.lr_scales)
+    assert points * gpu_items.SWEEP_BUDGET_S <= gpu_check.TOTAL_S
+    recipe = resolve_config(str(REPO_ROOT / gpu_items.SPEEDRUN_CONFIG), {})
+    steps = gpu_items.SWEEP_GRID.steps
     assert min(steps) < recipe.training.max_steps < max(steps)  # the grid brackets the recipe
-    assert 1.0 in gpu_check.SWEEP_GRID.lr_scales
+    assert 1.0 in gpu_items.SWEEP_GRID.lr_scales
 
 
 def test_sweep_points_scale_every_learning_rate_together():
-    items = gpu_check.sweep_items(gpu_check.SweepGrid(steps=(300,), lr_scales=(2.0,)))
-    recipe = resolve_config(str(REPO_ROOT / gpu_check.SPEEDRUN_CONFIG), {}).training
+    items = gpu_items.sweep_items(gpu_items.SweepGrid(steps=(300,), lr_scales=(2.0,)))
+    recipe = resolve_config(str(REPO_ROOT / gpu_items.SPEEDRUN_CONFIG), {}).training
     ctx = Context(smoke=False, scratch=Path("/scratch"), dataset="data.txt", target=1.47)
     argv = items[0].commands(ctx)[0]
     value = {flag: argv[i + 1] for i, flag in enumerate(argv) if flag.startswith("--")}
@@ -79,7 +80,7 @@ def test_sweep_points_scale_every_learning_rate_together():
     ("==== 2 passed, 1 deselected, 1 error in 3.00s ====", "ok", {"passed": 2, "deselected": 1, "error": 1}),
 ])
 def test_pytest_summaries_become_an_outcome(summary, status, counts):
-    got_status, figures, headline = gpu_check.read_pytest(None, [finished(stdout=f"..s.\n{summary}\n")])
+    got_status, figures, headline = gpu_items.read_pytest(None, [finished(stdout=f"..s.\n{summary}\n")])
     assert (got_status, figures) == (status, counts)
     assert headline.endswith(summary.strip("= "))
     assert headline.startswith("no CUDA") == (status == "skipped")
@@ -119,7 +120,7 @@ def test_items_that_cannot_run_are_skipped_with_the_reason(tmp_path):
     assert reasons["cuda"].reason == "no CUDA: the smoke check runs on the CPU"
     assert reasons["first"].reason == "needs cold before it in the same run (--only cold w)"
     assert reasons["time"].reason == "the 300 s total was spent; run it alone with --only late"
-    assert reasons["failed"].reason == "needs cold, which timeout"
+    assert reasons["failed"].reason == "needs cold, which ran out of time"
 
 
 def test_bad_arguments_are_one_line(capsys, monkeypatch):
@@ -134,8 +135,8 @@ def test_bad_arguments_are_one_line(capsys, monkeypatch):
 def test_list_prints_every_item_and_its_limit(capsys):
     assert run_cli(gpu_check.main, ["--list"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == len(gpu_check.ITEMS) + 1
-    assert lines[0].split()[:3] == ["cuda_tests", "120", "s"] and lines[-1].split()[:2] == ["total", "480"]
+    assert len(lines) == len(gpu_items.ITEMS) + 1
+    assert lines[0].split()[:3] == ["cuda_tests", "150", "s"] and lines[-1].split()[:2] == ["total", "480"]
 
 
 @pytest.mark.slow
@@ -164,13 +165,14 @@ def running(pid: int) -> bool:
 @pytest.mark.slow
 def test_a_failing_or_hanging_item_is_recorded_and_the_next_one_runs(tmp_path, monkeypatch, capsys):
     items = (
-        Item("unknown_flag", 30, gpu_check.bench(gpu_check.GPT2_CONFIG, "--system.no_such_lever", "on",
-                                                  synthetic=True), gpu_check.read_throughput),
+        Item("unknown_flag", 30, gpu_items.bench(gpu_items.GPT2_CONFIG, "--system.no_such_lever", "on",
+                                                  synthetic=True), gpu_items.read_throughput),
         Item("hangs", 30, lambda ctx: [python("import time; time.sleep(60)")], fine),
-        Item("prints_nothing", 30, lambda ctx: [python("pass")], gpu_check.read_throughput),
-        Item("works", 30, lambda ctx: [python("print(42)")], fine),
+        Item("prints_nothing", 30, lambda ctx: [python("pass")], gpu_items.read_throughput),
+        Item("works", 30, lambda ctx: [python("import sys; print(42); sys.stderr.write('Recompiling function "
+                                             "forward\\n' * 2)")], fine),
     )
-    monkeypatch.setattr(gpu_check, "ITEMS", items)
+    monkeypatch.setattr(gpu_items, "ITEMS", items)
     monkeypatch.setattr(gpu_check, "SMOKE_LIMIT_S", 20.0)
     monkeypatch.setattr(check_runner, "KILL_GRACE_S", 0.5)
     monkeypatch.setattr(gpu_check, "run_command",
@@ -184,7 +186,8 @@ def test_a_failing_or_hanging_item_is_recorded_and_the_next_one_runs(tmp_path, m
     assert lines["hangs"]["status"] == "timeout"
     assert lines["prints_nothing"]["status"] == "failed"
     assert lines["prints_nothing"]["reason"].startswith("ran, but its figures could not be read")
-    assert lines["works"]["status"] == "ok" and lines["works"]["figures"] == {"printed": "42"}
+    assert lines["works"]["status"] == "ok" and lines["works"]["figures"] == {"printed": "42", "recompilations": 2}
+    assert lines["works"]["result"] == "fine; 2 recompilations (logs/ say why)"
     table = (tmp_path / "gpu_check_smoke.md").read_text()
     assert table in capsys.readouterr().out and "| works | ok |" in table
     assert "## stdout\n42\n" in (tmp_path / "logs" / "gpu_check_smoke" / "works.log").read_text()
@@ -202,10 +205,11 @@ def test_the_smoke_check_runs_every_item_on_the_cpu(tmp_path):
     done = run_script("--smoke", out_dir=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     lines = {line["item"]: line for line in read_lines(tmp_path / "gpu_check_smoke.jsonl")}
-    assert list(lines) == [item.name for item in gpu_check.ITEMS]
+    assert list(lines) == [item.name for item in gpu_items.ITEMS]
     for name, line in lines.items():
         assert line["status"] in ("ok", "skipped"), (name, line["reason"], line["stderr_tail"])
         assert line["status"] == "ok" or line["reason"], name
+        assert line["status"] == "skipped" or line["figures"]["recompilations"] == 0, name  # compile is off
     skipped = {name for name, line in lines.items() if line["status"] == "skipped"}
     assert skipped == {"cuda_tests", "124m_compile_default", "124m_cuda_graphs", "124m_cudnn_attention",
                        "124m_max_batch", "124m_at_max_batch"}
@@ -228,7 +232,7 @@ def test_the_smoke_sweep_writes_one_line_per_grid_point(tmp_path):
     done = run_script("--smoke", "--sweep", out_dir=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     lines = read_lines(tmp_path / "gpu_sweep_smoke.jsonl")
-    grid = gpu_check.SMOKE_SWEEP_GRID
+    grid = gpu_items.SMOKE_SWEEP_GRID
     assert [(line["figures"]["max_steps"], line["status"]) for line in lines] == \
         [(steps, "ok") for steps in grid.steps for _ in grid.lr_scales]
     rates = [line["figures"]["muon_lr"] for line in lines]
