@@ -110,7 +110,8 @@ def at_max_batch(ctx: Context) -> list[list[str]]:
 
 
 def cuda_tests(ctx: Context) -> list[list[str]]:
-    return [[PYTHON, "-m", "pytest", "-q", "-m", "gpu", "tests/test_gpu.py"]]
+    """Every test marked gpu: tests/test_gpu.py and the CUDA checks of other files."""
+    return [[PYTHON, "-m", "pytest", "-q", "-m", "gpu"]]
 
 
 def token_cache(ctx: Context) -> list[list[str]]:
@@ -217,7 +218,8 @@ def sweep_reader(steps: int, lr: float, muon_lr: float) -> Reader:
 # ---------------------------------------------------------------- the items, in the order they run
 
 def _lever(name: str, budget_s: float, *flags: str, needs_cuda: bool = False) -> Item:
-    """A 124M throughput run with one lever set (the config's defaults are 124m_base)."""
+    """A 124M throughput run with one lever set; 124m_base keeps the config's defaults (compile_mode
+    auto: CUDA graphs on one GPU, so 124m_compile_default is that lever off)."""
     return Item(name, budget_s, bench(GPT2_CONFIG, *flags, synthetic=True), read_throughput, cache="124m",
                 needs_cuda=needs_cuda)
 

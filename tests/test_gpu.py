@@ -2,7 +2,8 @@
 decoding, a checkpoint from the GPU read on a CPU, a real out-of-memory, --max_batch.
 
 Every test here needs a CUDA device and is skipped without one (CI's CPUs report them skipped);
-`pytest -m gpu` runs them alone, as scripts/gpu_check.sh does first on a GPU machine.
+`pytest -m gpu` runs them alone, with the other tests marked gpu (tests/test_kernels.py's), as
+scripts/gpu_check.sh does first on a GPU machine.
 """
 from __future__ import annotations
 
@@ -37,7 +38,9 @@ def cuda_trainer(config_file: Path, dtype: str, *flags: str, compile_model: bool
     args = train.build_parser().parse_args(["--config", str(config_file), "--system.device", "cuda",
                                             "--system.dtype", dtype, *flags])
     cfg, _, _ = train.resolve_run_config(args)
-    return train.build_trainer(args, cfg, None, None, resolve_system("cuda", dtype, compile_model))
+    system = resolve_system("cuda", dtype, compile_model, compile_mode=cfg.system.compile_mode,
+                            grad_accum_steps=cfg.training.grad_accum_steps)  # the mode, resolved as train.py does
+    return train.build_trainer(args, cfg, None, None, system)
 
 
 def train_steps(trainer: Trainer, steps: int) -> list[float]:
@@ -100,7 +103,8 @@ def test_compiled_steps_and_evaluations_equal_eager_ones(workdir, tiny_config_fi
     flags = ("--system.allow_tf32", "false", "--system.compile_mode", mode)
     eager = cuda_trainer(tiny_config_file, "float32", *flags, "--out_dir", "eager")
     compiled = cuda_trainer(tiny_config_file, "float32", *flags, "--out_dir", "compiled", compile_model=True)
-    assert compiled.system.compile and compiled.forward_model is not compiled.parallel.wrapped
+    assert compiled.system.compile and compiled.system.compile_mode == mode
+    assert compiled.forward_model is not compiled.parallel.wrapped
     runs = []
     for trainer in (eager, compiled):
         losses = train_steps(trainer, 6)  # CUDA graphs: warm-up, recording, then replays
