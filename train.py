@@ -40,9 +40,9 @@ from distributed import Collectives, ranks_from_environment
 from errors import UserError
 from huggingface import checkpoint_from_hf, is_hf_folder
 from kernels import check_attention_backend
-from monitor import RunFacts, Style, describe_run, format_sections
 from optim import total_steps
 from precision import choose_cpu_dtype
+from run_description import RunFacts, Style, describe_run, format_sections
 from run_files import checkpoints_in, clear_earlier_run, outputs_in
 from tokenizer import tokenizer_from_dict
 from trainer import Trainer

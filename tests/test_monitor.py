@@ -19,6 +19,7 @@ import torch
 import monitor
 import plot
 import plotting
+import run_description
 import train
 from checkpoint import load_checkpoint
 from cli import run_cli
@@ -195,12 +196,12 @@ def test_colours_only_on_a_terminal_without_no_color(monkeypatch):
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True, raising=False)
     monkeypatch.delenv("NO_COLOR", raising=False)
     monkeypatch.setenv("TERM", "xterm")
-    assert monitor.Style().bold("x") == "\x1b[1mx\x1b[0m"
+    assert run_description.Style().bold("x") == "\x1b[1mx\x1b[0m"
     monkeypatch.setenv("NO_COLOR", "1")
-    assert monitor.Style().bold("x") == "x"
+    assert run_description.Style().bold("x") == "x"
     monkeypatch.setattr(sys.stdout, "isatty", lambda: False, raising=False)
     monkeypatch.delenv("NO_COLOR")
-    assert monitor.Style().bold("x") == "x"
+    assert run_description.Style().bold("x") == "x"
 
 
 def test_mfu_matches_a_hand_computation():
@@ -255,7 +256,7 @@ def test_deterministic_switch(workdir, tiny_config_file):
 def test_the_summary_names_the_schedule_in_use():
     t = Config().training
     t.warmup_steps, t.lr, t.min_lr = 30, 3e-3, 3e-4
-    assert monitor.describe_schedule(t, 300) == "warmup 30 steps to 0.003, cosine to 0.0003 at step 300"
+    assert run_description.describe_schedule(t, 300) == "warmup 30 steps to 0.003, cosine to 0.0003 at step 300"
     t.schedule, t.cooldown_fraction = "wsd", 0.3
-    assert monitor.describe_schedule(t, 300) == (
+    assert run_description.describe_schedule(t, 300) == (
         "warmup 30 steps to 0.003, stable, linear cooldown over the last 30% to 0.0003")
