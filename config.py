@@ -170,6 +170,11 @@ class SystemConfig:
     attention_backend: str = option(
         "auto", "scaled_dot_product_attention's kernel; auto: torch's choice; a CPU has math and flash",
         choices=("auto", "flash", "cudnn", "efficient", "math"))
+    compile_scope: str = option(
+        "auto", "what torch.compile compiles: blocks (one transformer block's graph, reused by every "
+        "layer: compiles in about a layer's time), model (the whole forward as one graph); auto: blocks, "
+        "but the model in the CUDA-graph modes or where blocks cannot be (torch < 2.6)",
+        choices=("auto", "blocks", "model"))
     data_on_device: Optional[bool] = option(
         None, "keep the token splits in device memory and cut batches there; null: on CUDA when "
         "they fit in 2 GiB")

@@ -1,8 +1,14 @@
-"""The training loop, written out by hand: schedule, steps, evaluation, checkpoints, stops."""
+"""The training loop, written out by hand: schedule, steps, evaluation, checkpoints, stops.
+
+What a run compiles (system.compile on), and when: in its first step, the training forward
+and backward, of one transformer block reused by every layer (compile_scope blocks) or of the
+whole model (and under torchrun with gradient accumulation, in the same step, again for the
+micro-steps without DDP's gradient sync); after it, nothing: training batches keep one shape,
+and evaluation runs the model uncompiled (compilation.py says why; tests/test_compile.py counts).
+"""
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from pathlib import Path
 from typing import Iterator, Optional
@@ -10,6 +16,7 @@ from typing import Iterator, Optional
 import torch
 
 from checkpoint import weights_mismatch
+from compilation import training_forward
 from config import Config, config_to_dict, tokens_per_step, train_eval_iters
 from contract import build_model, flops_per_token, params_without_embeddings
 from data_loader import (
@@ -22,9 +29,9 @@ from data_loader import (
 )
 from distributed import Collectives, ParallelModel, QuietMonitor, Ranks, shard_evenly
 from errors import UserError
+from evaluation import mean_losses
 from guards import DeferredSkips, StepTimer, StopSignals, TimeLimit, out_of_memory_error
 from kernels import forward_context
-from model import target_count
 from monitor import LogWindow, LossRecord, RunFacts, RunMonitor, RunResult
 from optim import (
     accumulate_gradients,
@@ -67,8 +74,8 @@ class Trainer:
         t = cfg.training
         self.model = build_model(cfg.model).to(system.device)  # the same seed gives every rank the same start
         self.parallel = ParallelModel(self.model, self.ranks, system.device, cfg.system.fsdp)
-        wrapped = self.parallel.wrapped
-        self.forward_model = torch.compile(wrapped, mode=system.compile_mode) if system.compile else wrapped
+        # what a training step calls, and what of it is compiled ("blocks", "model" or None)
+        self.forward_model, self.compiled = training_forward(self.model, self.parallel.wrapped, cfg, system)
         if self.ranks.rank:
             torch.manual_seed(cfg.system.seed + self.ranks.rank)  # its own dropout masks
         self.optimizer = make_optimizer(self.model, t, system.device, system.dtype)
@@ -272,26 +279,9 @@ class Trainer:
         for _ in range(t.eval_iters if split == "val" else train_eval_iters(t)):
             yield self._random_batch(split, generator), True
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Return the mean loss per token on each split, over the batches of _eval_batches
-        (under torchrun each rank scores its share, and the ranks' sums are added up)."""
-        self.forward_model.eval()
-        losses = {}
-        for split in ("train", "val"):
-            total = torch.zeros((), device=self.system.device)
-            targets = torch.zeros((), dtype=torch.int64, device=self.system.device)
-            for (x, y), counts in self._eval_batches(split):
-                with self.autocast:
-                    _, loss = self.forward_model(x, y)
-                if counts:  # a batch without targets adds 0 to both, even where its 0/0 loss is NaN
-                    counted = target_count(y)  # all B x T of them, but for masked chat data
-                    total += torch.where(counted > 0, loss.float() * counted, 0.0)
-                    targets += counted
-            summed, count = self.collectives.sum_(total).item(), self.collectives.sum_(targets).item()
-            losses[split] = summed / count if count else math.nan  # nothing to score
-        self.forward_model.train()
-        return losses
+        """Return the mean loss per token on each split, over the batches of _eval_batches."""
+        return mean_losses(self.model, self._eval_batches, self.autocast, self.collectives, self.system.device)
 
     # ------------------------------------------------------------ the loop
 

@@ -221,10 +221,20 @@ def test_tokens_on_the_device_train_exactly_as_tokens_on_the_host(workdir, tiny_
 
 def test_compile_mode_reaches_torch_compile(workdir, tiny_config_file, monkeypatch):
     calls = []
-    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: calls.append(kwargs) or model)
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: calls.append((model, kwargs)) or model)
     system = dataclasses.replace(resolve_system("cpu", "auto", None, compile_mode="reduce-overhead"), compile=True)
-    build(tiny_config_file, "--system.compile_mode", "reduce-overhead", system=system)
-    assert calls == [{"mode": "reduce-overhead"}]
+    trainer = build(tiny_config_file, "--system.compile_mode", "reduce-overhead", system=system)
+    assert calls == [(trainer.model, {"mode": "reduce-overhead"})] and trainer.compiled == "model"
+
+
+@pytest.mark.skipif(not hasattr(torch.compiler, "set_stance"), reason="blocks compile apart from torch 2.6")
+def test_the_default_mode_compiles_each_transformer_block(workdir, tiny_config_file, monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: calls.append(kwargs) or model)
+    system = dataclasses.replace(resolve_system("cpu", "auto", None), compile=True)  # auto: default on a CPU
+    trainer = build(tiny_config_file, system=system)
+    assert calls == [{"mode": "default"}] * len(trainer.model.blocks)
+    assert trainer.compiled == "blocks" and trainer.forward_model is trainer.model
 
 
 def test_a_batch_without_counted_targets_adds_nothing_to_the_evaluation(workdir, tiny_config_file,
