@@ -116,6 +116,8 @@ class StepTimer:
     """
 
     def __init__(self, save_guess_s: float) -> None:
+        self.first_step_s = 0.0  # compilation and warm-up included
+        self.steps_s = 0.0  # every step's, the first included
         self.step_s = 0.0
         self.eval_s = 0.0
         self.save_s = 0.0
@@ -123,9 +125,11 @@ class StepTimer:
         self._steps_seen = 0
 
     def record_step(self, seconds: float) -> None:
-        """Fold in one step's duration; the first step (compilation, warm-up) is left out."""
+        """Fold in one step's duration; the first step (compilation, warm-up) is kept apart."""
         self._steps_seen += 1
+        self.steps_s += seconds
         if self._steps_seen == 1:
+            self.first_step_s = seconds
             return
         # an exponential average follows drift without jumping at every slow step
         self.step_s = seconds if self._steps_seen == 2 else 0.9 * self.step_s + 0.1 * seconds

@@ -54,11 +54,20 @@ class RunResult:
     start_step: int
     steps: int
     seconds: float  # this invocation's training time, evaluations and saves included
-    train_seconds: float  # the part spent in training steps, for throughput
+    train_seconds: float  # the part spent in training steps, the first included
     losses: LossRecord
     stop_reason: str  # "finished", "signal", "target" or "time"
     stopped_by_signal: Optional[int] = None
     skipped_steps: int = 0
+    first_step_s: float = 0.0  # compilation and warm-up: left out of the throughput
+    compiled: Optional[str] = None  # what torch.compile compiled ("blocks", "model"), if anything
+
+    def steady_tokens_per_s(self, tokens_per_step: int) -> Optional[float]:
+        """Tokens per second of the steps after the first (the first alone, in a one-step run)."""
+        steps, seconds = self.steps - self.start_step, self.train_seconds
+        if steps > 1:
+            steps, seconds = steps - 1, seconds - self.first_step_s
+        return steps * tokens_per_step / seconds if steps and seconds > 0 else None
 
 
 class LogWindow:
@@ -204,12 +213,19 @@ class RunMonitor:
                              "tokens_per_s": tokens_per_s, "mfu": mfu, "tflops": tflops,
                              **self._memory_row()})
         self.progress.report(postfix, line)
-        if not self.estimated:
+        if not self.estimated and step > self.start_step + 1:  # a window without the first step
             self.estimated = True
             self._print_estimate(step, seconds_per_step)
 
+    def first_step(self, seconds: float, compiled: Optional[str]) -> None:
+        """Say how long the session's first step took where it compiled (the speed figures
+        leave it out)."""
+        if compiled:
+            self.message(f"step {self.start_step + 1}: {format_duration(seconds)}, compilation included "
+                         f"(torch.compile of the {'transformer block' if compiled == 'blocks' else 'whole model'})")
+
     def _print_estimate(self, step: int, seconds_per_step: float) -> None:
-        """Print the expected duration once the first steps are timed."""
+        """Print the expected duration once steps after the first (compilation) are timed."""
         t, max_steps = self.cfg.training, self.facts.max_steps
         remaining = max_steps - step
         evaluations = len([s for s in range(step + 1, max_steps + 1) if s % t.eval_interval == 0])
@@ -277,17 +293,22 @@ class RunMonitor:
                       style: Style) -> list:
         losses, t = result.losses, self.cfg.training
         steps_run = result.steps - result.start_step
-        tokens_run = steps_run * self.tokens_per_step
         run = [("ending", self._ending(result, style)),
                ("time", f"{format_duration(result.seconds)} this session, "
                         f"{format_duration(elapsed_total_s)} in all sessions"),
                ("steps", f"{result.start_step:,} -> {result.steps:,} ({steps_run:,} this session)"),
                ("tokens seen", f"{result.steps * self.tokens_per_step:,}")]
-        if steps_run and result.train_seconds > 0:
-            tokens_per_s = tokens_run / result.train_seconds
+        tokens_per_s = result.steady_tokens_per_s(self.tokens_per_step)
+        if tokens_per_s:
             mfu, tflops = self.throughput(tokens_per_s)
             speed = f"MFU {mfu:.1%}" if mfu is not None else "MFU n/a (no peak known for this device)"
             run.append(("throughput", f"{tokens_per_s:,.0f} tokens/s, {tflops:.3f} TFLOP/s, {speed}"))
+        if steps_run > 1:
+            first = (("compilation", f"{format_duration(result.first_step_s)} (the first step, warm-up "
+                                     "included; not in the throughput)") if result.compiled
+                     else ("first step", f"{format_duration(result.first_step_s)} (warm-up; not in the "
+                                         "throughput)"))
+            run.append(first)
         if result.skipped_steps:
             run.append(("skipped steps", f"{result.skipped_steps} (non-finite loss or gradient)"))
         if t.target_val_loss is not None and losses.best_val > t.target_val_loss:

@@ -316,7 +316,7 @@ class Trainer:
     def _train(self) -> RunResult:
         t = self.cfg.training
         self._session_start = started = time.perf_counter()
-        start_step, train_seconds = self.step, 0.0
+        start_step = self.step
         self.skips = DeferredSkips(self.system.device, self.step)
         window = LogWindow()
         reason, signal = "finished", None
@@ -330,10 +330,10 @@ class Trainer:
                 step_start = time.perf_counter()
                 loss, applied = self.train_step()
                 self.step += 1
-                step_seconds = time.perf_counter() - step_start
-                self.timer.record_step(step_seconds)
-                train_seconds += step_seconds
+                self.timer.record_step(time.perf_counter() - step_start)
                 window.add(loss, applied)
+                if self.step == start_step + 1:
+                    self._first_step_done(window)
                 self.monitor.advance()
                 if t.nonfinite_check == "step":
                     self._read_skips(loss)
@@ -351,10 +351,18 @@ class Trainer:
             if self.saver.saved_step != self.step:
                 self.save_latest()
             self.saver.wait()  # on disk before the summary says so (a signal now is held, too)
-        result = RunResult(start_step, self.step, time.perf_counter() - started, train_seconds, self.losses,
-                           reason, signal if reason == "signal" else None, self.skips.total)
+        result = RunResult(start_step, self.step, time.perf_counter() - started, self.timer.steps_s, self.losses,
+                           reason, signal if reason == "signal" else None, self.skips.total,
+                           self.timer.first_step_s, self.compiled)
         self.monitor.finish(result, self.elapsed_s())
         return result
+
+    def _first_step_done(self, window: LogWindow) -> None:
+        """After the session's first step (compilation and warm-up): leave it out of the speed
+        figures (unless it is a report's only step)."""
+        self.monitor.first_step(self.timer.first_step_s, self.compiled)
+        if self.step % self.cfg.training.log_interval:
+            window.restart_clock()
 
     def _stop_reason(self, signal: Optional[int]) -> tuple[str, Optional[int]]:
         """Return why the run stops before the next step ("finished": it does not) and the

@@ -20,6 +20,7 @@ def test_bench_prints_one_json_line(workdir, tiny_config_file, capsys):
         assert key in record, key
     assert record["device"] == "cpu" and record["tokens_per_step"] == 64 and record["mfu"] is None
     assert record["compile_mode"] is None and record["data_on_device"] is False
+    assert record["compiled"] is None and record["first_step_s"] > 0
     assert record["steps"] == 3  # the target (100) is reached at the first evaluation
     assert record["seconds_to_target"] > 0 and record["final_val_loss"] < 100
     assert not list(workdir.glob("models/*"))  # the run directory was temporary

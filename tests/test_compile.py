@@ -1,8 +1,11 @@
-"""torch.compile in training: one compilation, in the first step; none for evaluation."""
+"""torch.compile in training: one compilation, in the first step; none for evaluation; the
+first step kept out of the speed figures."""
 from __future__ import annotations
 
 import json
 import os
+import re
+import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,7 @@ from torch._dynamo.utils import counters
 
 import compilation
 import train
+from cli import run_cli
 from tests.conftest import TINY_SETTINGS
 from utils import resolve_system
 
@@ -82,3 +86,39 @@ def test_the_compile_cache_goes_beside_the_token_caches_unless_torch_is_told(tmp
     assert os.environ[compilation.CACHE_VARIABLE] == str(tmp_path / "cache" / "torch_compile")
     monkeypatch.setenv(compilation.CACHE_VARIABLE, str(tmp_path / "mine"))
     assert compilation.keep_compile_cache(str(tmp_path / "cache")) == tmp_path / "mine"
+
+
+# ---------------------------------------------------------------- the first step's time
+
+
+def test_the_first_step_is_left_out_of_the_estimate_and_the_throughput(workdir, tiny_config_file, capsys,
+                                                                        monkeypatch):
+    """A clock of our own: the first step takes 10 s (compiling), the others 0.1 s each."""
+    clock = [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+    args = train.build_parser().parse_args(["--config", str(tiny_config_file), "--log_interval", "3",
+                                            "--max_steps", "7", "--eval_interval", "100"])
+    cfg, _, _ = train.resolve_run_config(args)
+    trainer = train.build_trainer(args, cfg, None, None, resolve_system("cpu", "float32", None))
+    step = trainer.train_step
+
+    def timed_step():
+        clock[0] += 10.0 if trainer.step == 0 else 0.1
+        return step()
+
+    trainer.train_step = timed_step
+    result = trainer.train()
+    out = capsys.readouterr().out
+    assert trainer.monitor.window_seconds == pytest.approx([0.1, 0.1, 0.1])  # steps 2-3, 4-6, 7
+    assert re.search(r"step +3/7 .* 100\.0 ms/step  640 tok/s", out)
+    assert re.search(r"estimated time to step 7: about 0\.\ds \(100\.0 ms/step", out)  # 4 steps left
+    assert result.first_step_s == pytest.approx(10.0) and result.train_seconds == pytest.approx(10.6)
+    assert re.search(r"throughput +640 tokens/s", out)  # 64 tokens per 0.1 s step
+    assert re.search(r"first step +10s \(warm-up; not in the throughput\)", out)
+
+
+def test_a_first_step_reported_alone_waits_for_the_next_report_to_estimate(workdir, tiny_config_file, capsys):
+    assert run_cli(train.main, ["--config", str(tiny_config_file), "--max_steps", "3"]) == 0  # a report each step
+    lines = capsys.readouterr().out.splitlines()
+    estimate = next(i for i, line in enumerate(lines) if line.startswith("estimated time"))
+    assert lines[estimate - 1].startswith("step      2/3")
