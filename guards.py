@@ -1,7 +1,8 @@
 """Reasons to stop a run early and cleanly: signals, a wall-time limit, a dollar budget.
 
 Each guard only answers "should the loop stop now?"; the loop finishes its step, saves a
-checkpoint and says why it stopped.
+checkpoint and says why it stopped. The one exception is a signal before the first step has
+finished: there is nothing to save yet, so it ends the process at once.
 """
 from __future__ import annotations
 
@@ -16,11 +17,17 @@ from typing import Optional
 import torch
 
 from config import SystemConfig, TrainingConfig
-from errors import UserError
+from errors import StoppedAtOnce, UserError
 
 
 class StopSignals:
     """Turn the first SIGINT/SIGTERM into a request to stop after the current step.
+
+    Until first_step_done(), a signal raises StoppedAtOnce instead (exit status 128 + the
+    signal, as the shell reports it): the first step compiles, which took minutes on a GPU,
+    and there is nothing to save before it ends, so nothing is saved and no checkpoint (a
+    resumed run's included) is touched. The exception derives from BaseException, which
+    torch.compile's wrappers of errors (subclasses of Exception) let through.
 
     A second signal raises KeyboardInterrupt at once; the last checkpoint stays as it was,
     because checkpoints are only ever replaced whole. A copy arriving within RELAY_S of the
@@ -36,17 +43,26 @@ class StopSignals:
         self.announce = announce
         self.received: Optional[int] = None
         self._received_at = 0.0
+        self.saves_first = False  # whether a signal waits for the step's end and a save
         self._previous: dict[int, object] = {}
+
+    def first_step_done(self) -> None:
+        """From now on a signal stops the run after the current step, with a save."""
+        self.saves_first = True
 
     def _handle(self, signum: int, frame: object) -> None:
         if self.received is not None:
-            if time.monotonic() - self._received_at < self.RELAY_S:
-                return
+            if time.monotonic() - self._received_at < self.RELAY_S or not self.saves_first:
+                return  # torchrun's relay of the first, or a repeat while already stopping at once
             raise KeyboardInterrupt
         self.received, self._received_at = signum, time.monotonic()
+        name = signal.Signals(signum).name
+        if not self.saves_first:
+            raise StoppedAtOnce(f"{name} received before the first step finished (compiling or warming "
+                                "up): stopped at once; nothing was saved or changed" if self.announce else "",
+                                signum)
         if not self.announce:
             return
-        name = signal.Signals(signum).name
         print(f"\n{name} received: stopping after this step to save a checkpoint "
               "(press Ctrl+C again to quit at once)", file=sys.stderr, flush=True)
 

@@ -333,7 +333,7 @@ class Trainer:
                 self.timer.record_step(time.perf_counter() - step_start)
                 window.add(loss, applied)
                 if self.step == start_step + 1:
-                    self._first_step_done(window)
+                    self._first_step_done(stop, window)
                 self.monitor.advance()
                 if t.nonfinite_check == "step":
                     self._read_skips(loss)
@@ -357,9 +357,10 @@ class Trainer:
         self.monitor.finish(result, self.elapsed_s())
         return result
 
-    def _first_step_done(self, window: LogWindow) -> None:
-        """After the session's first step (compilation and warm-up): leave it out of the speed
-        figures (unless it is a report's only step)."""
+    def _first_step_done(self, stop: StopSignals, window: LogWindow) -> None:
+        """After the session's first step (compilation and warm-up): a signal now waits for a
+        save, and the step is left out of the speed figures (unless it is a report's only one)."""
+        stop.first_step_done()
         self.monitor.first_step(self.timer.first_step_s, self.compiled)
         if self.step % self.cfg.training.log_interval:
             window.restart_clock()

@@ -1,10 +1,14 @@
 """torch.compile in training: one compilation, in the first step; none for evaluation; the
-first step kept out of the speed figures."""
+first step kept out of the speed figures; a signal while compiling ends the run at once."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,7 +19,9 @@ from torch._dynamo.utils import counters
 import compilation
 import train
 from cli import run_cli
-from tests.conftest import TINY_SETTINGS
+from guards import StopSignals
+from errors import StoppedAtOnce
+from tests.conftest import REPO_ROOT, TINY_SETTINGS
 from utils import resolve_system
 
 
@@ -122,3 +128,75 @@ def test_a_first_step_reported_alone_waits_for_the_next_report_to_estimate(workd
     lines = capsys.readouterr().out.splitlines()
     estimate = next(i for i, line in enumerate(lines) if line.startswith("estimated time"))
     assert lines[estimate - 1].startswith("step      2/3")
+
+
+# ---------------------------------------------------------------- signals before the first step ends
+
+
+def test_a_signal_before_the_first_step_ends_stops_at_once():
+    with StopSignals() as stop:
+        with pytest.raises(StoppedAtOnce, match="SIGTERM received before the first step finished") as stopped:
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert stopped.value.exit_status == 143
+        os.kill(os.getpid(), signal.SIGTERM)  # torchrun's relay, or a repeat while stopping: ignored
+        stop.first_step_done()
+
+
+def test_a_command_stopped_at_once_exits_as_the_signal_would(capsys):
+    def stopped(argv):
+        raise StoppedAtOnce("SIGINT received before the first step finished", signal.SIGINT)
+
+    assert run_cli(stopped, []) == 130
+    assert capsys.readouterr().err == "SIGINT received before the first step finished\n"
+
+
+def start_compiling(workdir: Path, config: Path, *flags: str) -> tuple[subprocess.Popen, list[str]]:
+    """Start train.py with compile on, with an empty compile cache; return once its first
+    step has begun (the summary before training is out), with what it printed until then."""
+    process = subprocess.Popen(
+        [sys.executable, str(REPO_ROOT / "train.py"), "--config", str(config), "--system.compile", "true",
+         "--max_steps", "100000", *flags],
+        cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env={**os.environ, compilation.CACHE_VARIABLE: str(workdir / f"compile-cache-{time.time_ns()}")})
+    printed = []
+    for line in process.stdout:
+        printed.append(line)
+        if line.startswith("  output "):  # the last line before the loop starts
+            break
+    time.sleep(0.5)  # inside torch.compile now: the tiny model's compilation takes seconds
+    return process, printed
+
+
+def stop_as_timeout_does(process: subprocess.Popen) -> tuple[str, str]:
+    """SIGTERM to the whole process group (as `timeout` sends it: inductor's compile workers
+    get it too); return stdout and stderr once the process has ended."""
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        out, err = process.communicate(timeout=60)  # it hung for minutes before (issue 17)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise
+    return out, err
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.slow
+def test_sigterm_while_compiling_ends_the_run_at_once_and_keeps_the_resumed_checkpoint(workdir,
+                                                                                      small_corpus_file):
+    config = write_config(workdir, small_corpus_file)
+    process, printed = start_compiling(workdir, config, "--out_dir", "fresh")
+    out, err = stop_as_timeout_does(process)
+    assert process.returncode == 143, err
+    assert "SIGTERM received before the first step finished" in err and "Traceback" not in err
+    assert "compilation included" not in "".join(printed) + out  # it was still compiling
+    assert not list((workdir / "fresh").glob("*.pt"))
+
+    assert run_cli(train.main, ["--config", str(config), "--out_dir", "resumed", "--max_steps", "2"]) == 0
+    before = {path.name: digest(path) for path in (workdir / "resumed").glob("*.pt")}
+    process, _ = start_compiling(workdir, config, "--out_dir", "resumed", "--resume")
+    out, err = stop_as_timeout_does(process)
+    assert process.returncode == 143 and "nothing was saved" in err, err
+    assert {path.name: digest(path) for path in (workdir / "resumed").glob("*.pt")} == before
