@@ -47,10 +47,11 @@ def graphs_compiled() -> int:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("scope", ["blocks", "model"])
-def test_nothing_compiles_after_the_first_step(workdir, small_corpus_file, scope):
+def test_nothing_compiles_after_the_first_step(workdir, small_corpus_file, scope, monkeypatch):
     """Dropout, gradient accumulation, whole-split evaluations with a shorter last batch of
     views (stride block_size), random-batch evaluations of the train split, a final one:
     each used to recompile the forward at the first evaluation; now only step 1 compiles."""
+    monkeypatch.setenv(compilation.CACHE_VARIABLE, str(workdir / "compile-cache"))  # restored after
     config = write_config(workdir, small_corpus_file, max_steps=5, eval_interval=2, grad_accum_steps=2,
                           eval_full_val=True, log_interval=2)
     trainer = compiled_trainer(config, "--model.dropout", "0.1", "--system.compile_scope", scope)
@@ -87,7 +88,8 @@ def test_compile_scope_auto_and_where_blocks_cannot_be_compiled(capsys):
 
 
 def test_the_compile_cache_goes_beside_the_token_caches_unless_torch_is_told(tmp_path, monkeypatch):
-    monkeypatch.delenv(compilation.CACHE_VARIABLE, raising=False)
+    monkeypatch.setenv(compilation.CACHE_VARIABLE, "")  # so that the variable is restored after
+    monkeypatch.delenv(compilation.CACHE_VARIABLE)
     assert compilation.keep_compile_cache(str(tmp_path / "cache")) == tmp_path / "cache" / "torch_compile"
     assert os.environ[compilation.CACHE_VARIABLE] == str(tmp_path / "cache" / "torch_compile")
     monkeypatch.setenv(compilation.CACHE_VARIABLE, str(tmp_path / "mine"))
