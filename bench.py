@@ -119,7 +119,7 @@ def figures(trainer: Trainer, monitor: RunMonitor, process_start: float) -> dict
         "batch_size": trainer.cfg.training.batch_size,
         "tokens_per_step": trainer.tokens_per_step,
         "steps": trainer.step,
-        "first_step_s": round(trainer.timer.first_step_s, 2),  # compilation (where on) and warm-up
+        "first_step_s": round(trainer.timer.first_step_s, 4),  # compilation (where on) and warm-up
         "compiled": trainer.compiled,
         "median_ms_per_step": round(seconds_per_step * 1000, 2) if seconds_per_step else None,
         "tokens_per_s": round(tokens_per_s) if tokens_per_s else None,
