@@ -13,7 +13,7 @@ import sys
 from typing import Any, Callable, Mapping, NoReturn, Sequence
 
 from config import DTYPE_ALIASES, SECTIONS, TYPE_WORDS, field_types, unwrap_optional
-from errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_USER_ERROR, StoppedAtOnce, UserError
+from errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
 
 # Short flags for the fields people change most: `--lr 3e-4` means `--training.lr 3e-4`.
 SHORT_FLAGS: dict[str, str] = {
@@ -64,12 +64,6 @@ def run_cli(main: Callable[[Sequence[str]], int], argv: Sequence[str] | None = N
         rank = os.environ.get("RANK", "0")  # torchrun's: say which process it was, beyond rank 0
         print(f"error{'' if rank == '0' else f' (rank {rank})'}: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except StoppedAtOnce as stop:
-        if debug:
-            raise
-        if str(stop):
-            print(stop, file=sys.stderr)
-        return stop.exit_status
     except KeyboardInterrupt:
         if debug:
             raise

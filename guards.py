@@ -7,27 +7,30 @@ finished: there is nothing to save yet, so it ends the process at once.
 from __future__ import annotations
 
 import math
+import os
 import signal
 import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from config import SystemConfig, TrainingConfig
-from errors import StoppedAtOnce, UserError
+from errors import UserError
 
 
 class StopSignals:
     """Turn the first SIGINT/SIGTERM into a request to stop after the current step.
 
-    Until first_step_done(), a signal raises StoppedAtOnce instead (exit status 128 + the
-    signal, as the shell reports it): the first step compiles, which took minutes on a GPU,
-    and there is nothing to save before it ends, so nothing is saved and no checkpoint (a
-    resumed run's included) is touched. The exception derives from BaseException, which
-    torch.compile's wrappers of errors (subclasses of Exception) let through.
+    Until first_step_done(), a signal ends the process at once instead, with one line and
+    the exit status 128 + the signal (as the shell reports it): the first step compiles, which
+    took minutes on a GPU, and before it ends there is nothing to save, no checkpoint being
+    written (a resumed run's stays as it was) and no file half-replaced. It exits with
+    os._exit rather than raising: a handler's exception lands wherever the main thread is,
+    also inside a weakref callback or __del__, where Python prints it and carries on (seen
+    with dynamo's ExactWeakKeyDictionary), and torch.compile wraps what it catches.
 
     A second signal raises KeyboardInterrupt at once; the last checkpoint stays as it was,
     because checkpoints are only ever replaced whole. A copy arriving within RELAY_S of the
@@ -37,10 +40,10 @@ class StopSignals:
 
     RELAY_S = 2.0
 
-    def __init__(self, announce: bool = True) -> None:
+    def __init__(self, announce: bool = True, exit_now: Callable[[int], None] = os._exit) -> None:
         """`announce`: say that the signal came; under torchrun rank 0 alone does, as every
-        rank receives it."""
-        self.announce = announce
+        rank receives it. `exit_now(status)` ends the process before the first step's end."""
+        self.announce, self.exit_now = announce, exit_now
         self.received: Optional[int] = None
         self._received_at = 0.0
         self.saves_first = False  # whether a signal waits for the step's end and a save
@@ -52,15 +55,19 @@ class StopSignals:
 
     def _handle(self, signum: int, frame: object) -> None:
         if self.received is not None:
-            if time.monotonic() - self._received_at < self.RELAY_S or not self.saves_first:
-                return  # torchrun's relay of the first, or a repeat while already stopping at once
+            if time.monotonic() - self._received_at < self.RELAY_S:
+                return  # torchrun's relay of the first
             raise KeyboardInterrupt
         self.received, self._received_at = signum, time.monotonic()
         name = signal.Signals(signum).name
         if not self.saves_first:
-            raise StoppedAtOnce(f"{name} received before the first step finished (compiling or warming "
-                                "up): stopped at once; nothing was saved or changed" if self.announce else "",
-                                signum)
+            if self.announce:
+                print(f"\n{name} received before the first step finished (compiling or warming up): "
+                      "stopped at once; nothing was saved or changed", file=sys.stderr)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            self.exit_now(128 + signum)
+            return
         if not self.announce:
             return
         print(f"\n{name} received: stopping after this step to save a checkpoint "

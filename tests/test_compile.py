@@ -20,7 +20,6 @@ import compilation
 import train
 from cli import run_cli
 from guards import StopSignals
-from errors import StoppedAtOnce
 from tests.conftest import REPO_ROOT, TINY_SETTINGS
 from utils import resolve_system
 
@@ -135,21 +134,23 @@ def test_a_first_step_reported_alone_waits_for_the_next_report_to_estimate(workd
 # ---------------------------------------------------------------- signals before the first step ends
 
 
-def test_a_signal_before_the_first_step_ends_stops_at_once():
-    with StopSignals() as stop:
-        with pytest.raises(StoppedAtOnce, match="SIGTERM received before the first step finished") as stopped:
-            os.kill(os.getpid(), signal.SIGTERM)
-        assert stopped.value.exit_status == 143
-        os.kill(os.getpid(), signal.SIGTERM)  # torchrun's relay, or a repeat while stopping: ignored
+def test_a_signal_before_the_first_step_ends_the_process_at_once(capsys):
+    statuses = []
+    with StopSignals(exit_now=statuses.append) as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert statuses == [143]  # 128 + SIGTERM, as the shell reports a process it ended
+        assert "SIGTERM received before the first step finished" in capsys.readouterr().err
         stop.first_step_done()
+        os.kill(os.getpid(), signal.SIGTERM)  # torchrun's relay of the first: neither exit nor save
+    assert statuses == [143]
 
 
-def test_a_command_stopped_at_once_exits_as_the_signal_would(capsys):
-    def stopped(argv):
-        raise StoppedAtOnce("SIGINT received before the first step finished", signal.SIGINT)
-
-    assert run_cli(stopped, []) == 130
-    assert capsys.readouterr().err == "SIGINT received before the first step finished\n"
+def test_after_the_first_step_a_signal_waits_for_the_save():
+    statuses = []
+    with StopSignals(exit_now=statuses.append) as stop:
+        stop.first_step_done()
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert statuses == [] and stop.received == signal.SIGTERM
 
 
 def start_compiling(workdir: Path, config: Path, *flags: str) -> tuple[subprocess.Popen, list[str]]:
