@@ -87,7 +87,7 @@ def test_empty_data_is_refused(tmp_path, content, message):
     path = tmp_path / "empty.txt"
     path.write_text(content)
     with pytest.raises(UserError, match=message):
-        prepare_data(DataConfig(dataset=str(path)))
+        prepare_data(DataConfig(dataset=str(path), cache_dir=str(tmp_path / "cache")))  # not the repo's cache/
 
 
 def test_unknown_dataset_and_empty_folder_are_refused(tmp_path):
