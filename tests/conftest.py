@@ -31,6 +31,19 @@ def generated_corpus(n_chars: int = 60_000, seed: int = 0) -> str:
     return "\n".join(lines)
 
 
+def cached_and_full_logits(model: torch.nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, object]:
+    """Return the last position's logits at each step of decoding `tokens` (1, T) with the KV
+    cache (a prefill of 5, then one token at a time), every position's logits from position 4
+    on computed from the whole context at once (the two must agree), and the cache, full
+    when T is the block size."""
+    with torch.no_grad():
+        full = model(tokens)[0][0]
+        cache = model.new_cache()
+        cached = [model(tokens[:, :5], cache=cache)[0][0, -1]]
+        cached += [model(tokens[:, t : t + 1], cache=cache)[0][0, -1] for t in range(5, tokens.size(1))]
+    return torch.stack(cached), full[4:], cache
+
+
 @pytest.fixture(scope="session", autouse=True)
 def no_test_leaves_the_cpu_dtype_to_auto():
     """Make every test that leaves `dtype auto` to decide on a CPU fail, on every machine.

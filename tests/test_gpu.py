@@ -24,7 +24,7 @@ from checkpoint import load_checkpoint, load_model
 from cli import run_cli
 from model import GPT
 from sampling import SamplingSettings, generate
-from tests.conftest import REPO_ROOT, tiny_model_config
+from tests.conftest import REPO_ROOT, cached_and_full_logits, tiny_model_config
 from trainer import Trainer
 from utils import resolve_system
 
@@ -127,12 +127,8 @@ def test_kv_cache_decoding_on_cuda_equals_recomputing_the_context(exact_float32,
     torch.manual_seed(0)
     model = GPT(tiny_model_config(block_size=16, n_head=4, n_embd=32, **variant)).to(CUDA).eval()
     tokens = torch.randint(0, 11, (1, 16), device=CUDA)
-    with torch.no_grad():
-        full = model(tokens)[0][0]  # every position's logits, the whole context at once
-        cache = model.new_cache()
-        cached = [model(tokens[:, :5], cache=cache)[0][0, -1]]  # a prefill of 5, then one at a time
-        cached += [model(tokens[:, t : t + 1], cache=cache)[0][0, -1] for t in range(5, 16)]
-    torch.testing.assert_close(torch.stack(cached), full[4:], atol=1e-4, rtol=1e-4)
+    cached, full, _ = cached_and_full_logits(model, tokens)
+    torch.testing.assert_close(cached, full, atol=1e-4, rtol=1e-4)
     greedy = SamplingSettings(max_new_tokens=12, temperature=0)  # 3 + 12 <= 16: no sliding
     decoded = list(generate(model, 16, [1, 2, 3], greedy, vocab_limit=11))
     recomputed = [1, 2, 3]

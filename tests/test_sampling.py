@@ -25,7 +25,7 @@ from sampling import (
     keep_top_p,
     penalise_repetition,
 )
-from tests.conftest import tiny_model_config
+from tests.conftest import cached_and_full_logits, tiny_model_config
 from tokenizer import IM_END, IM_START, CharTokenizer, SentencePieceTokenizer
 
 VARIANTS = [
@@ -47,12 +47,8 @@ def variant_id(variant: dict) -> str:
 def test_cached_decoding_gives_the_logits_of_full_recomputation(variant):
     model = build(**variant)
     tokens = torch.randint(0, 11, (1, 16))
-    with torch.no_grad():
-        full = model(tokens)[0][0]  # every position's logits, the whole context at once
-        cache = model.new_cache()
-        cached = [model(tokens[:, :5], cache=cache)[0][0, -1]]  # a prefill of 5, then one at a time
-        cached += [model(tokens[:, t : t + 1], cache=cache)[0][0, -1] for t in range(5, 16)]
-    torch.testing.assert_close(torch.stack(cached), full[4:], atol=1e-5, rtol=1e-5)
+    cached, full, cache = cached_and_full_logits(model, tokens)
+    torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="longer than block_size"):
         model(tokens[:, :1], cache=cache)  # the cache is full
 
