@@ -12,7 +12,8 @@ import os
 import sys
 from typing import Any, Callable, Mapping, NoReturn, Sequence
 
-from config import DTYPE_ALIASES, SECTIONS, TYPE_WORDS, field_types, unwrap_optional
+from config import SECTIONS
+from config_fields import DTYPE_ALIASES, TYPE_WORDS, field_types, unwrap_optional
 from errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
 
 # Short flags for the fields people change most: `--lr 3e-4` means `--training.lr 3e-4`.

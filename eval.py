@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 from checkpoint import BEST_FIRST, find_checkpoint, load_checkpoint, load_model
 from cli import CliParser, add_model_loading_flags, run_cli
-from config import DTYPE_ALIASES, Config, config_from_dict
+from config import Config, config_from_dict
+from config_fields import DTYPE_ALIASES
 from data_loader import prepare_data
 from errors import UserError
 from model import IGNORE_INDEX

@@ -18,7 +18,7 @@ import torch
 from chat import PIPED, chat_session
 from checkpoint import BEST_FIRST, find_checkpoint, load_checkpoint, load_model
 from cli import CliParser, add_model_loading_flags, run_cli
-from config import DTYPE_ALIASES
+from config_fields import DTYPE_ALIASES
 from contract import has_kv_cache
 from errors import UserError
 from sampling import SamplingSettings, TextStream, generate

@@ -18,7 +18,8 @@ import checkpoint
 import train
 from checkpoint import load_checkpoint, load_latest_valid
 from cli import run_cli
-from config import SystemConfig, TrainingConfig, parse_duration
+from config import SystemConfig, TrainingConfig
+from config_fields import parse_duration
 from errors import UserError
 from guards import DeferredSkips, StepTimer, TimeLimit, format_duration
 from tests.conftest import REPO_ROOT

@@ -1,0 +1,93 @@
+"""How a config field is declared and how a value given for it is checked: option() with its
+help text, durations ("1h30m"), JSON types, value aliases ("bf16"), and the hint for an unknown
+key. config.py declares the sections with these; cli.py builds its flags from the same facts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import re
+import types
+import typing
+from dataclasses import field
+from typing import Any
+
+from errors import UserError
+
+
+def option(default: Any, help: str, **extra: Any) -> Any:
+    """Return a dataclass field carrying its help text (and choices or a parser) as metadata."""
+    return field(default=default, metadata={"help": help, **extra})
+
+
+NUMBER = r"\d+(?:\.\d+)?"
+DURATION = re.compile(rf"(?:({NUMBER})h)?\s*(?:({NUMBER})m)?\s*(?:({NUMBER})s)?")
+DURATION_FORMS = "seconds (5400) or hours, minutes and seconds each with its unit (1h30m, 90m, 1.5h, 2h, 45s)"
+
+
+def parse_duration(text: str) -> float:
+    """Return seconds from '5400', '45s', '90m', '1.5h' or '1h30m'; raise ValueError otherwise.
+
+    Only a lone number goes without a unit: '1h30' could mean 30 minutes or 30 seconds, so it
+    is refused rather than guessed.
+    """
+    text = text.strip()
+    if re.fullmatch(NUMBER, text):
+        return float(text)
+    match = DURATION.fullmatch(text)
+    if not match or not any(match.groups()):
+        raise ValueError(text)
+    hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
+    return hours * 3600 + minutes * 60 + seconds
+
+
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def field_types(section_cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(section_cls)
+
+
+def unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    """Return (inner type, whether None is allowed) for `X` or `Optional[X]`."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+TYPE_WORDS = {int: "a whole number", float: "a number", bool: "true or false", str: "a string"}
+
+
+def check_value(where: str, tp: Any, value: Any) -> Any:
+    """Return `value` if it has JSON type `tp` (ints accepted as floats), else raise UserError."""
+    inner, optional = unwrap_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise UserError(f"{where} must be {TYPE_WORDS[inner]}, not null")
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }[inner]
+    if not ok:
+        raise UserError(f"{where} must be {TYPE_WORDS[inner]}, got {json.dumps(value)}")
+    return float(value) if inner is float else value
+
+
+def resolve_alias(section_cls: type, name: str, value: Any) -> Any:
+    """Return the canonical spelling of a value with aliases (e.g. dtype 'bf16' -> 'bfloat16')."""
+    aliases = next(f for f in dataclasses.fields(section_cls) if f.name == name).metadata.get("aliases", {})
+    return aliases.get(value, value)
+
+
+def unknown_key_message(what: str, key: str, known: list[str], where: str, prefix: str = "") -> str:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    if close:
+        hint = f"did you mean '{prefix}{close[0]}'?"
+    else:
+        hint = "known: " + ", ".join(prefix + k for k in known)
+    return f"unknown {what} '{prefix}{key}' in {where}; {hint}"
