@@ -5,6 +5,8 @@ of a file or of a dataset's split (windows of the model's context, side by side,
 shorter; each window's first token is predicted from nothing before it, as in training).
 Bits per character and per byte compare models whose tokenizers differ; they count the
 characters of the scored text, not those of special tokens such as <|endoftext|>.
+With `--tasks FILE.jsonl ...`, multiple-choice accuracy instead (multiple_choice.py), and the
+text's figures as well only when --text or --dataset is given.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from config_fields import DTYPE_ALIASES
 from data_loader import prepare_data
 from errors import UserError
 from model import IGNORE_INDEX
+from multiple_choice import MultipleChoiceResult, score_file
 from tokenizer import Tokenizer, tokenizer_from_dict
 from utils import autocast_context, resolve_system
 
@@ -44,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", default="val", choices=("val", "train", "all"),
                         help="which part of --dataset to score")
     parser.add_argument("--batch_size", type=int, default=16, help="windows per forward pass")
+    parser.add_argument("--tasks", nargs="+", metavar="FILE.jsonl",
+                        help="multiple-choice files to score: each line {question, choices: [str], answer: "
+                             "index} (MMLU) or {question, choices: {text, label}, answerKey} (ARC); "
+                             "the text is then scored only if --text or --dataset is given")
     parser.add_argument("--json", action="store_true", help="print one JSON line instead of text")
     add_model_loading_flags(parser, dtype_default="float32")
     return parser
@@ -160,6 +167,24 @@ def report(scored: Scored, path: Path, source: str) -> dict:
             "bits_per_character": scored.bits_per_character, "bits_per_byte": scored.bits_per_byte}
 
 
+def score_text(args: argparse.Namespace, checkpoint: dict, model: torch.nn.Module, tokenizer: Tokenizer,
+               block_size: int, dtype: torch.dtype) -> tuple[Scored, str]:
+    """Return the model's loss over --text, --dataset or the checkpoint's own dataset."""
+    if args.text:
+        tokens, mask, source = text_tokens(args.text, tokenizer), None, args.text
+    else:
+        tokens, mask, source = dataset_tokens(checkpoint, args.dataset, args.split, tokenizer)
+    return score(model, block_size, tokens, tokenizer, mask, args.batch_size, dtype,
+                 progress=not args.json and sys.stderr.isatty()), source
+
+
+def text_summary(scored: Scored, path: Path, source: str) -> str:
+    return (f"{path} on {source}: {scored.tokens:,} tokens, {scored.characters:,} characters\n"
+            f"loss {scored.loss:.4f} per token, perplexity {scored.perplexity:.3f}\n"
+            f"{scored.bits_per_token:.4f} bits per token, {scored.bits_per_character:.4f} per character, "
+            f"{scored.bits_per_byte:.4f} per byte")
+
+
 def main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.batch_size < 1:
@@ -169,20 +194,23 @@ def main(argv: Sequence[str]) -> int:
     system = resolve_system(args.device, DTYPE_ALIASES.get(args.dtype, args.dtype), compile_requested=False)
     model = load_model(checkpoint, system.device, str(path), impl=args.model_impl)  # fp32; autocast for bf16
     tokenizer = tokenizer_from_dict(checkpoint["tokenizer"])
-    if args.text:
-        tokens, mask, source = text_tokens(args.text, tokenizer), None, args.text
-    else:
-        tokens, mask, source = dataset_tokens(checkpoint, args.dataset, args.split, tokenizer)
     block_size = checkpoint["config"]["model"]["block_size"]
-    scored = score(model, block_size, tokens, tokenizer, mask, args.batch_size, system.dtype,
-                   progress=not args.json and sys.stderr.isatty())
+    choices: list[MultipleChoiceResult] = [
+        score_file(model, tokenizer, block_size, task, system.dtype, progress=not args.json and sys.stderr.isatty())
+        for task in args.tasks or []]
+    scored, source = None, ""
+    if not args.tasks or args.text or args.dataset:
+        scored, source = score_text(args, checkpoint, model, tokenizer, block_size, system.dtype)
     if args.json:
-        print(json.dumps(report(scored, path, source)))
+        record = report(scored, path, source) if scored else {"checkpoint": str(path)}
+        if args.tasks:
+            record["multiple_choice"] = [result.to_dict() for result in choices]
+        print(json.dumps(record))
         return 0
-    print(f"{path} on {source}: {scored.tokens:,} tokens, {scored.characters:,} characters\n"
-          f"loss {scored.loss:.4f} per token, perplexity {scored.perplexity:.3f}\n"
-          f"{scored.bits_per_token:.4f} bits per token, {scored.bits_per_character:.4f} per character, "
-          f"{scored.bits_per_byte:.4f} per byte")
+    if scored:
+        print(text_summary(scored, path, source))
+    for result in choices:
+        print(result.summary())
     return 0
 
 
