@@ -38,7 +38,8 @@ LN2 = math.log(2)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = CliParser(description="Loss, perplexity and bits per character of a trained GPT.",
+    parser = CliParser(description="Loss, perplexity and bits per character of a trained GPT; multiple-choice "
+                                   "accuracy with --tasks.",
                        allow_abbrev=False)
     parser.add_argument("checkpoint", help="a checkpoint file, or a run directory (best.pt, else ckpt.pt)")
     source = parser.add_mutually_exclusive_group()
