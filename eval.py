@@ -32,7 +32,7 @@ from errors import UserError
 from model import IGNORE_INDEX
 from multiple_choice import MultipleChoiceResult, score_file
 from tokenizer import Tokenizer, tokenizer_from_dict
-from utils import autocast_context, resolve_system
+from utils import autocast_context, read_user_text, resolve_system
 
 LN2 = math.log(2)
 
@@ -136,15 +136,7 @@ def score(model: torch.nn.Module, block_size: int, tokens: np.ndarray, tokenizer
 
 
 def text_tokens(path: str, tokenizer: Tokenizer) -> np.ndarray:
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"--text {path} does not exist") from None
-    except UnicodeDecodeError as error:
-        raise UserError(f"--text {path} is not UTF-8 text (byte {error.start}); convert it first") from None
-    except OSError as error:
-        raise UserError(f"cannot read --text {path}: {error.strerror}") from None
-    return np.asarray(tokenizer.encode(text), dtype=np.int64)
+    return np.asarray(tokenizer.encode(read_user_text(path, "--text")), dtype=np.int64)
 
 
 def dataset_tokens(checkpoint: dict, dataset: Optional[str], split: str,

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from errors import UserError
 from tokenizer import Tokenizer
-from utils import autocast_context
+from utils import autocast_context, read_user_text
 
 PROMPT_FORMAT = "Question: {question}\nAnswer:"
 NORMALISATION = "mean log-likelihood per character of the choice"
@@ -81,14 +81,7 @@ def parse_question(text: str, where: str, line: int) -> Question:
 
 def read_questions(path: str) -> list[Question]:
     """Return every question of a JSONL file, or raise UserError naming the file and line."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise UserError(f"--tasks {path} does not exist") from None
-    except UnicodeDecodeError as error:
-        raise UserError(f"--tasks {path} is not UTF-8 text (byte {error.start})") from None
-    except OSError as error:
-        raise UserError(f"cannot read --tasks {path}: {error.strerror}") from None
+    lines = read_user_text(path, "--tasks").splitlines()
     questions = [parse_question(text, f"{path} line {n}", n) for n, text in enumerate(lines, 1) if text.strip()]
     if not questions:
         raise UserError(f"--tasks {path} holds no question")

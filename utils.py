@@ -28,6 +28,19 @@ def notice(message: str) -> None:
     print(f"notice: {message}", file=sys.stderr, flush=True)
 
 
+def read_user_text(path: str, what: str) -> str:
+    """Return the text of a file the user named (`what`: how, e.g. "--text"), or raise the one
+    UserError line saying why it cannot be read."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{what} {path} does not exist") from None
+    except UnicodeDecodeError as error:
+        raise UserError(f"{what} {path} is not UTF-8 text (byte {error.start}); convert it first") from None
+    except OSError as error:  # a folder, no permission
+        raise UserError(f"cannot read {what} {path}: {error.strerror}") from None
+
+
 def _mps_available() -> bool:
     return hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
 
