@@ -81,6 +81,9 @@ class DataConfig:
         None, "processes that tokenize a corpus of 8 MB or more; null: one per CPU core")
     val_fraction: float = option(0.1, "share of the text, taken from its end, held out for validation")
     cache_dir: str = option("cache", "where downloads and token caches live")
+    tokenizer_file: Optional[str] = option(
+        None, "a tokenizer saved as JSON (pipeline.py's tokenizer phase writes one) to encode with, "
+        "instead of fitting the 'tokenizer' setting to this corpus")
 
 
 @dataclass

@@ -5,8 +5,9 @@ of a file or of a dataset's split (windows of the model's context, side by side,
 shorter; each window's first token is predicted from nothing before it, as in training).
 Bits per character and per byte compare models whose tokenizers differ; they count the
 characters of the scored text, not those of special tokens such as <|endoftext|>.
-With `--tasks FILE.jsonl ...`, multiple-choice accuracy instead (multiple_choice.py), and the
-text's figures as well only when --text or --dataset is given.
+With `--tasks FILE.jsonl ...`, task accuracy instead: multiple-choice files by log-likelihood
+(multiple_choice.py), task-chat files (tasks.py's held_out.jsonl) by exact match of greedy
+replies (task_eval.py); the text's figures as well only when --text or --dataset is given.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from data_loader import prepare_data
 from errors import UserError
 from model import IGNORE_INDEX
 from multiple_choice import MultipleChoiceResult, score_file
+from task_eval import TaskResult, is_task_chat_file, score_task_chats
 from tokenizer import Tokenizer, tokenizer_from_dict
 from utils import autocast_context, read_user_text, resolve_system
 
@@ -49,8 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="which part of --dataset to score")
     parser.add_argument("--batch_size", type=int, default=16, help="windows per forward pass")
     parser.add_argument("--tasks", nargs="+", metavar="FILE.jsonl",
-                        help="multiple-choice files to score: each line {question, choices: [str], answer: "
-                             "index} (MMLU) or {question, choices: {text, label}, answerKey} (ARC); "
+                        help="task files to score: multiple choice, each line {question, choices: [str], "
+                             "answer: index} (MMLU) or {question, choices: {text, label}, answerKey} (ARC); or "
+                             "task chats ({messages, task, answer}, tasks.py's held_out.jsonl), by exact match; "
                              "the text is then scored only if --text or --dataset is given")
     parser.add_argument("--json", action="store_true", help="print one JSON line instead of text")
     add_model_loading_flags(parser, dtype_default="float32")
@@ -188,9 +191,14 @@ def main(argv: Sequence[str]) -> int:
     model = load_model(checkpoint, system.device, str(path), impl=args.model_impl)  # fp32; autocast for bf16
     tokenizer = tokenizer_from_dict(checkpoint["tokenizer"])
     block_size = checkpoint["config"]["model"]["block_size"]
-    choices: list[MultipleChoiceResult] = [
-        score_file(model, tokenizer, block_size, task, system.dtype, progress=not args.json and sys.stderr.isatty())
-        for task in args.tasks or []]
+    progress = not args.json and sys.stderr.isatty()
+    choices: list[MultipleChoiceResult] = []
+    exact: list[TaskResult] = []
+    for task in args.tasks or []:
+        if is_task_chat_file(task):
+            exact += score_task_chats(model, tokenizer, block_size, task, system.dtype, progress)
+        else:
+            choices.append(score_file(model, tokenizer, block_size, task, system.dtype, progress))
     scored, source = None, ""
     if not args.tasks or args.text or args.dataset:
         scored, source = score_text(args, checkpoint, model, tokenizer, block_size, system.dtype)
@@ -198,11 +206,12 @@ def main(argv: Sequence[str]) -> int:
         record = report(scored, path, source) if scored else {"checkpoint": str(path)}
         if args.tasks:
             record["multiple_choice"] = [result.to_dict() for result in choices]
+            record["exact_match"] = [result.to_dict() for result in exact]
         print(json.dumps(record))
         return 0
     if scored:
         print(text_summary(scored, path, source))
-    for result in choices:
+    for result in [*choices, *exact]:
         print(result.summary())
     return 0
 

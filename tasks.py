@@ -31,7 +31,7 @@ import string
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from cli import CliParser, run_cli
 from errors import UserError
@@ -125,23 +125,28 @@ def count_chat(rng: random.Random, word: str) -> TaskChat:
 # ---------------------------------------------------------------- reading the inputs
 
 
-def corpus_words(path: Path) -> list[str]:
-    """Return the distinct lowercase alphabetic words of 3 to 10 letters in a text file, sorted."""
+def words_in(lines: Iterable[str], where: str) -> list[str]:
+    """Return the distinct lowercase alphabetic words of 3 to 10 letters in the text, sorted."""
     words: set[str] = set()
+    for line in lines:
+        words.update(w for w in WORD_PATTERN.findall(line) if LOWERCASE_WORD.fullmatch(w))
+    if len(words) < MIN_WORDS:
+        raise UserError(f"{where} has {len(words)} distinct lowercase words of {MIN_WORD_LENGTH} to "
+                        f"{MAX_WORD_LENGTH} letters; give a text with at least {MIN_WORDS}")
+    return sorted(words)
+
+
+def corpus_words(path: Path) -> list[str]:
+    """The words of a text file (see words_in)."""
     try:
         with open(path, encoding="utf-8") as file:
-            for line in file:
-                words.update(w for w in WORD_PATTERN.findall(line) if LOWERCASE_WORD.fullmatch(w))
+            return words_in(file, f"--words {path}")
     except FileNotFoundError:
         raise UserError(f"--words {path}: no such file") from None
     except IsADirectoryError:
         raise UserError(f"--words {path} is a folder; give one text file") from None
     except UnicodeDecodeError:
         raise UserError(f"--words {path} is not UTF-8 text") from None
-    if len(words) < MIN_WORDS:
-        raise UserError(f"--words {path} has {len(words)} distinct lowercase words of {MIN_WORD_LENGTH} to "
-                        f"{MAX_WORD_LENGTH} letters; give a text with at least {MIN_WORDS}")
-    return sorted(words)
 
 
 def word_sides(words: list[str]) -> tuple[list[str], list[str]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 import base64
 import itertools
+import json
 import os
 import re
 import tempfile
@@ -272,3 +273,29 @@ def tokenizer_from_dict(data: dict) -> Tokenizer:
     if kind not in TOKENIZERS:
         raise UserError(f"unknown tokenizer kind {kind!r}; this version knows {', '.join(TOKENIZERS)}")
     return TOKENIZERS[kind].from_dict(data)
+
+
+def write_tokenizer_file(tokenizer: Tokenizer, path: str | os.PathLike) -> None:
+    """Save a tokenizer as JSON, for data.tokenizer_file (what pipeline.py's tokenizer phase writes)."""
+    with open(path, "w", encoding="utf-8") as file:
+        json.dump(tokenizer.to_dict(), file)
+
+
+def read_tokenizer_file(path: str | os.PathLike) -> Tokenizer:
+    """Load a tokenizer that write_tokenizer_file saved; a missing or broken file is one line."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            data = json.load(file)
+    except FileNotFoundError:
+        raise UserError(f"data.tokenizer_file {path}: no such file; run pipeline.py's tokenizer phase, "
+                        "or leave the field out to fit a tokenizer to the corpus") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"data.tokenizer_file {path} is not a tokenizer JSON ({error}); write it again "
+                        "with pipeline.py --only tokenizer") from None
+    if not isinstance(data, dict):
+        raise UserError(f"data.tokenizer_file {path} is not a tokenizer JSON (expected an object)")
+    try:
+        return tokenizer_from_dict(data)
+    except (KeyError, TypeError, ValueError) as error:
+        raise UserError(f"data.tokenizer_file {path} is not a whole tokenizer JSON ({error!r} is wrong "
+                        "or missing); write it again with pipeline.py --only tokenizer") from None

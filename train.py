@@ -44,7 +44,7 @@ from optim import total_steps
 from precision import choose_cpu_dtype
 from run_description import RunFacts, Style, describe_run, format_sections
 from run_files import checkpoints_in, clear_earlier_run, outputs_in
-from tokenizer import tokenizer_from_dict
+from tokenizer import read_tokenizer_file, tokenizer_from_dict
 from trainer import Trainer
 from utils import DeviceInfo, configure_torch, notice, process_start_time, resolve_system
 
@@ -178,7 +178,12 @@ def prepare_run_data(args: argparse.Namespace, cfg: Config, start_from: Optional
                      rebuild: Optional[bool] = None) -> PreparedData:
     """Return the run's data; a model continues with the tokenizer it learned (a checkpoint's),
     whatever tokenizer the data settings would fit to this corpus."""
-    tokenizer = tokenizer_from_dict(start_from["tokenizer"]) if start_from is not None else None
+    if start_from is not None:
+        tokenizer = tokenizer_from_dict(start_from["tokenizer"])
+    elif cfg.data.tokenizer_file:
+        tokenizer = read_tokenizer_file(cfg.data.tokenizer_file)
+    else:
+        tokenizer = None
     rebuild = args.no_cache if rebuild is None else rebuild
     return prepare_data(cfg.data, rebuild=rebuild, tokenizer=tokenizer)
 

@@ -142,6 +142,7 @@ class Trainer:
             "optimizer": self.parallel.optimizer_state(self.optimizer),
             "scaler": self.scaler.state_dict(),
             "step": self.step,
+            "max_steps": self.max_steps,  # where this run ends: pipeline.py tells a finished phase by it
             "processes": self.ranks.world_size,  # batch_size is per process: the run's tokens need it
             "config": config_to_dict(self.cfg),
             "tokenizer": self.data.tokenizer.to_dict(),

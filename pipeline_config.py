@@ -1,0 +1,177 @@
+"""The pipeline's config: its phases, the data each one trains on, and the run config of each.
+
+A pipeline config is JSON, read strictly (an unknown key or a wrong type is one line):
+
+    {"run_dir": "models/pipeline_laptop", "dataset": "shakespeare_char",
+     "tokenizer": {"kind": "char"},
+     "tasks": {"seed": 0, "per_kind": 3000, "held_out": 200, "sizes": {"identity": 400}},
+     "base": {"config": "pipeline/laptop_base.json", "data": ["base"]},
+     "mid": {"config": "pipeline/laptop_mid.json", "data": ["base", "tasks"]},
+     "sft": {"config": "pipeline/laptop_sft.json", "data": ["tasks"]},
+     "eval": {"multiple_choice": ["tasks"]},
+     "report": {"prompts": ["What is 47 + 38?", "Who are you?"]}}
+
+A training phase's config is an ordinary train.py config (`extends` works), its path taken
+relative to the pipeline config's folder. Its data is a list of sources: "base" (the base
+text, `dataset`), "tasks" (the task chats the tokenizer phase generates) or a path (file,
+folder or glob, as train.py takes them).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from config_fields import check_value, unknown_key_message
+from errors import UserError
+from tasks import DEFAULT_IDENTITY, KIND_NAMES
+
+PHASES = ("tokenizer", "base", "mid", "sft", "eval", "report")
+TRAINING_PHASES = ("base", "mid", "sft")
+BASE_TEXT, TASK_CHATS = "base", "tasks"  # the data names a phase may list besides paths
+
+
+@dataclass
+class TokenizerSpec:
+    kind: str = "char"  # char | sentencepiece | tiktoken (nothing to train)
+    vocab_size: int = 2048  # sentencepiece
+    model: str = "bpe"  # sentencepiece: bpe | unigram
+    encoding: str = "gpt2"  # tiktoken
+
+
+@dataclass
+class TasksSpec:
+    """tasks.py's settings: the synthetic task chats that mid and sft learn."""
+    seed: int = 0
+    per_kind: int = 2000
+    held_out: int = 200
+    sizes: dict = field(default_factory=dict)  # kind -> training examples, over per_kind
+    kinds: list = field(default_factory=lambda: list(KIND_NAMES))
+    identity: str = str(DEFAULT_IDENTITY)
+
+
+@dataclass
+class TrainingPhase:
+    config: str = ""  # a train.py config, relative to the pipeline config's folder
+    data: list = field(default_factory=list)  # "base", "tasks" or paths
+
+
+@dataclass
+class EvalSpec:
+    # multiple-choice JSONL files (question, choices, answer); "tasks": the tokenizer phase's
+    # multiple-choice form of the held-out tasks
+    multiple_choice: list = field(default_factory=list)
+    dtype: str = "float32"
+
+
+@dataclass
+class ReportSpec:
+    prompts: list = field(default_factory=list)  # the sample chats' opening messages
+    system: str = ""  # their system prompt
+
+
+@dataclass
+class PipelineConfig:
+    run_dir: str = "models/pipeline"
+    dataset: str = "shakespeare_char"  # the base text
+    tokenizer: TokenizerSpec = field(default_factory=TokenizerSpec)
+    tasks: TasksSpec = field(default_factory=TasksSpec)
+    base: TrainingPhase = field(default_factory=TrainingPhase)
+    mid: TrainingPhase = field(default_factory=TrainingPhase)
+    sft: TrainingPhase = field(default_factory=TrainingPhase)
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    report: ReportSpec = field(default_factory=ReportSpec)
+    source: Path = Path(".")  # the file read, whose folder phase configs are relative to
+
+    def phase_config(self, phase: str) -> Path:
+        return self.source.parent / getattr(self, phase).config
+
+
+CHOICES = {"tokenizer.kind": ("char", "sentencepiece", "tiktoken"), "tokenizer.model": ("bpe", "unigram")}
+
+
+def _typed(where: str, default: Any, value: Any) -> Any:
+    """Check a value against its default's JSON type: lists of strings, dicts of counts, scalars."""
+    if isinstance(default, list):
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            raise UserError(f"{where} must be a list of strings, got {json.dumps(value)}")
+        return value
+    if isinstance(default, dict):
+        if not isinstance(value, dict) or not all(isinstance(n, int) and n >= 0 for n in value.values()):
+            raise UserError(f"{where} must be an object of counts, such as {{\"identity\": 300}}")
+        return value
+    return check_value(where, type(default), value)
+
+
+def _section(cls: type, settings: Any, where: str, name: str) -> Any:
+    if not isinstance(settings, dict):
+        raise UserError(f"'{name}' in {where} must be an object")
+    defaults = cls()
+    names = [f.name for f in dataclasses.fields(cls)]
+    values = {}
+    for key, value in settings.items():
+        if key not in names:
+            raise UserError(unknown_key_message("key", key, names, where, prefix=f"{name}."))
+        value = _typed(f"{name}.{key} in {where}", getattr(defaults, key), value)
+        if f"{name}.{key}" in CHOICES and value not in CHOICES[f"{name}.{key}"]:
+            raise UserError(f"{name}.{key} in {where} must be one of {', '.join(CHOICES[f'{name}.{key}'])}")
+        values[key] = value
+    return cls(**values)
+
+
+def check_training_phase(cfg: PipelineConfig, phase: str, where: str) -> None:
+    spec: TrainingPhase = getattr(cfg, phase)
+    if not spec.config:
+        raise UserError(f"{where} names no config for phase {phase}; add \"{phase}\": {{\"config\": "
+                        "\"FILE.json\", \"data\": [...]}}")
+    if not cfg.phase_config(phase).is_file():
+        raise UserError(f"phase {phase}'s config {cfg.phase_config(phase)} does not exist; fix "
+                        f"{phase}.config in {where}")
+    if not spec.data:
+        raise UserError(f"phase {phase} in {where} names no data; give \"data\": [\"base\"], [\"tasks\"] or paths")
+
+
+def flag_value(text: str) -> Any:
+    """A --tasks.per_kind 100 style value: JSON where it parses (numbers, lists), else the text."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def load_pipeline_config(path: str | Path, overrides: Optional[dict] = None) -> PipelineConfig:
+    """Read and check a pipeline config, with `overrides` ({section: {field: text}}) over it;
+    every phase config it names must exist."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"pipeline config {path} does not exist; see configs/pipeline_laptop.json")
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"pipeline config {path} is not valid JSON: {error}") from None
+    if not isinstance(settings, dict):
+        raise UserError(f"pipeline config {path} must hold a JSON object")
+    for section, fields in (overrides or {}).items():
+        if not isinstance(settings.setdefault(section, {}), dict):
+            raise UserError(f"'{section}' in {path} must be an object")
+        settings[section].update({name: flag_value(text) for name, text in fields.items()})
+    top = {f.name: f for f in dataclasses.fields(PipelineConfig) if f.name != "source"}
+    values: dict[str, Any] = {"source": path}
+    for key, value in settings.items():
+        if key not in top:
+            raise UserError(unknown_key_message("key", key, list(top), str(path)))
+        section = top[key].type
+        section_cls = globals().get(section) if isinstance(section, str) else section
+        if dataclasses.is_dataclass(section_cls):
+            values[key] = _section(section_cls, value, str(path), key)
+        else:
+            values[key] = check_value(f"{key} in {path}", str, value)
+    cfg = PipelineConfig(**values)
+    for phase in TRAINING_PHASES:
+        check_training_phase(cfg, phase, str(path))
+    unknown = [kind for kind in cfg.tasks.kinds if kind not in KIND_NAMES]
+    if unknown:
+        raise UserError(f"tasks.kinds in {path}: unknown kind '{unknown[0]}'; choose from {', '.join(KIND_NAMES)}")
+    return cfg
