@@ -130,3 +130,29 @@ def test_vocabulary_padding():
     assert [padded_vocab_size(n, 64) for n in (1, 64, 65, 50257)] == [64, 64, 128, 50304]
     assert padded_vocab_size(68, 1) == 68
     assert tokenizers.TIKTOKEN_ENCODINGS == ("gpt2", "r50k_base", "cl100k_base", "o200k_base")
+
+
+def test_a_tokenizer_file_is_what_the_run_encodes_with(tiny_config_file, small_corpus_file, workdir):
+    """data.tokenizer_file (pipeline.py's tokenizer phase) replaces fitting: the run's tokenizer
+    is the file's, here one with a digit the corpus lacks, and a broken file is one line."""
+    import train
+    from checkpoint import load_checkpoint
+    from cli import run_cli
+
+    chars = "".join(sorted(set(small_corpus_file.read_text()) | {"7"}))
+    path = workdir / "tokenizer.json"
+    tokenizers.write_tokenizer_file(CharTokenizer(chars), path)
+    assert tokenizers.read_tokenizer_file(path) == CharTokenizer(chars)
+    assert train.main(["--config", str(tiny_config_file), "--data.tokenizer_file", str(path),
+                       "--out_dir", "run"]) == 0
+    assert tokenizer_from_dict(load_checkpoint(workdir / "run" / "ckpt.pt")["tokenizer"]) == CharTokenizer(chars)
+
+    path.write_text('{"kind": "char"}')
+    with pytest.raises(UserError, match="not a whole tokenizer JSON"):
+        tokenizers.read_tokenizer_file(path)
+    path.write_text("not json")
+    assert run_cli(train.main, ["--config", str(tiny_config_file), "--data.tokenizer_file", str(path),
+                                "--out_dir", "other"]) == 2
+    assert not (workdir / "other").exists()
+    with pytest.raises(UserError, match="no such file"):
+        tokenizers.read_tokenizer_file(workdir / "missing.json")
