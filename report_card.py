@@ -74,6 +74,8 @@ def phase_rows(pipeline: "Pipeline") -> list[list[str]]:
     for phase in PHASES:
         state = read_state(pipeline.folder(phase))
         seconds = format_duration(state.seconds) if state else "not run"
+        if phase == "report":
+            seconds = "(in the total)"  # this phase is still running as the table is written
         if phase not in TRAINING_PHASES:
             rows.append([phase, seconds, "", "", "", "", ""])
             continue
@@ -135,7 +137,7 @@ def write_report_card(pipeline: "Pipeline") -> Path:
               "highest mean log-likelihood per character. Loss figures are per token."]
     lines += ["", "## Sample chats (final model, greedy)", ""]
     for message, reply in sample_chats(pipeline):
-        lines += [f"- **you:** {message}", f"  **model:** {reply}"]
+        lines += [f"- **you:** {message}  ", f"  **model:** {reply}"]  # two spaces: a line break
     total = sum(state.seconds for p in PHASES[:-1] if (state := read_state(pipeline.folder(p))))
     total += time.perf_counter() - started
     lines += ["", "## Total", "", f"Wall time of every phase, this report included: {format_duration(total)}."]
