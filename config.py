@@ -20,6 +20,7 @@ from config_fields import (
     field_types,
     option,
     parse_duration,
+    read_json_object,
     resolve_alias,
     unknown_key_message,
 )
@@ -201,14 +202,7 @@ def load_config_file(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
     if path in _chain:
         cycle = " -> ".join(p.name for p in (*_chain, path))
         raise UserError(f"config files extend each other in a cycle: {cycle}")
-    if not path.is_file():
-        raise UserError(f"config file {path} does not exist; see configs/ for the shipped ones")
-    try:
-        settings = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UserError(f"config file {path} is not valid JSON: {error}") from None
-    if not isinstance(settings, dict):
-        raise UserError(f"config file {path} must hold a JSON object with sections")
+    settings = read_json_object(path, "config file", "see configs/ for the shipped ones")
     parent = settings.pop("extends", None)
     if parent is None:
         return settings

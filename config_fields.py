@@ -11,6 +11,7 @@ import re
 import types
 import typing
 from dataclasses import field
+from pathlib import Path
 from typing import Any
 
 from errors import UserError
@@ -91,3 +92,16 @@ def unknown_key_message(what: str, key: str, known: list[str], where: str, prefi
     else:
         hint = "known: " + ", ".join(prefix + k for k in known)
     return f"unknown {what} '{prefix}{key}' in {where}; {hint}"
+
+
+def read_json_object(path: Path, what: str, missing_hint: str) -> dict:
+    """Return the JSON object a config file holds; a missing, broken or non-object file is one line."""
+    if not path.is_file():
+        raise UserError(f"{what} {path} does not exist; {missing_hint}")
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"{what} {path} is not valid JSON: {error}") from None
+    if not isinstance(settings, dict):
+        raise UserError(f"{what} {path} must hold a JSON object with sections")
+    return settings

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from config_fields import check_value, unknown_key_message
+from config_fields import check_value, read_json_object, unknown_key_message
 from errors import UserError
 from tasks import DEFAULT_IDENTITY, KIND_NAMES
 
@@ -145,14 +145,7 @@ def load_pipeline_config(path: str | Path, overrides: Optional[dict] = None) -> 
     """Read and check a pipeline config, with `overrides` ({section: {field: text}}) over it;
     every phase config it names must exist."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"pipeline config {path} does not exist; see configs/pipeline_laptop.json")
-    try:
-        settings = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UserError(f"pipeline config {path} is not valid JSON: {error}") from None
-    if not isinstance(settings, dict):
-        raise UserError(f"pipeline config {path} must hold a JSON object")
+    settings = read_json_object(path, "pipeline config", "see configs/pipeline_laptop.json")
     for section, fields in (overrides or {}).items():
         if not isinstance(settings.setdefault(section, {}), dict):
             raise UserError(f"'{section}' in {path} must be an object")

@@ -23,7 +23,9 @@ from config import (
 from errors import UserError
 from tests.conftest import REPO_ROOT
 
-CONFIG_FILES = sorted((REPO_ROOT / "configs").glob("*.json"))
+PIPELINE_FILES = sorted((REPO_ROOT / "configs").glob("pipeline_*.json"))  # pipeline.py's, not train.py's
+CONFIG_FILES = sorted(set((REPO_ROOT / "configs").glob("*.json")) - set(PIPELINE_FILES)) + sorted(
+    (REPO_ROOT / "configs" / "pipeline").glob("*.json"))
 
 
 def write(path: Path, settings: dict) -> Path:
@@ -260,3 +262,10 @@ def test_guard_rail_flags(tmp_path):
                                              "--budget", "3", "--system.usd_per_hour", "2.5"]))[0]
     assert cfg.training.max_time_s == 5400.0 and cfg.training.target_val_loss == 1.47
     assert cfg.training.budget_usd == 3.0 and cfg.system.usd_per_hour == 2.5
+
+
+@pytest.mark.parametrize("path", PIPELINE_FILES, ids=lambda p: p.name)
+def test_every_shipped_pipeline_config_loads(path):
+    from pipeline_config import TRAINING_PHASES, load_pipeline_config
+    cfg = load_pipeline_config(path)
+    assert all(cfg.phase_config(phase).is_file() for phase in TRAINING_PHASES)
