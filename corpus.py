@@ -7,7 +7,8 @@ documents are packed end to end: no padding anywhere.
 
 Large text files are read in pieces of about a megabyte, cut only before a line that starts
 with a non-space character, a point where every tokenizer here encodes the same whether the
-text is whole or cut. This module imports no torch, so tokenizing workers start fast.
+text is whole or cut. Parquet files are read a row group at a time (parquet_source.py). This
+module imports neither torch nor pyarrow, so tokenizing workers start fast.
 """
 from __future__ import annotations
 
@@ -41,7 +42,8 @@ from tokenizer import (
 )
 
 TEXT_SUFFIXES = (".txt", ".md")
-SOURCE_SUFFIXES = (*TEXT_SUFFIXES, ".jsonl")
+PARQUET_SUFFIX = ".parquet"
+SOURCE_SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", PARQUET_SUFFIX)
 PIECE_CHARS = 1 << 20  # text files are read and encoded in pieces of about this many characters
 ROLES = ("system", "user", "assistant")
 
@@ -75,7 +77,7 @@ def source_files(dataset: str) -> list[Path]:
             raise UserError(f"folder {path} holds no {'/'.join(SOURCE_SUFFIXES)} files to train on")
         return files
     raise UserError(f"unknown dataset '{dataset}': it is neither 'shakespeare_char' nor an existing "
-                    "file, folder or glob pattern of .txt, .md or .jsonl files")
+                    f"file, folder or glob pattern of {', '.join(SOURCE_SUFFIXES)} files")
 
 
 # ---------------------------------------------------------------- reading documents
@@ -110,6 +112,11 @@ def _text_pieces(path: Path) -> Iterator[Piece]:
     yield [Segment(rest), Segment(END_OF_TEXT, special=True)]
 
 
+def text_document(text: str) -> Piece:
+    """One document of plain text, all of it trained."""
+    return [Segment(text), Segment(END_OF_TEXT, special=True)]
+
+
 def chat_document(turns: list, where: str) -> Piece:
     """Render chat turns in ChatML; only the assistant's replies (and their end) are trained."""
     segments: Piece = []
@@ -136,7 +143,7 @@ def json_document(record: object, where: str) -> Piece:
     if "text" in record:
         if not isinstance(record["text"], str) or not record["text"].strip():
             raise UserError(f"{where}: 'text' is empty or not a string")
-        return [Segment(record["text"]), Segment(END_OF_TEXT, special=True)]
+        return text_document(record["text"])
     turns = record.get("messages", record.get("conversation"))
     if turns is None and isinstance(record.get("input"), str) and isinstance(record.get("output"), str):
         turns = [{"role": "user", "content": record["input"]},
@@ -168,16 +175,33 @@ def _jsonl_documents(path: Path) -> Iterator[Piece]:
         raise UserError(f"{path} holds no JSON lines")
 
 
-def read_pieces(files: Iterable[Path]) -> Iterator[Piece]:
-    """Yield every document of every file in order, long text files in pieces."""
+def read_pieces(files: Iterable[Path], data_cfg: Optional[DataConfig] = None) -> Iterator[Piece]:
+    """Yield every document of every file in order, long text files in pieces; parquet files
+    by the columns data_cfg names (None: the default names)."""
+    data_cfg = data_cfg or DataConfig()
     for path in files:
-        yield from (_jsonl_documents(path) if path.suffix == ".jsonl" else _text_pieces(path))
+        if path.suffix == PARQUET_SUFFIX:
+            from parquet_source import parquet_documents  # pyarrow only for parquet data
+
+            yield from parquet_documents(path, data_cfg.text_column, data_cfg.messages_column)
+        else:
+            yield from (_jsonl_documents(path) if path.suffix == ".jsonl" else _text_pieces(path))
 
 
-def training_sentences(files: list[Path], max_chars: int) -> Iterator[str]:
+def source_bytes(files: list[Path]) -> int:
+    """Return about how much text the files hold: their sizes, a parquet file's uncompressed."""
+    if not any(path.suffix == PARQUET_SUFFIX for path in files):
+        return sum(path.stat().st_size for path in files)
+    from parquet_source import parquet_bytes
+
+    return sum(parquet_bytes(p) if p.suffix == PARQUET_SUFFIX else p.stat().st_size for p in files)
+
+
+def training_sentences(files: list[Path], max_chars: int,
+                       data_cfg: Optional[DataConfig] = None) -> Iterator[str]:
     """Yield the corpus's lines (without newlines) up to max_chars, to train a subword model on."""
     seen = 0
-    for piece in read_pieces(files):
+    for piece in read_pieces(files, data_cfg):
         for segment in piece:
             if segment.special:
                 continue
@@ -189,9 +213,9 @@ def training_sentences(files: list[Path], max_chars: int) -> Iterator[str]:
                     yield line
 
 
-def corpus_characters(files: list[Path]) -> Iterator[str]:
+def corpus_characters(files: list[Path], data_cfg: Optional[DataConfig] = None) -> Iterator[str]:
     """Yield every text segment of the corpus (for the character vocabulary)."""
-    for piece in read_pieces(files):
+    for piece in read_pieces(files, data_cfg):
         yield from (segment.text for segment in piece if not segment.special)
 
 
@@ -259,11 +283,11 @@ def fit_tokenizer(files: list[Path], data_cfg: DataConfig, total_bytes: int) -> 
     character set of all of it, or SentencePiece on the start of the training part."""
     if data_cfg.tokenizer == "sentencepiece":
         budget = min(SENTENCEPIECE_SAMPLE_CHARS, int(total_bytes * (1 - data_cfg.val_fraction)))
-        return SentencePieceTokenizer.train(training_sentences(files, budget), data_cfg.vocab_size,
-                                            data_cfg.sentencepiece_model)
+        return SentencePieceTokenizer.train(training_sentences(files, budget, data_cfg),
+                                            data_cfg.vocab_size, data_cfg.sentencepiece_model)
     if data_cfg.tokenizer == "tiktoken":
         return TiktokenTokenizer(data_cfg.tiktoken_encoding)
-    return CharTokenizer.train(corpus_characters(files))
+    return CharTokenizer.train(corpus_characters(files, data_cfg))
 
 
 @dataclass
@@ -343,7 +367,7 @@ def build_cache(files: list[Path], data_cfg: DataConfig, directory: Path,
     if directory.exists():
         shutil.rmtree(directory)
     directory.mkdir(parents=True)
-    total_bytes = sum(p.stat().st_size for p in files)
+    total_bytes = source_bytes(files)
     tokenizer = tokenizer or fit_tokenizer(files, data_cfg, total_bytes)
     dtype = "uint16" if tokenizer.vocab_size <= 2**16 else "uint32"
     big = total_bytes >= POOL_MIN_BYTES
@@ -353,7 +377,7 @@ def build_cache(files: list[Path], data_cfg: DataConfig, directory: Path,
                disable=None if big else True)  # None: shown on a terminal only
     tokens_file, mask_file = open(directory / "tokens.bin", "wb"), open(directory / "mask.bin", "wb")
     with tokens_file, mask_file, bar:
-        pieces = stats.count(read_pieces(files))
+        pieces = stats.count(read_pieces(files, data_cfg))
         for ids, trained, chars in encoded_batches(pieces, tokenizer, dtype, workers):
             ids.tofile(tokens_file)
             trained.tofile(mask_file)
