@@ -66,8 +66,11 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     dataset: str = option(
-        "shakespeare_char", "'shakespeare_char' (downloaded), or a .txt/.md/.jsonl file, a folder or a "
-        "glob pattern of them")
+        "shakespeare_char", "'shakespeare_char' (downloaded), or a .txt/.md/.jsonl/.parquet file, a folder "
+        "or a glob pattern of them")
+    text_column: str = option("text", "the column of strings a parquet file of base text is read by")
+    messages_column: str = option(
+        "messages", "the column of chats ({role, content} lists) a parquet file is read by, when it has one")
     tokenizer: str = option("char", "characters, a SentencePiece model trained on the corpus, or a "
                             "tiktoken encoding", choices=("char", "sentencepiece", "tiktoken"))
     vocab_size: int = option(2048, "for sentencepiece: the vocabulary size, special tokens included")

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from config import DataConfig
-from corpus import build_cache, source_files, tokenizer_settings
+from corpus import PARQUET_SUFFIX, build_cache, source_files, tokenizer_settings
 from errors import UserError
 from model import IGNORE_INDEX
 from tokenizer import CharTokenizer, Tokenizer, tokenizer_from_dict
@@ -111,7 +111,7 @@ def _file_hash(paths: list[Path]) -> str:
 
 def cache_key(files: list[Path], data_cfg: DataConfig, tokenizer: Optional[Tokenizer] = None) -> str:
     """Return a short hash that changes whenever a source file (name, size, time or content),
-    the tokenizer settings or the split change."""
+    the tokenizer settings, the split or (for parquet files) the columns read change."""
     recipe = {
         "format": CACHE_FORMAT,
         "files": [(str(p.resolve()), stat.st_size, stat.st_mtime_ns) for p in files for stat in [p.stat()]],
@@ -119,6 +119,8 @@ def cache_key(files: list[Path], data_cfg: DataConfig, tokenizer: Optional[Token
         "tokenizer": tokenizer_settings(data_cfg, tokenizer),
         "val_fraction": data_cfg.val_fraction,
     }
+    if any(p.suffix == PARQUET_SUFFIX for p in files):  # only there: other data keeps its caches
+        recipe["columns"] = [data_cfg.text_column, data_cfg.messages_column]
     return _sha256(json.dumps(recipe).encode())[:12]
 
 
