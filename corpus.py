@@ -118,7 +118,8 @@ def text_document(text: str) -> Piece:
 
 
 def chat_document(turns: list, where: str) -> Piece:
-    """Render chat turns in ChatML; only the assistant's replies (and their end) are trained."""
+    """Render chat turns in ChatML; only the assistant's replies (and their end) are trained,
+    so a chat without one is refused: it would train on nothing."""
     segments: Piece = []
     for turn in turns:
         if not isinstance(turn, dict) or not isinstance(turn.get("content"), str):
@@ -132,6 +133,9 @@ def chat_document(turns: list, where: str) -> Piece:
             Segment(turn["content"], trained=replies), Segment(IM_END, trained=replies, special=True),
             Segment("\n", trained=False),
         ]
+    if not any(turn["role"] == "assistant" for turn in turns):
+        raise UserError(f"{where} has no assistant turn: nothing to train on; add the reply "
+                        "or leave the chat out")
     return segments + [Segment(END_OF_TEXT, trained=False, special=True)]
 
 

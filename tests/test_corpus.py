@@ -111,6 +111,7 @@ def test_a_glob_of_mixed_sources_packs_documents_end_to_end(workdir, tmp_path):
     (b'{"text": "fine"}\n\n{"txt": "typo"}\n', r"b.jsonl line 3: needs 'text', a non-empty 'messages'"),
     (b'{"messages": [{"role": "bot", "content": "hi"}]}\n', r"line 1: role \"bot\" is not one of system, "),
     (b'{"messages": [{"role": "user"}]}\n', r"line 1: each turn must be an object with a 'role' and a "),
+    (b'{"messages": [{"role": "user", "content": "hi"}]}\n', r"b.jsonl line 1 has no assistant turn: "),
     (b'{"text": ""}\n', r"line 1: 'text' is empty"),
     (b'[1, 2]\n', r"line 1: expected a JSON object, got list"),
     (b'{"text": "caf\xe9"}\n', r"b.jsonl line 1 is not UTF-8 text"),
