@@ -8,6 +8,8 @@ import re
 import shutil
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -80,6 +82,12 @@ class Evil:
         return (open, ("bad/PWNED", "w"))
 
 
+def parquet_file(columns: dict) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table(columns), sink)
+    return sink.getvalue().to_pybytes()
+
+
 def bad_files(corpus: Path) -> dict[str, bytes]:
     good = (Path("models/tiny_test/ckpt.pt")).read_bytes()
     return {
@@ -103,6 +111,8 @@ def bad_files(corpus: Path) -> dict[str, bytes]:
                         b'"content": "hello"}]}\n{"messages": [}\n'),
         "no_reply.jsonl": b'{"text": "fine"}\n{"messages": [{"role": "user", "content": "hi"}]}\n',
         "roles.jsonl": b'{"messages": [{"role": "narrator", "content": "Once"}]}\n',
+        "pages.parquet": parquet_file({"page": ["To be, or not to be"], "id": [7]}),
+        "no_reply.parquet": parquet_file({"messages": [[{"role": "user", "content": "hi"}]]}),
         "notes/empty.md": b"",
         "unknown_chars.txt": "ROMEO: ☃ snow".encode(),
         "no_text/readme.rst": b"not a source",
@@ -186,6 +196,11 @@ CASES = [
     ("train", [*T, "--dataset", "bad/roles.jsonl", "--out_dir", "x"], r"role \"narrator\" is not one of"),
     ("train", [*T, "--dataset", "bad/no_reply.jsonl", "--out_dir", "x"],
      "no_reply.jsonl line 2 has no assistant turn: nothing to train on"),
+    ("train", [*T, "--dataset", "bad/pages.parquet", "--out_dir", "x"],
+     r"pages.parquet has no column 'text' or 'messages' \(it has page, id\); name yours with --data.text_co"),
+    ("train", [*T, "--dataset", "bad/pages.parquet", "--data.text_column", "id", "--out_dir", "x"],
+     "pages.parquet: column 'id' holds int64, not strings; name the text column with --data.text_column"),
+    ("train", [*T, "--dataset", "bad/no_reply.parquet", "--out_dir", "x"], "row 0 has no assistant turn"),
     ("train", [*T, "--dataset", "bad/notes", "--out_dir", "x"], "empty.md is empty"),
     ("train", [*T, "--dataset", "bad/no_text", "--out_dir", "x"], "holds no .txt/.md/.jsonl/.parquet files"),
     ("train", [*T, "--out_dir", "x", "--data.tokenizer", "sentencepiece", "--data.vocab_size", "100000"],
