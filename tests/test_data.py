@@ -93,7 +93,7 @@ def test_empty_data_is_refused(tmp_path, content, message):
 def test_unknown_dataset_and_empty_folder_are_refused(tmp_path):
     with pytest.raises(UserError, match="unknown dataset 'shakespeare'"):
         dataset_files(DataConfig(dataset="shakespeare"))
-    with pytest.raises(UserError, match="holds no .txt/.md/.jsonl files"):
+    with pytest.raises(UserError, match="holds no .txt/.md/.jsonl/.parquet files"):
         dataset_files(DataConfig(dataset=str(tmp_path)))
     with pytest.raises(UserError, match="matches no files"):
         dataset_files(DataConfig(dataset=str(tmp_path / "*.txt")))
