@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from config import DataConfig
-from corpus import corpus_characters, fit_tokenizer, source_files
+from corpus import corpus_characters, fit_tokenizer, source_bytes, source_files
 from data_loader import download_shakespeare
 from errors import UserError
 from multiple_choice import PROMPT_FORMAT
@@ -87,7 +87,7 @@ def fit_pipeline_tokenizer(spec: TokenizerSpec, base_files: list[Path], tasks: T
         return CharTokenizer.train(itertools.chain(corpus_characters(files), prompts))
     data_cfg = DataConfig(dataset="", tokenizer=spec.kind, vocab_size=spec.vocab_size,
                           sentencepiece_model=spec.model, tiktoken_encoding=spec.encoding)
-    return fit_tokenizer(files, data_cfg, sum(path.stat().st_size for path in files))
+    return fit_tokenizer(files, data_cfg, source_bytes(files))
 
 
 def link_or_copy(source: Path, target: Path) -> None:
