@@ -197,14 +197,16 @@ def test_exact_match_counts_replies_equal_to_the_answer(tmp_path, monkeypatch):
     assert (results["spell"].correct, results["spell"].questions) == (1, 2)
     assert (results["reverse"].correct, results["reverse"].accuracy) == (1, 0.5)
     assert task_eval.is_task_chat_file(str(path))
-    assert sorted(map(sorted, task_eval.same_length_batches([[1], [2, 3], [4], [5, 6], [7]], 2))) == [[0, 2], [1, 3], [4]]
+    batches = task_eval.same_length_batches([[1], [2, 3], [4], [5, 6], [7]], 2)
+    assert sorted(map(sorted, batches)) == [[0, 2], [1, 3], [4]]
     path.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}], "task": "x", "answer": "y"}) + "\n")
     with pytest.raises(UserError, match="must end with the assistant's reply"):
         task_eval.read_task_chats(str(path))
 
 
 def test_multiple_choice_questions_hold_the_answer_among_distinct_choices():
-    held = [TaskChat("spell", f"Spell the word '{w}'.", "-".join(w)) for w in ("king", "queen", "crown", "sword", "hat")]
+    words = ("king", "queen", "crown", "sword", "hat")
+    held = [TaskChat("spell", f"Spell the word '{w}'.", "-".join(w)) for w in words]
     records = multiple_choice_records(held, seed=3)
     assert records == multiple_choice_records(held, seed=3)
     assert len(records) == len(held)
