@@ -29,7 +29,9 @@ PHASE_SETTINGS = {
                  "log_interval": 2, "warmup_steps": 2, "checkpoint_interval": 2},
     "system": {"device": "cpu", "dtype": "float32", "compile": False},
 }
-FLAGS = ["--tasks.per_kind", "40", "--tasks.held_out", "4"]
+FLAGS = ["--tasks.per_kind", "40", "--tasks.held_out", "4",
+         # mid runs long enough (a second or more) for the resume test to stop it part-way
+         "--mid.max_steps", "300", "--mid.checkpoint_interval", "50", "--mid.eval_interval", "150"]
 
 
 def write_pipeline(folder: Path, **changes) -> Path:
@@ -143,9 +145,9 @@ def test_a_pipeline_stopped_by_sigterm_resumes_to_the_same_weights(finished, tmp
     config.parent.joinpath("text.txt").write_text(finished.parent.joinpath("text.txt").read_text())
     process = pipeline(config, wait=False)
     deadline = time.monotonic() + 120
-    rolling = run_dir(config) / "mid" / "ckpt-2.pt"
-    while not rolling.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+    saved = run_dir(config) / "mid" / "ckpt.pt"  # from step 50 of 300 on
+    while not saved.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 143, err[-2000:]
