@@ -168,6 +168,8 @@ class SystemConfig:
         "(FSDP's fully_shard) instead of a full copy each (DDP): for models that do not fit one device")
     allow_tf32: bool = option(True, "TF32 matmuls on CUDA")
     seed: int = option(1337, "seed for Python, numpy and torch")
+    threads: Optional[int] = option(
+        None, "CPU threads torch computes with (torch.set_num_threads); null: torch's default, one per core")
     usd_per_hour: Optional[float] = option(None, "what the machine costs, for training.budget_usd")
     peak_tflops: Optional[float] = option(
         None, "the device's peak TFLOP/s for MFU; null: from a table of common GPUs")
@@ -290,6 +292,7 @@ def validate(cfg: Config) -> None:
         "training.budget_usd": t.budget_usd, "system.usd_per_hour": s.usd_per_hour,
         "training.max_bad_steps": t.max_bad_steps, "system.peak_tflops": s.peak_tflops,
         "data.num_workers": d.num_workers, "training.eval_train_iters": t.eval_train_iters,
+        "system.threads": s.threads,
     }
     for name, value in optional_positive.items():
         if value is not None and value <= 0:

@@ -15,13 +15,14 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import LATEST
-from config import Config, config_to_dict, tokens_per_step, train_eval_iters
+from config import Config, config_to_dict, tokens_per_step
 from guards import format_duration
 from metrics import MetricsLog, read_metrics
 from plotting import LossPlotter
 from report import write_report
 from run_description import RunFacts, Style, describe_run, format_sections
 from run_files import METRICS, PLOT, REPORT, milestone_path
+from timing import eval_batches, run_seconds
 from utils import DeviceInfo, MemoryStats, memory_stats, peak_flops
 
 
@@ -226,15 +227,11 @@ class RunMonitor:
 
     def _print_estimate(self, step: int, seconds_per_step: float) -> None:
         """Print the expected duration once steps after the first (compilation) are timed."""
-        t, max_steps = self.cfg.training, self.facts.max_steps
-        remaining = max_steps - step
-        evaluations = len([s for s in range(step + 1, max_steps + 1) if s % t.eval_interval == 0])
-        evaluations += max_steps % t.eval_interval != 0
-        # an evaluation batch is a forward pass only: about a third of a micro-step's work
-        eval_s = (t.eval_iters + train_eval_iters(t)) * seconds_per_step / (3 * t.grad_accum_steps)
-        total = remaining * seconds_per_step + evaluations * eval_s
-        self.message(f"estimated time to step {max_steps:,}: about {format_duration(total)} "
-                     f"({seconds_per_step * 1000:.1f} ms/step, {evaluations} evaluations)")
+        max_steps = self.facts.max_steps
+        batches = eval_batches(self.cfg.training, self.cfg.model.block_size, self.facts.val_tokens)
+        rest = run_seconds(self.cfg.training, step, max_steps, seconds_per_step, batches)
+        self.message(f"estimated time to step {max_steps:,}: about {format_duration(rest.total_s)} "
+                     f"({seconds_per_step * 1000:.1f} ms/step, {rest.evaluations} evaluations)")
 
     def evaluation(self, step: int, losses: dict[str, float], improved: bool, saved: list[Path],
                    elapsed_s: float) -> None:

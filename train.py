@@ -46,7 +46,8 @@ from run_description import RunFacts, Style, describe_run, format_sections
 from run_files import checkpoints_in, clear_earlier_run, outputs_in
 from tokenizer import read_tokenizer_file, tokenizer_from_dict
 from trainer import Trainer
-from utils import DeviceInfo, configure_torch, notice, process_start_time, resolve_system
+from timing import describe_estimate
+from utils import DeviceInfo, configure_threads, configure_torch, notice, process_start_time, resolve_system
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,8 +99,8 @@ def describe_config(cfg: Config, system: DeviceInfo, data: Optional[PreparedData
     """Return the resolved config and the values derived from it, for --show_config."""
     facts = None
     sized = fill_vocab_size(cfg, data.tokenizer.vocab_size) if data is not None else cfg
-    system = choose_cpu_dtype(sized, system, measure=False)  # the cached measurement, if any
     if data is not None:
+        system = choose_cpu_dtype(sized, system)  # timed, or the cached measurement
         with torch.device("meta"):  # shapes only: no memory, no initialisation
             model = build_model(sized.model)
         facts = RunFacts(params=model.num_params(),
@@ -107,7 +108,13 @@ def describe_config(cfg: Config, system: DeviceInfo, data: Optional[PreparedData
                          vocab_size=data.tokenizer.vocab_size, train_tokens=len(data.train),
                          val_tokens=len(data.val),
                          max_steps=total_steps(cfg.training, len(data.train), tokens_per_step(cfg)))
-    derived = [(f"{title}: derived", rows) for title, rows in describe_run(cfg, system, facts)]
+    sections = describe_run(cfg, system, facts)
+    if facts is not None:
+        sections.append(("time", describe_estimate(sized, system, facts.max_steps, facts.val_tokens)))
+    else:
+        sections.append(("time", [("whole run", "known once the dataset is downloaded (the first run "
+                                                "downloads it)")]))
+    derived = [(f"{title}: derived", rows) for title, rows in sections]
     return format_config(cfg) + "\n" + format_sections(derived, Style(enabled=False))
 
 
@@ -234,6 +241,7 @@ def build_trainer(args: argparse.Namespace, cfg: Config, checkpoint: Optional[di
 def main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(argv)
     cfg, checkpoint, checkpoint_path = resolve_run_config(args)
+    configure_threads(cfg.system.threads)  # before anything is timed or trained
     ranks = ranks_from_environment()
     system = resolve_system(cfg.system.device, cfg.system.dtype, cfg.system.compile, ranks,
                             cfg.system.compile_mode, cfg.training.grad_accum_steps)

@@ -9,7 +9,7 @@ import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Optional
 
 import numpy as np
 import psutil
@@ -159,10 +159,17 @@ def configure_determinism(on: bool) -> None:
 
 
 def configure_torch(system: SystemConfig) -> None:
-    """Apply the system section's seed, TF32 and determinism settings to torch."""
+    """Apply the system section's threads, seed, TF32 and determinism settings to torch."""
+    configure_threads(system.threads)
     seed_everything(system.seed)
     configure_tf32(system.allow_tf32)
     configure_determinism(system.deterministic)
+
+
+def configure_threads(threads: Optional[int]) -> None:
+    """Compute with `threads` CPU threads; None keeps torch's default (one per core)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
 
 
 def seed_everything(seed: int) -> None:

@@ -12,6 +12,7 @@ import torch
 from config import ModelConfig
 from data_loader import batch_at, random_starts
 from precision import ENVIRONMENT_VARIABLE as CPU_DTYPE_VARIABLE
+from timing import ENVIRONMENT_VARIABLE as STEP_TIME_VARIABLE
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_CORPUS = REPO_ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -60,6 +61,16 @@ def no_test_leaves_the_cpu_dtype_to_auto():
         os.environ.pop(CPU_DTYPE_VARIABLE, None)
     else:
         os.environ[CPU_DTYPE_VARIABLE] = before
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_show_config_times_a_step():
+    """Give --show_config's estimate a step time instead of a timed step (seconds each, for
+    the bigger configs), in this process and the commands tests start; tests of the timing
+    itself remove the variable."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(STEP_TIME_VARIABLE, "0.5")
+        yield
 
 
 @pytest.fixture(scope="session", autouse=True)

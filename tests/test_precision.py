@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import precision
+import timing
 import train
 import utils
 from checkpoint import load_checkpoint
@@ -94,7 +95,7 @@ def test_the_measurement_is_cached_per_machine_and_shape(cpu_kind, timings, tmp_
     wider = run_config(tmp_path, n_embd=32)
     assert choose_cpu_dtype(wider, cpu_system()).dtype == torch.float32  # another shape: timed
     assert len(calls) == 2
-    entries = json.loads((tmp_path / "cache" / precision.CACHE_FILE).read_text())
+    entries = json.loads((tmp_path / "cache" / timing.CACHE_FILE).read_text())
     assert len(entries) == 2
     assert all(utils.cpu_name() in key and f"{torch.get_num_threads()} threads" in key for key in entries)
 
@@ -102,12 +103,12 @@ def test_the_measurement_is_cached_per_machine_and_shape(cpu_kind, timings, tmp_
 @pytest.mark.parametrize("cpu_kind", ["amx"], indirect=True)
 def test_a_damaged_cache_is_measured_again_and_rewritten(cpu_kind, timings, tmp_path):
     cfg = run_config(tmp_path)
-    cache = tmp_path / "cache" / precision.CACHE_FILE
+    cache = tmp_path / "cache" / timing.CACHE_FILE
     cache.parent.mkdir()
     cache.write_text("{not json")
     assert choose_cpu_dtype(cfg, cpu_system()).dtype == torch.bfloat16
     assert len(timings[0]) == 1
-    assert precision.probe_key(cfg) in json.loads(cache.read_text())
+    assert timing.probe_key(cfg) in json.loads(cache.read_text())
 
 
 @pytest.mark.parametrize("cpu_kind", ["amx"], indirect=True)
@@ -115,9 +116,9 @@ def test_a_damaged_cache_is_measured_again_and_rewritten(cpu_kind, timings, tmp_
                                    {"float32_s": -1, "bfloat16_s": 0.1}, {"float32_s": 0.1}])
 def test_an_impossible_cached_entry_is_timed_again(cpu_kind, timings, tmp_path, entry):
     cfg = run_config(tmp_path)
-    cache = tmp_path / "cache" / precision.CACHE_FILE
+    cache = tmp_path / "cache" / timing.CACHE_FILE
     cache.parent.mkdir()
-    cache.write_text(json.dumps({precision.probe_key(cfg): entry}))
+    cache.write_text(json.dumps({timing.probe_key(cfg): entry}))
     assert choose_cpu_dtype(cfg, cpu_system()).dtype == torch.bfloat16
     assert len(timings[0]) == 1
 
@@ -134,16 +135,6 @@ def test_a_resumed_run_keeps_the_dtype_it_was_trained_in(cpu_kind, timings, tmp_
 @pytest.mark.parametrize("cpu_kind", ["avx2"], indirect=True)
 def test_a_run_resumed_on_a_cpu_without_native_bf16_goes_on_in_float32(cpu_kind, timings, tmp_path):
     assert choose_cpu_dtype(run_config(tmp_path), cpu_system(), continuing="bfloat16").dtype == torch.float32
-
-
-@pytest.mark.parametrize("cpu_kind", ["amx"], indirect=True)
-def test_show_config_reads_the_cache_but_never_times(cpu_kind, timings, tmp_path):
-    cfg = run_config(tmp_path)
-    chosen = choose_cpu_dtype(cfg, cpu_system(), measure=False)
-    assert chosen.dtype == torch.float32 and "until measured" in chosen.dtype_reason
-    assert timings[0] == [] and not (tmp_path / "cache").exists()
-    choose_cpu_dtype(cfg, cpu_system())
-    assert choose_cpu_dtype(cfg, cpu_system(), measure=False).dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("cpu_kind", ["amx"], indirect=True)
@@ -190,10 +181,10 @@ def test_mps_and_cuda_keep_their_own_rules(monkeypatch, timings, tmp_path):
 
 
 def test_the_probe_times_both_dtypes_and_leaves_the_random_state_alone(tmp_path, monkeypatch):
-    monkeypatch.setattr(precision, "PROBE_TOKENS", 64)
+    monkeypatch.setattr(timing, "PROBE_TOKENS", 64)
     cfg = run_config(tmp_path)
     cfg.training.batch_size = 32  # more than the probe's tokens: it times a smaller batch, scaled
-    assert precision.probe_batch_size(cfg) == 64 // cfg.model.block_size
+    assert timing.probe_batch_size(cfg) == 64 // cfg.model.block_size
     before = torch.get_rng_state()
     times = precision.time_training_step(cfg)
     assert torch.equal(torch.get_rng_state(), before)
@@ -213,7 +204,7 @@ def test_the_summary_before_training_says_which_dtype_and_why(cpu_kind, timings,
     assert re.search(r"dtype +bfloat16: measured 1\.40x faster", capsys.readouterr().out)
     assert len(timings[0]) == 1  # --show_config took the cached figures
     assert load_checkpoint(workdir / "models/tiny_test/ckpt.pt")["dtype"] == "bfloat16"
-    (workdir / "cache" / precision.CACHE_FILE).unlink()
+    (workdir / "cache" / timing.CACHE_FILE).unlink()
     timings[1]["times"] = StepTimes(float32_s=0.1, bfloat16_s=0.2)  # now float32 would be faster
     assert train.main(["--config", str(tiny_config_file), "--system.dtype", "auto", "--resume",
                        "--max_steps", "2"]) == 0

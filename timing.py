@@ -1,0 +1,244 @@
+"""How long a training step and a whole run take on a CPU, known before the run starts.
+
+A step of the run's own model is timed on random tokens (a throwaway copy: the run starts as
+if nothing had been timed) and the seconds are cached per machine and shape in
+`<cache_dir>/step_time.json`, so each shape is timed once. precision.py's `dtype auto` reads
+the same cache, and `--show_config` turns it into the time of the whole run. On a GPU the
+first steps compile, so only the run itself can time them: its progress lines say how long
+the rest will take once they are past (monitor.py), with the same formula, run_seconds().
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+
+from config import Config, TrainingConfig, train_eval_iters
+from contract import build_model
+from errors import UserError
+from guards import format_duration
+from optim import accumulate_gradients, make_optimizer, optimizer_step
+from utils import DeviceInfo, autocast_context, cpu_name, write_file_atomic
+
+ENVIRONMENT_VARIABLE = "GPT_TRAINER_STEP_TIME_S"  # seconds per step to assume instead of timing one
+CACHE_FILE = "step_time.json"
+PROBE_TOKENS = 2048  # tokens per timed micro-batch: enough rows for matmuls to run at full speed
+SLOW_STEP_S = 2.0  # past this, one timed step per dtype is enough (their ratio is stable)
+WARMUP_ROUNDS, TIMED_ROUNDS = 2, 3  # a process's first few steps run slower than the rest
+EVAL_COST = 1 / 3  # an evaluation batch is a forward pass only: about a third of a training micro-step
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def probe_batch_size(cfg: Config) -> int:
+    """Return the rows of the timed micro-batch: the run's, or fewer when that is over PROBE_TOKENS."""
+    return max(1, min(cfg.training.batch_size, PROBE_TOKENS // cfg.model.block_size))
+
+
+def probe_key(cfg: Config) -> str:
+    """Return what the timing depends on: the machine, torch, threads, the model and the step."""
+    t = cfg.training
+    model = json.dumps(dataclasses.asdict(cfg.model), sort_keys=True)
+    return (f"{cpu_name()} | torch {torch.__version__} | {torch.get_num_threads()} threads | {model} | "
+            f"batch {t.batch_size} x {t.grad_accum_steps} | {t.optimizer}")
+
+
+def time_steps(cfg: Config, dtypes: tuple[torch.dtype, ...]) -> dict[torch.dtype, float]:
+    """Return the estimated seconds of one full training step of the run in each dtype.
+
+    A throwaway copy of the model trains on random tokens: forward and backward of a probe
+    micro-batch, scaled to the run's micro-batches, plus one optimizer step. The dtypes
+    alternate, and each keeps its fastest repeat, so a busy moment of the machine does not
+    decide. The random state is restored: the run starts as if nothing had been timed.
+    """
+    cpu = torch.device("cpu")
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(cfg.model).to(cpu).train()
+        batch = probe_batch_size(cfg)
+        generator = torch.Generator().manual_seed(0)
+        x, y = (torch.randint(0, cfg.model.vocab_size, (batch, cfg.model.block_size), generator=generator)
+                for _ in range(2))
+        steps = {dtype: TimedStep(model, cfg, dtype, x, y) for dtype in dtypes}
+        first_s = _alternate(steps.values(), 1) / len(dtypes)  # first steps allocate and pick kernels
+        slow = first_s > 2 * SLOW_STEP_S
+        _alternate(steps.values(), 0 if slow else WARMUP_ROUNDS - 1)
+        for step in steps.values():
+            step.forget()  # only the steps after the warm-up count
+        _alternate(steps.values(), 1 if slow else TIMED_ROUNDS)
+    scale = cfg.training.batch_size / batch * cfg.training.grad_accum_steps
+    return {dtype: step.estimate(scale) for dtype, step in steps.items()}
+
+
+def _alternate(steps: Iterable["TimedStep"], rounds: int) -> float:
+    """Run each dtype's step in turn, `rounds` times; return the seconds it took."""
+    started = time.perf_counter()
+    for _ in range(rounds):
+        for step in steps:
+            step.run()
+    return time.perf_counter() - started
+
+
+class TimedStep:
+    """One dtype's training step on the probe batch, keeping the fastest time of each half."""
+
+    def __init__(self, model: torch.nn.Module, cfg: Config, dtype: torch.dtype,
+                 x: torch.Tensor, y: torch.Tensor):
+        cpu = torch.device("cpu")
+        self.model, self.batch, self.grad_clip = model, (x, y), cfg.training.grad_clip
+        with contextlib.redirect_stderr(io.StringIO()):  # its notices are the run's to give, once
+            self.optimizer = make_optimizer(model, cfg.training, cpu, dtype)  # Newton-Schulz follows dtype
+        self.autocast = autocast_context(cpu, dtype)
+        self.scaler = torch.amp.GradScaler("cpu", enabled=False)
+        self.forget()
+
+    def forget(self) -> None:
+        """Drop the times seen so far (those of the warm-up)."""
+        self.backward_s = self.update_s = math.inf
+
+    def run(self) -> None:
+        """Time one step: forward and backward, then the update."""
+        started = time.perf_counter()
+        accumulate_gradients(self.model, [self.batch], 1, self.autocast, self.scaler)
+        backward_done = time.perf_counter()
+        optimizer_step(self.model, self.optimizer, self.scaler, self.grad_clip)
+        update_done = time.perf_counter()
+        backward_s, update_s = backward_done - started, update_done - backward_done
+        self.backward_s, self.update_s = min(self.backward_s, backward_s), min(self.update_s, update_s)
+
+    def estimate(self, micro_batches: float) -> float:
+        """Return a full step's seconds: this many probe micro-batches and one update."""
+        return self.backward_s * micro_batches + self.update_s
+
+
+# ---------------------------------------------------------------- the cache
+
+
+def cached_seconds(cfg: Config) -> dict[str, float]:
+    """Return the cached seconds per step of this machine and shape, by dtype name ({} if none).
+
+    A damaged file, or an entry that is no time (edited, zero, not finite), counts as absent,
+    so it is timed again."""
+    try:
+        entry = json.loads(_cache_path(cfg).read_text())[probe_key(cfg)]
+        seconds = {name: float(entry[f"{name}_s"]) for name in ("float32", "bfloat16") if f"{name}_s" in entry}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return {name: s for name, s in seconds.items() if math.isfinite(s) and s > 0}
+
+
+def remember(cfg: Config, seconds: dict[torch.dtype, float]) -> None:
+    """Add step times to this shape's cache entry; a cache that cannot be written is skipped."""
+    path, key = _cache_path(cfg), probe_key(cfg)
+    try:
+        entries = json.loads(path.read_text()) if path.is_file() else {}
+        entry = entries.get(key) if isinstance(entries.get(key), dict) else {}
+    except (OSError, ValueError, AttributeError):
+        entries, entry = {}, {}  # a damaged cache is rebuilt
+    entry.update({f"{dtype_name(d)}_s": s for d, s in seconds.items()}, measured=time.strftime("%Y-%m-%d %H:%M"))
+    entries[key] = entry
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_file_atomic(path, lambda file: file.write(json.dumps(entries, indent=1).encode()))
+    except OSError:
+        pass  # a read-only cache only means timing again next run
+
+
+def _cache_path(cfg: Config) -> Path:
+    return Path(cfg.data.cache_dir) / CACHE_FILE
+
+
+# ---------------------------------------------------------------- the whole run
+
+
+@dataclasses.dataclass
+class StepEstimate:
+    """Seconds per optimizer step and where the figure comes from, for the summary."""
+
+    seconds: float
+    source: str
+
+
+def cpu_step_estimate(cfg: Config, dtype: torch.dtype) -> StepEstimate:
+    """Return the seconds of one training step of `cfg` on this CPU in `dtype`: from the
+    environment variable, the cache, or timed now (and cached)."""
+    forced = os.environ.get(ENVIRONMENT_VARIABLE)
+    if forced:
+        try:
+            seconds = float(forced)
+        except ValueError:
+            seconds = math.nan
+        if not (math.isfinite(seconds) and seconds > 0):
+            raise UserError(f"{ENVIRONMENT_VARIABLE}={forced} is no number of seconds; set it to one "
+                            "such as 0.25, or unset it to time a step")
+        return StepEstimate(seconds, f"set by {ENVIRONMENT_VARIABLE}")
+    name = dtype_name(dtype)
+    cached = cached_seconds(cfg).get(name)
+    if cached is not None:
+        return StepEstimate(cached, f"{name}, timed on this machine earlier ({cfg.data.cache_dir}/{CACHE_FILE})")
+    print(f"timing a training step of this model in {name} for the estimate...", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    seconds = time_steps(cfg, (dtype,))[dtype]
+    remember(cfg, {dtype: seconds})
+    return StepEstimate(seconds, f"{name}, timed here just now in {format_duration(time.perf_counter() - started)}"
+                                 f" (cached in {cfg.data.cache_dir}/{CACHE_FILE})")
+
+
+def eval_batches(t: TrainingConfig, block_size: int, val_tokens: Optional[int]) -> int:
+    """Return the batches one evaluation scores: validation, then the train loss's."""
+    val = t.eval_iters
+    if t.eval_full_val and val_tokens is not None:
+        windows = max(1, (val_tokens - 1) // block_size)
+        val = -(-windows // t.batch_size)
+    return val + train_eval_iters(t)
+
+
+@dataclasses.dataclass
+class RunTime:
+    """The expected seconds from a step to the end of the run: steps, then evaluations."""
+
+    steps: int
+    step_s: float
+    evaluations: int
+    evaluation_s: float
+
+    @property
+    def total_s(self) -> float:
+        return self.steps * self.step_s + self.evaluations * self.evaluation_s
+
+    def describe(self) -> str:
+        return (f"about {format_duration(self.total_s)}: {self.steps:,} steps x {format_duration(self.step_s)}"
+                f" + {self.evaluations} evaluations x {format_duration(self.evaluation_s)}")
+
+
+def run_seconds(t: TrainingConfig, start_step: int, max_steps: int, step_s: float, batches: int) -> RunTime:
+    """Return the time from `start_step` to `max_steps` at `step_s` a step, evaluating every
+    eval_interval steps and at the end, `batches` forward passes each."""
+    evaluations = sum(1 for step in range(start_step + 1, max_steps + 1) if step % t.eval_interval == 0)
+    evaluations += max_steps % t.eval_interval != 0 and max_steps > start_step
+    evaluation_s = batches * EVAL_COST * step_s / t.grad_accum_steps
+    return RunTime(max_steps - start_step, step_s, evaluations, evaluation_s)
+
+
+def describe_estimate(cfg: Config, system: DeviceInfo, max_steps: int,
+                      val_tokens: Optional[int]) -> list[tuple[str, str]]:
+    """Return --show_config's rows for the time of the whole run (`cfg` with its vocabulary)."""
+    if system.device.type != "cpu":
+        return [("whole run", "timed by the run itself: its progress lines estimate the rest once the "
+                              "first steps (and any compilation) are past")]
+    if system.processes > 1:
+        return [("whole run", "not timed under torchrun, where the processes would time each other")]
+    step = cpu_step_estimate(cfg, system.dtype)
+    batches = eval_batches(cfg.training, cfg.model.block_size, val_tokens)
+    run = run_seconds(cfg.training, 0, max_steps, step.seconds, batches)
+    return [("step", f"{1000 * step.seconds:,.0f} ms ({step.source})"), ("whole run", run.describe())]
