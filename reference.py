@@ -163,10 +163,17 @@ def flag_name(action: argparse.Action) -> str:
     return ", ".join(code_cell(s) for s in action.option_strings) or code_cell(action.dest.upper())
 
 
+def is_generated_config_flag(action: argparse.Action) -> bool:
+    """Whether the flag is one cli.add_config_flags made (`--section.field` or its short form),
+    which config.md lists; a flag a command adds for a field by hand is listed with the command."""
+    generated = {f"--{action.dest}"} | {f"--{short}" for short, long in SHORT_FLAGS.items() if long == action.dest}
+    return is_config_flag(action) and set(action.option_strings) <= generated
+
+
 def listed_actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
     """Return the parser's flags and arguments the page lists: all but --help and config fields."""
     return [a for a in parser._actions
-            if not isinstance(a, argparse._HelpAction) and not is_config_flag(a)]
+            if not isinstance(a, argparse._HelpAction) and not is_generated_config_flag(a)]
 
 
 def command_section(name: str, parser: argparse.ArgumentParser) -> list[str]:
@@ -180,7 +187,7 @@ def command_section(name: str, parser: argparse.ArgumentParser) -> list[str]:
     lines += table(("flag", "value", "default", "meaning"), rows)
     for group in parser._mutually_exclusive_groups:
         lines += ["", "These exclude each other: " + ", ".join(flag_name(a) for a in group._group_actions) + "."]
-    if any(is_config_flag(a) for a in parser._actions):
+    if any(is_generated_config_flag(a) for a in parser._actions):
         lines += ["", "It also takes every config field as `--section.field VALUE` "
                   "([config.md](config.md)), and these short forms of them:", ""]
         lines += table(("short flag", "config field"),

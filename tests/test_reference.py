@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -71,10 +72,25 @@ def test_every_flag_of_every_parser_is_in_commands_md(rendered):
             for flag in action.option_strings:
                 if flag in ("-h", "--help"):
                     continue
-                where = config_page if reference.is_config_flag(action) and "." in flag else section
+                generated = reference.is_generated_config_flag(action) and "." in flag
+                where = config_page if generated else section
                 assert f"`{flag}`" in where, f"{name}.py {flag}"
             if not action.option_strings:
                 assert f"`{action.dest.upper()}`" in section, f"{name}.py {action.dest}"
+
+
+def test_a_flag_a_command_adds_for_a_config_field_is_listed_with_the_command(monkeypatch):
+    build = reference.importlib.import_module("train").build_parser
+
+    def with_hand_made_flag():
+        parser = build()
+        parser.add_argument("--knob", dest="training.lr", metavar="LR", help="a hand-made flag for a field")
+        return parser
+
+    monkeypatch.setattr(sys.modules["train"], "build_parser", with_hand_made_flag)
+    section = reference.commands_page().split("\n## train.py\n", 1)[1].split("\n## ", 1)[0]
+    assert "| `--knob` | `LR` |  | a hand-made flag for a field |" in section
+    assert "\n| `--training.lr`" not in section  # the generated flag stays in config.md
 
 
 def test_pages_name_no_path_of_this_machine(rendered):
