@@ -9,6 +9,7 @@ fails, 2 when the class cannot be loaded at all. docs/build-your-own-gpt.md meet
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,11 +236,15 @@ def run_checks(cls: type, checks: Sequence[Check] = CHECKS) -> list[Outcome]:
     return results
 
 
-def main(argv: Sequence[str]) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = CliParser(description="Check a GPT class against the trainer's contract.", allow_abbrev=False)
     parser.add_argument("model", help="path/to/my_gpt.py:MyGPT")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str]) -> int:
+    args = build_parser().parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # a user's file may import config
     cls = load_class(args.model)
     check_class(cls)  # not a Module, or a required method missing: one line, exit 2

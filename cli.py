@@ -124,9 +124,12 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 def add_model_loading_flags(parser: argparse.ArgumentParser, dtype_default: str) -> None:
     """The flags of the commands that load a trained model (gen.py, eval.py): the device, the
     dtype, the model's class where its file has moved, and --debug."""
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
+                        help="where to run the model; auto: CUDA, else MPS, else the CPU")
     parser.add_argument("--dtype", default=dtype_default,
-                        choices=("auto", "float32", "bfloat16", "float16", *DTYPE_ALIASES))
+                        choices=("auto", "float32", "bfloat16", "float16", *DTYPE_ALIASES),
+                        help="the compute dtype; auto: bfloat16 on CUDA where supported, else float16; "
+                        "float32 on a CPU")
     parser.add_argument("--model_impl", metavar="PATH.py:CLASS",
                         help="the model's class, where the file the checkpoint names has moved")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")

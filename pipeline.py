@@ -53,7 +53,11 @@ CONFIG_SECTIONS = ("tokenizer", "tasks", "eval", "report")  # --tasks.per_kind 1
 
 def build_parser() -> argparse.ArgumentParser:
     parser = CliParser(description="Train a chat model from raw text through phases: "
-                                   + ", ".join(PHASES) + ".", allow_abbrev=False)
+                                   + ", ".join(PHASES) + ".", allow_abbrev=False,
+                       epilog="Other flags are handed on: --PHASE.FLAG VALUE to one training phase's "
+                       f"train.py ({', '.join(TRAINING_PHASES)}; e.g. --base.max_steps 100), --SECTION.FIELD "
+                       f"VALUE to the pipeline config ({', '.join(CONFIG_SECTIONS)}; e.g. --tasks.per_kind 100), "
+                       "and any other to every training phase's train.py (e.g. --eval_iters 10).")
     parser.add_argument("--config", required=True, help="the pipeline config (configs/pipeline_laptop.json)")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--from", dest="from_phase", choices=PHASES, metavar="PHASE",
