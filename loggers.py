@@ -140,11 +140,11 @@ class TensorBoardLogger:
         return f"{self.log_dir} (view: tensorboard --logdir {self.log_dir})"
 
 
-def wandb_mode(environ: Mapping[str, str], netrc_path: Optional[Path] = None) -> Optional[str]:
-    """Return the W&B mode to ask for: None where WANDB_MODE chooses, online where the user has
-    logged in (WANDB_API_KEY, or `wandb login`'s netrc entry), else offline."""
+def wandb_mode(environ: Mapping[str, str], netrc_path: Optional[Path] = None) -> str:
+    """Return the W&B mode to ask for: WANDB_MODE's where set, online where the user has logged
+    in (WANDB_API_KEY, or `wandb login`'s netrc entry), else offline."""
     if environ.get("WANDB_MODE"):
-        return None
+        return environ["WANDB_MODE"]
     if environ.get("WANDB_API_KEY"):
         return "online"
     path = netrc_path or Path(environ.get("NETRC") or Path(environ.get("HOME", "~")).expanduser() / ".netrc")
@@ -176,12 +176,12 @@ class WandbLogger:
         try:
             self.run = self._init(options, mode)
         except Exception as error:  # wandb's errors have no common base
-            if mode == "offline":
-                raise UserError(f"W&B could not start an offline run in {self.wandb_dir}: {error}") from None
+            if mode in ("offline", "dryrun", "disabled"):
+                raise UserError(f"W&B ({mode}) could not start a run in {self.wandb_dir}: {error}") from None
             notify(f"W&B could not start online ({str(error).splitlines()[0]}); logging offline instead")
             self.run = self._init(options, "offline")
 
-    def _init(self, options: dict, mode: Optional[str]):
+    def _init(self, options: dict, mode: str):
         # console off: the progress bar stays ours; silent: the summaries say where the run is
         settings = self.wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT_S, console="off", silent=True)
         self.wandb_dir.mkdir(parents=True, exist_ok=True)

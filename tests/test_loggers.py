@@ -8,6 +8,7 @@ import json
 import socket
 import subprocess
 import sys
+import types
 from contextlib import redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ import loggers
 import train
 from checkpoint import load_checkpoint
 from cli import run_cli
-from config import Config, resolve_config
+from config import Config, WandbConfig, resolve_config
 from errors import UserError
 from loggers import scalars, wandb_mode
 from metrics import read_metrics
@@ -225,7 +226,7 @@ def test_a_logger_failing_mid_run_is_a_notice_and_training_goes_on(workdir, tiny
 def test_wandb_is_offline_unless_logged_in_or_a_mode_is_chosen(tmp_path):
     no_netrc = tmp_path / "none"
     assert wandb_mode({}, no_netrc) == "offline"
-    assert wandb_mode({"WANDB_MODE": "online"}, no_netrc) is None  # wandb reads it
+    assert wandb_mode({"WANDB_MODE": "online"}, no_netrc) == "online"
     assert wandb_mode({"WANDB_API_KEY": "x" * 40}, no_netrc) == "online"
     netrc = tmp_path / ".netrc"
     netrc.write_text("machine api.wandb.ai\n  login user\n  password " + "x" * 40 + "\n")
@@ -259,3 +260,28 @@ def test_loggers_are_a_list_in_files_and_repeated_flags_on_the_command_line(tmp_
         with pytest.raises(UserError, match=message):
             resolve_config(str(path), {})
     assert Config().training.loggers is not Config().training.loggers  # no list shared between configs
+
+
+def fake_wandb(calls: list[str]) -> types.SimpleNamespace:
+    """A stand-in for the wandb module whose online start times out, as on a node without a network."""
+    def init(mode: str, settings: dict, **options: object) -> types.SimpleNamespace:
+        calls.append(mode)
+        if mode != "offline":
+            raise TimeoutError("timed out after 60 seconds\nmore detail")
+        return types.SimpleNamespace(settings=types.SimpleNamespace(mode="offline", sync_dir="the-sync-dir"))
+    return types.SimpleNamespace(Settings=lambda **settings: settings, init=init)
+
+
+def test_an_online_start_that_fails_falls_back_to_offline_with_a_notice(tmp_path, monkeypatch):
+    calls, notices = [], []
+    monkeypatch.setitem(sys.modules, "wandb", fake_wandb(calls))
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    logger = loggers.WandbLogger(loggers.RunIdentity(tmp_path, None, "abcd1234"), WandbConfig(), notices.append)
+    assert calls == ["online", "offline"]
+    assert notices == ["W&B could not start online (timed out after 60 seconds); logging offline instead"]
+    assert logger.where() == f"offline in the-sync-dir (upload: wandb sync {tmp_path}/wandb/offline-run-*-abcd1234)"
+    monkeypatch.setenv("WANDB_MODE", "offline")  # offline itself failing is one line, before the run
+    monkeypatch.setattr(sys.modules["wandb"], "init", lambda **options: 1 / 0)
+    with pytest.raises(UserError, match=r"W&B \(offline\) could not start a run in .*/wandb: division by zero"):
+        loggers.WandbLogger(loggers.RunIdentity(tmp_path, None, "abcd1234"), WandbConfig(), notices.append)
