@@ -234,8 +234,8 @@ class Loggers:
                 call(logger)
             except Exception as error:
                 self.active.remove(logger)
-                self.notify(f"{logger.name} logging failed ({type(error).__name__}: {error}); the run goes on "
-                            "without it (metrics.csv has every figure)")
+                self.notify(f"{logger.name} logging failed ({type(error).__name__}: {error}); the run "
+                            "goes on without it (metrics.csv has every figure)")
 
     def log_row(self, row: Mapping[str, object]) -> None:
         """Log a metrics.csv row (as it is appended) to every logger."""

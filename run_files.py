@@ -37,7 +37,8 @@ def outputs_in(out_dir: Path) -> list[Path]:
     found = [p for p in (out_dir / METRICS, out_dir / PLOT, out_dir / REPORT) if p.is_file()]
     for folder, pattern, _ in FOLDERS:
         if (out_dir / folder).is_dir():
-            found += sorted(p for p in (out_dir / folder).iterdir() if p.is_file() and pattern.fullmatch(p.name))
+            found += sorted(p for p in (out_dir / folder).iterdir()
+                            if p.is_file() and pattern.fullmatch(p.name))
     return found
 
 

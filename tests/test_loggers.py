@@ -147,7 +147,8 @@ def test_tensorboard_has_the_config_and_the_environment(logged_run):
     events = EventAccumulator(str(logged_run.run_dir / "tensorboard"), size_guidance={"tensors": 0})
     events.Reload()
     config = events.Tensors("config/text_summary")[-1].tensor_proto.string_val[0].decode()
-    assert '"lr": 0.002' in config and '"loggers": [\n      "csv",\n      "tensorboard",\n      "wandb"' in config
+    assert '"lr": 0.002' in config  # the resumed session's
+    assert '"loggers": [\n      "csv",\n      "tensorboard",\n      "wandb"' in config
     assert "git_commit" in events.Tensors("environment/text_summary")[-1].tensor_proto.string_val[0].decode()
     assert "_hparams_/experiment" in events.PluginTagToContent("hparams")
 
@@ -159,10 +160,12 @@ def test_wandb_leaves_an_offline_run_with_the_history_and_the_config(logged_run)
     first, resumed = (wandb_records(session / f"run-{run_id}.wandb") for session in sessions)
     csv = dict(csv_losses(logged_run.run_dir, "train", "train_loss"))
     logged = {**history(first), **history(resumed)}  # the resumed session's steps 4-6 win, as in the csv
-    assert {step: row["train/loss"] for step, row in logged.items() if "train/loss" in row} == pytest.approx(csv, rel=1e-5)
-    assert history(first)[3]["eval/val_loss"] == pytest.approx(dict(csv_losses(logged_run.run_dir, "eval", "val_loss"))[3])
+    losses = {step: row["train/loss"] for step, row in logged.items() if "train/loss" in row}
+    assert losses == pytest.approx(csv, rel=1e-5)
+    val_loss = dict(csv_losses(logged_run.run_dir, "eval", "val_loss"))[3]
+    assert history(first)[3]["eval/val_loss"] == pytest.approx(val_loss, rel=1e-5)
     run = next(r["run"] for r in first if r["type"] == "run")
-    assert run["project"] == "gpt-trainer" and run["display_name"] == "run" and run["tags"] == ["test", "tiny"]
+    assert (run["project"], run["display_name"], run["tags"]) == ("gpt-trainer", "run", ["test", "tiny"])
     config = {}
     for record in first:
         if record["type"] == "config":
@@ -196,8 +199,8 @@ def test_a_missing_package_is_one_line_before_anything_is_written(workdir, tiny_
     assert not (workdir / "models").exists()
 
 
-def test_a_directory_tensorboard_cannot_write_to_stops_the_run_before_its_first_step(workdir, tiny_config_file,
-                                                                                    capsys):
+def test_a_folder_tensorboard_cannot_write_to_stops_the_run_before_its_first_step(workdir, tiny_config_file,
+                                                                                 capsys):
     (workdir / "models" / "tiny_test").mkdir(parents=True)
     (workdir / "models" / "tiny_test" / "tensorboard").write_text("a file, not a folder")
     assert tiny_run(tiny_config_file, "--logger", "tensorboard") == 2
@@ -216,7 +219,8 @@ def test_a_logger_failing_mid_run_is_a_notice_and_training_goes_on(workdir, tiny
     assert tiny_run(tiny_config_file, "--logger", "tensorboard") == 0
     out = capsys.readouterr().out
     assert out.count("tensorboard logging failed") == 1 and "No space left on device" in out
-    assert [step for step, _ in csv_losses(workdir / "models/tiny_test", "train", "train_loss")] == [1, 2, 3, 4, 5, 6]
+    rows = csv_losses(workdir / "models/tiny_test", "train", "train_loss")
+    assert [step for step, _ in rows] == [1, 2, 3, 4, 5, 6]
     assert "view: tensorboard" not in out.split("[files]")[1]  # the summary no longer offers it
 
 
@@ -255,7 +259,7 @@ def test_loggers_are_a_list_in_files_and_repeated_flags_on_the_command_line(tmp_
     cfg = resolve_config(str(path), {})
     assert cfg.training.loggers == ["csv", "tensorboard"] and cfg.wandb.group == "sweep"
     for loggers_value, message in (("tensorboard", "must be a list of strings"),
-                                   (["tensorbord"], "must be one of csv, tensorboard, wandb; got 'tensorbord'")):
+                                   (["tensorbord"], "one of csv, tensorboard, wandb; got 'tensorbord'")):
         path.write_text(json.dumps({"training": {"loggers": loggers_value}}))
         with pytest.raises(UserError, match=message):
             resolve_config(str(path), {})
@@ -280,7 +284,8 @@ def test_an_online_start_that_fails_falls_back_to_offline_with_a_notice(tmp_path
     logger = loggers.WandbLogger(loggers.RunIdentity(tmp_path, None, "abcd1234"), WandbConfig(), notices.append)
     assert calls == ["online", "offline"]
     assert notices == ["W&B could not start online (timed out after 60 seconds); logging offline instead"]
-    assert logger.where() == f"offline in the-sync-dir (upload: wandb sync {tmp_path}/wandb/offline-run-*-abcd1234)"
+    assert logger.where() == ("offline in the-sync-dir (upload: wandb sync "
+                              f"{tmp_path}/wandb/offline-run-*-abcd1234)")
     monkeypatch.setenv("WANDB_MODE", "offline")  # offline itself failing is one line, before the run
     monkeypatch.setattr(sys.modules["wandb"], "init", lambda **options: 1 / 0)
     with pytest.raises(UserError, match=r"W&B \(offline\) could not start a run in .*/wandb: division by zero"):
