@@ -23,8 +23,8 @@ from typing import Callable, Mapping, Optional, Protocol
 
 from config import WandbConfig
 from errors import UserError
+from run_files import TENSORBOARD
 
-TENSORBOARD_DIR = "tensorboard"  # under the run directory
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}  # logger -> the package it imports
 WANDB_HOST = "api.wandb.ai"
 WANDB_INIT_TIMEOUT_S = 60.0  # an online start that takes longer falls back to offline
@@ -107,7 +107,7 @@ class TensorBoardLogger:
     def __init__(self, run: RunIdentity):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.log_dir = run.out_dir / TENSORBOARD_DIR
+        self.log_dir = run.out_dir / TENSORBOARD
         purge_step = None if run.resume_step is None else run.resume_step + 1
         try:
             self.writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=purge_step)
