@@ -1,7 +1,9 @@
 """The command-line surface the commands share: config flags, one-line errors, exit codes.
 
 Every config field gets a `--section.field VALUE` flag, typed from the dataclass; the fields
-people change most also get a short flag. Only the flags a user types override the config.
+people change most also get a short flag. Only the flags a user types override the config. A
+list field's flag may be repeated, and each value may hold several, comma-separated: the values
+given replace the config's list.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import sys
 from typing import Any, Callable, Mapping, NoReturn, Sequence
 
 from config import SECTIONS
-from config_fields import DTYPE_ALIASES, TYPE_WORDS, field_types, unwrap_optional
+from config_fields import DTYPE_ALIASES, TYPE_WORDS, field_types, is_list, unwrap_optional
 from errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
 
 # Short flags for the fields people change most: `--lr 3e-4` means `--training.lr 3e-4`.
@@ -35,6 +37,7 @@ SHORT_FLAGS: dict[str, str] = {
     "budget": "training.budget_usd",
     "precision": "system.dtype",
     "model_impl": "model.impl",
+    "logger": "training.loggers",  # repeated: --logger tensorboard --logger wandb
 }
 
 
@@ -75,12 +78,15 @@ def run_cli(main: Callable[[Sequence[str]], int], argv: Sequence[str] | None = N
         return EXIT_BROKEN_PIPE
 
 
-def parse_flag_value(flag: str, tp: Any, text: str, metadata: Mapping[str, Any] = {}) -> Any:
+def parse_flag_value(flag: str, tp: Any, text: str | list[str], metadata: Mapping[str, Any] = {}) -> Any:
     """Convert the text of a command-line value to the field's type, or raise UserError.
 
-    A field may bring its own parser (durations such as 1h30m) and aliases (bf16 for bfloat16).
+    A field may bring its own parser (durations such as 1h30m) and aliases (bf16 for bfloat16);
+    a list field gets the texts of its repeated flag, each split at commas.
     """
     inner, optional = unwrap_optional(tp)
+    if is_list(inner):
+        return [item.strip() for value in text for item in value.split(",") if item.strip()]
     lowered = text.strip().lower()
     if optional and lowered in ("null", "none", "auto"):
         return None
@@ -112,13 +118,14 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("config overrides (any field: --section.field VALUE)")
     short_for = {long: short for short, long in SHORT_FLAGS.items()}
     for section_name, section_cls in SECTIONS.items():
+        types_ = field_types(section_cls)
         for f in dataclasses.fields(section_cls):
             long = f"{section_name}.{f.name}"
             flags = [f"--{long}"] + ([f"--{short_for[long]}"] if long in short_for else [])
             choices = f.metadata.get("choices")
             help_text = f.metadata["help"] + (f" ({'|'.join(choices)})" if choices else "")
             group.add_argument(*flags, dest=long, metavar="VALUE", default=argparse.SUPPRESS,
-                               help=help_text)
+                               help=help_text, action="append" if is_list(types_[f.name]) else "store")
 
 
 def add_model_loading_flags(parser: argparse.ArgumentParser, dtype_default: str) -> None:

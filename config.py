@@ -17,10 +17,11 @@ from config_fields import (
     DTYPE_ALIASES,
     DURATION_FORMS,
     check_value,
+    deep_merge,
     field_types,
+    load_config_file,
     option,
     parse_duration,
-    read_json_object,
     resolve_alias,
     unknown_key_message,
 )
@@ -138,6 +139,19 @@ class TrainingConfig:
     budget_usd: Optional[float] = option(
         None, "stop with a checkpoint before spending this many dollars (needs system.usd_per_hour)")
     out_dir: Optional[str] = option(None, "run directory; null: models/<config name>")
+    loggers: list[str] = option(
+        ["csv"], "where the metrics go: csv (metrics.csv, always written: the plots, report and a resume "
+        "read it), tensorboard (events in <out_dir>/tensorboard), wandb (Weights & Biases, offline unless "
+        "logged in or WANDB_MODE is set); on the command line --logger NAME, repeated",
+        choices=("csv", "tensorboard", "wandb"))
+
+
+@dataclass
+class WandbConfig:
+    project: str = option("gpt-trainer", "the W&B project a run with training.loggers wandb goes to")
+    name: Optional[str] = option(None, "the W&B run's name; null: the run directory's name")
+    tags: list[str] = option([], "the W&B run's tags (on the command line: --wandb.tags a,b)")
+    group: Optional[str] = option(None, "the W&B group the run joins (runs of one experiment); null: none")
 
 
 @dataclass
@@ -183,38 +197,12 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     system: SystemConfig = field(default_factory=SystemConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 SECTIONS: dict[str, type] = typing.get_type_hints(Config)  # section name -> dataclass, in order
 
 # ---------------------------------------------------------------- JSON files
-
-
-def deep_merge(base: dict, override: dict) -> dict:
-    """Return a copy of `base` with `override` merged in, nested dicts merged key by key."""
-    merged = dict(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def load_config_file(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
-    """Return the file's settings as a dict, with its `extends` chain merged underneath."""
-    path = Path(path).resolve()
-    if path in _chain:
-        cycle = " -> ".join(p.name for p in (*_chain, path))
-        raise UserError(f"config files extend each other in a cycle: {cycle}")
-    settings = read_json_object(path, "config file", "see configs/ for the shipped ones")
-    parent = settings.pop("extends", None)
-    if parent is None:
-        return settings
-    if not isinstance(parent, str):
-        raise UserError(f"'extends' in {path} must be a file name, got {json.dumps(parent)}")
-    base = load_config_file(path.parent / parent, (*_chain, path))
-    return deep_merge(base, settings)
 
 
 def config_from_dict(settings: dict, where: str = "the config") -> Config:
@@ -323,7 +311,7 @@ def validate(cfg: Config) -> None:
             raise UserError(f"training.{name} must be in [0, 1), got {value}")
     if not d.dataset.strip():
         raise UserError("data.dataset is empty; name 'shakespeare_char' or a path to a .txt file")
-    for section in (m, d, t, s):
+    for section in (m, d, t, s, cfg.wandb):
         _check_choices(section)
 
 
@@ -336,10 +324,9 @@ def _check_choices(section: Any) -> None:
     for f in dataclasses.fields(section):
         choices = f.metadata.get("choices")
         value = getattr(section, f.name)
-        if choices and value not in choices:
-            raise UserError(
-                f"{section_name}.{f.name} must be one of {', '.join(choices)}; got '{value}'"
-            )
+        for item in value if isinstance(value, list) else [value]:
+            if choices and item not in choices:
+                raise UserError(f"{section_name}.{f.name} must be one of {', '.join(choices)}; got '{item}'")
 
 
 def default_out_dir(config_path: str | Path | None) -> str:
@@ -354,6 +341,7 @@ def resolve_config(config_path: str | None, overrides: dict, base: dict | None =
     cfg = config_from_dict(deep_merge(settings, overrides), where)
     if cfg.training.out_dir is None:
         cfg.training.out_dir = default_out_dir(config_path)
+    cfg.training.loggers = list(dict.fromkeys(["csv", *cfg.training.loggers]))  # metrics.csv always
     validate(cfg)
     return cfg
 

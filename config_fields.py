@@ -1,6 +1,7 @@
 """How a config field is declared and how a value given for it is checked: option() with its
-help text, durations ("1h30m"), JSON types, value aliases ("bf16"), and the hint for an unknown
-key. config.py declares the sections with these; cli.py builds its flags from the same facts.
+help text, durations ("1h30m"), JSON types (lists of strings too), value aliases ("bf16"), the
+hint for an unknown key, and reading config files with their `extends` chain. config.py declares
+the sections with these; cli.py builds its flags from the same facts.
 """
 from __future__ import annotations
 
@@ -18,8 +19,17 @@ from errors import UserError
 
 
 def option(default: Any, help: str, **extra: Any) -> Any:
-    """Return a dataclass field carrying its help text (and choices or a parser) as metadata."""
-    return field(default=default, metadata={"help": help, **extra})
+    """Return a dataclass field carrying its help text (and choices or a parser) as metadata;
+    a list default becomes a fresh copy per instance, so no two configs share one list."""
+    metadata = {"help": help, **extra}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def field_default(f: dataclasses.Field) -> Any:
+    """Return a field's default value, whether given as a value or as a factory (lists)."""
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
 NUMBER = r"\d+(?:\.\d+)?"
@@ -61,13 +71,26 @@ def unwrap_optional(tp: Any) -> tuple[Any, bool]:
 TYPE_WORDS = {int: "a whole number", float: "a number", bool: "true or false", str: "a string"}
 
 
+def is_list(tp: Any) -> bool:
+    """Whether a field's type is a list (of strings: the only kind of list a config holds)."""
+    return typing.get_origin(tp) is list
+
+
+def type_words(tp: Any) -> str:
+    return "a list of strings" if is_list(tp) else TYPE_WORDS[tp]
+
+
 def check_value(where: str, tp: Any, value: Any) -> Any:
     """Return `value` if it has JSON type `tp` (ints accepted as floats), else raise UserError."""
     inner, optional = unwrap_optional(tp)
     if value is None:
         if optional:
             return None
-        raise UserError(f"{where} must be {TYPE_WORDS[inner]}, not null")
+        raise UserError(f"{where} must be {type_words(inner)}, not null")
+    if is_list(inner):
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            raise UserError(f"{where} must be a list of strings, got {json.dumps(value)}")
+        return list(value)
     ok = {
         bool: isinstance(value, bool),
         int: isinstance(value, int) and not isinstance(value, bool),
@@ -82,7 +105,7 @@ def check_value(where: str, tp: Any, value: Any) -> Any:
 def resolve_alias(section_cls: type, name: str, value: Any) -> Any:
     """Return the canonical spelling of a value with aliases (e.g. dtype 'bf16' -> 'bfloat16')."""
     aliases = next(f for f in dataclasses.fields(section_cls) if f.name == name).metadata.get("aliases", {})
-    return aliases.get(value, value)
+    return aliases.get(value, value) if aliases else value
 
 
 def unknown_key_message(what: str, key: str, known: list[str], where: str, prefix: str = "") -> str:
@@ -105,3 +128,30 @@ def read_json_object(path: Path, what: str, missing_hint: str) -> dict:
     if not isinstance(settings, dict):
         raise UserError(f"{what} {path} must hold a JSON object with sections")
     return settings
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """Return a copy of `base` with `override` merged in, nested dicts merged key by key."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config_file(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """Return the file's settings as a dict, with its `extends` chain merged underneath."""
+    path = Path(path).resolve()
+    if path in _chain:
+        cycle = " -> ".join(p.name for p in (*_chain, path))
+        raise UserError(f"config files extend each other in a cycle: {cycle}")
+    settings = read_json_object(path, "config file", "see configs/ for the shipped ones")
+    parent = settings.pop("extends", None)
+    if parent is None:
+        return settings
+    if not isinstance(parent, str):
+        raise UserError(f"'extends' in {path} must be a file name, got {json.dumps(parent)}")
+    base = load_config_file(path.parent / parent, (*_chain, path))
+    return deep_merge(base, settings)

@@ -13,6 +13,7 @@ COLUMNS = [
     "kind",  # "train" (a progress report) or "eval"
     "step", "elapsed_s", "tokens", "train_loss", "val_loss", "val_perplexity", "val_bits_per_char",
     "lr", "tokens_per_s", "mfu", "tflops", "rss_mb", "system_used_mb", "cuda_allocated_mb", "cuda_peak_mb",
+    "skipped_steps",  # of a report: steps skipped (non-finite loss or gradient) since the one before
 ]
 
 

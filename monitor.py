@@ -1,6 +1,7 @@
 """What a person watching a run sees: the summaries (the one before training is
-run_description.py's), the progress bar or lines, metrics.csv, loss.png and report.md.
-Nothing here changes what is trained.
+run_description.py's), the progress bar or lines, metrics.csv, loss.png and report.md, and
+the experiment loggers (loggers.py) every metrics row also goes to. Nothing here changes what
+is trained.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from tqdm import tqdm
 from checkpoint import LATEST
 from config import Config, config_to_dict, tokens_per_step
 from guards import format_duration
+from loggers import Loggers, RunIdentity
 from metrics import MetricsLog, read_metrics
 from plotting import LossPlotter
 from report import write_report
@@ -152,6 +154,8 @@ class RunMonitor:
         self.estimated = False
         self.plotter = LossPlotter(out_dir / PLOT, out_dir.name)
         self.progress: Optional[Progress] = None
+        self.loggers = Loggers([], self.message)
+        self.skipped_reported = 0  # the session's skipped steps as of the last report
         self.start_step = 0
         self.last_milestone = 0
         # what bench.py reads after a run: seconds per step of each report window, and
@@ -161,14 +165,19 @@ class RunMonitor:
 
     # ------------------------------------------------------------ during the run
 
-    def start(self, step: int, resumed_from: Optional[Path]) -> None:
-        """Print the summary before training and open metrics.csv (trimmed back to `step` on resume)."""
+    def start(self, step: int, resumed_from: Optional[Path], run_id: str) -> None:
+        """Open the loggers (W&B's run `run_id`) and metrics.csv (trimmed back to `step` on
+        resume), and print the summary before training."""
         self.start_step = step
         interval = self.cfg.training.plot_milestone_interval
         self.last_milestone = step // interval if interval else 0
-        self.metrics = MetricsLog(self.out_dir / METRICS, step if resumed_from else None)
+        resume_step = step if resumed_from else None
+        self.loggers = Loggers.open(self.cfg.training.loggers, RunIdentity(self.out_dir, resume_step, run_id),
+                                    self.cfg.wandb, self.message)
+        self.loggers.log_config(config_to_dict(self.cfg), self.facts.environment)
+        self.metrics = MetricsLog(self.out_dir / METRICS, resume_step)
         sections = describe_run(self.cfg, self.system, self.facts)
-        run = [("output", str(self.out_dir))]
+        run = [("output", str(self.out_dir)), *self.loggers.places()]
         if resumed_from is not None:
             run.append(("resuming from", f"{resumed_from} at step {step}"))
         print(format_sections(sections + [("run", run)], self.style), flush=True)
@@ -199,9 +208,15 @@ class RunMonitor:
         return {"rss_mb": memory.rss_mb, "system_used_mb": memory.system_used_mb,
                 "cuda_allocated_mb": memory.cuda_allocated_mb, "cuda_peak_mb": memory.cuda_peak_mb}
 
-    def log(self, step: int, loss: float, lr: float, seconds_per_step: float, elapsed_s: float) -> None:
-        """Report training progress (`loss`: the mean since the last report) as bar or line,
-        and as a metrics row."""
+    def _record(self, row: dict) -> None:
+        """Append a row to metrics.csv and log it to the loggers."""
+        self.metrics.append(row)
+        self.loggers.log_row(row)
+
+    def log(self, step: int, loss: float, lr: float, seconds_per_step: float, elapsed_s: float,
+            skipped_steps: int = 0) -> None:
+        """Report training progress (`loss`: the mean since the last report; `skipped_steps`:
+        the session's so far) as bar or line, and as a metrics row."""
         self.window_seconds.append(seconds_per_step)
         tokens_per_s = self.tokens_per_step / seconds_per_step
         mfu, tflops = self.throughput(tokens_per_s)
@@ -209,10 +224,11 @@ class RunMonitor:
         postfix = f"loss {loss:.4f}, lr {lr:.2e}, {tokens_per_s:,.0f} tok/s, {speed}"
         line = (f"step {step:>6}/{self.facts.max_steps}  loss {loss:.4f}  lr {lr:.2e}  "
                 f"{seconds_per_step * 1000:.1f} ms/step  {tokens_per_s:,.0f} tok/s  {speed}")
-        self.metrics.append({"kind": "train", "step": step, "elapsed_s": elapsed_s,
-                             "tokens": step * self.tokens_per_step, "train_loss": loss, "lr": lr,
-                             "tokens_per_s": tokens_per_s, "mfu": mfu, "tflops": tflops,
-                             **self._memory_row()})
+        self._record({"kind": "train", "step": step, "elapsed_s": elapsed_s,
+                      "tokens": step * self.tokens_per_step, "train_loss": loss, "lr": lr,
+                      "tokens_per_s": tokens_per_s, "mfu": mfu, "tflops": tflops,
+                      "skipped_steps": skipped_steps - self.skipped_reported, **self._memory_row()})
+        self.skipped_reported = skipped_steps
         self.progress.report(postfix, line)
         if not self.estimated and step > self.start_step + 1:  # a window without the first step
             self.estimated = True
@@ -241,7 +257,7 @@ class RunMonitor:
         best = self.style.good(" (best)") if improved else ""
         self.message(f"step {step:>6}: train loss {losses['train']:.4f}, val loss {val:.4f}{best}; "
                      f"saving {', '.join(str(p) for p in saved)}")
-        self.metrics.append({
+        self._record({
             "kind": "eval", "step": step, "elapsed_s": elapsed_s,
             "tokens": step * self.tokens_per_step, "train_loss": losses["train"],
             "val_loss": val, "val_perplexity": math.exp(min(val, 50.0)),
@@ -263,6 +279,7 @@ class RunMonitor:
     def finish(self, result: RunResult, elapsed_total_s: float) -> None:
         """Close the bar, print the summary after training and write report.md."""
         self.progress.close()
+        self.loggers.close()
         self.plotter.finish(read_metrics(self.metrics.path))
         memory = self._sample_memory()
         print(format_sections(self._summary_rows(result, elapsed_total_s, memory, self.style), self.style),
@@ -325,4 +342,5 @@ class RunMonitor:
         files = [(name, str(self.out_dir / file)) for name, file in (
             ("checkpoint", LATEST), ("metrics", METRICS), ("plot", PLOT),
             ("report", REPORT)) if file != PLOT or (self.out_dir / file).is_file()]
+        files += self.loggers.places()
         return [("run", run), ("losses", loss_rows), ("memory", memory_rows), ("files", files)]

@@ -40,6 +40,7 @@ from distributed import Collectives, ranks_from_environment
 from errors import UserError
 from huggingface import checkpoint_from_hf, is_hf_folder
 from kernels import check_attention_backend
+from loggers import require_packages
 from optim import total_steps
 from precision import choose_cpu_dtype
 from run_description import RunFacts, Style, describe_run, format_sections
@@ -255,6 +256,7 @@ def main(argv: Sequence[str]) -> int:
     if args.save_config:
         save_run_config(args, cfg)
         return 0
+    require_packages(cfg.training.loggers)  # a missing one stops the run before it touches a file
 
     with Collectives(ranks, system.device) as collectives:
         trainer = build_trainer(args, cfg, checkpoint, checkpoint_path, system, collectives)

@@ -32,6 +32,7 @@ from errors import UserError
 from evaluation import mean_losses
 from guards import DeferredSkips, StepTimer, StopSignals, TimeLimit, out_of_memory_error
 from kernels import forward_context
+from loggers import new_run_id
 from monitor import LogWindow, LossRecord, RunFacts, RunMonitor, RunResult
 from optim import (
     accumulate_gradients,
@@ -103,6 +104,7 @@ class Trainer:
         self.elapsed_before_s = 0.0  # training time of earlier sessions of this run
         self._session_start: Optional[float] = None
         self.resumed_from: Optional[Path] = None
+        self.wandb_run_id = new_run_id()  # the W&B run's, in checkpoints: a resume continues it
         self.environment = environment(system.device, cfg.model.impl) if self.ranks.is_main else {}
         self.monitor = (RunMonitor(cfg, system, self._facts(), self.out_dir) if self.ranks.is_main
                         else QuietMonitor())
@@ -151,6 +153,7 @@ class Trainer:
             "elapsed_s": self.elapsed_s(),
             "dtype": str(self.system.dtype).removeprefix("torch."),  # what auto chose: a resume keeps it
             "environment": self.environment,
+            "wandb_run_id": self.wandb_run_id,
         }
 
     def elapsed_s(self) -> float:
@@ -167,6 +170,7 @@ class Trainer:
     def resume(self, checkpoint: dict, path: Path) -> None:
         """Continue from a checkpoint: weights, optimizer, step, losses and random states."""
         self.resumed_from = path
+        self.wandb_run_id = checkpoint.get("wandb_run_id", self.wandb_run_id)  # older ones lack it
         self.elapsed_before_s = checkpoint["elapsed_s"]
         self.load_weights(checkpoint)
         self.parallel.load_optimizer_state(self.optimizer, checkpoint["optimizer"])
@@ -321,7 +325,7 @@ class Trainer:
         self.skips = DeferredSkips(self.system.device, self.step)
         window = LogWindow()
         reason, signal = "finished", None
-        self.monitor.start(self.step, self.resumed_from)
+        self.monitor.start(self.step, self.resumed_from, self.wandb_run_id)
         self.forward_model.train()
         with StopSignals(announce=self.ranks.is_main) as stop:
             while self.step < self.max_steps:
@@ -341,7 +345,7 @@ class Trainer:
                 if self.step % t.log_interval == 0 or self.step == self.max_steps:
                     self._read_skips()
                     self.monitor.log(self.step, window.mean_loss(self.collectives.sum_), self.lr,
-                                     window.seconds_per_step(), self.elapsed_s())
+                                     window.seconds_per_step(), self.elapsed_s(), self.skips.total)
                     window = LogWindow()
                 if self._evaluates_at(self.step):
                     self._evaluate_and_save()

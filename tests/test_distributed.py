@@ -178,7 +178,7 @@ def two_process_runs(tmp_path_factory, small_corpus_file) -> TwoProcessRuns:
         launch += ["--then", "--resume", str(runs.one_then_two(sharding) / "ckpt.pt"), "--max_steps", "6",
                    "--batch_size", "4", *flags]
         for kind, kind_flags in kinds.items():
-            record = ["--record_weights"] if kind == "plain" else []
+            record = ["--record_weights", "--logger", "tensorboard"] if kind == "plain" else []  # rank 0 logs
             launch += ["--then", *kind_flags, "--out_dir", str(runs.two(kind, sharding)), *record, *flags]
     runs.output = run_torchrun(folder / "record", *launch[1:], cwd=folder)
     return runs
@@ -196,6 +196,7 @@ def test_two_processes_equal_one_and_checkpoints_move_between_them(two_process_r
             assert torch.equal(ranks[0][name], ranks[1][name]), (step, name)
     writes = json.loads((runs.folder / "record" / "writes-rank1.json").read_text())
     assert [w for w in writes if str(runs.folder) in w] == []  # rank 1 wrote nothing of any run's
+    assert len(list((runs.two("plain", sharding) / "tensorboard").glob("events.*"))) == 1  # rank 0's events
 
     # one process, the same global batch (8 = 2 x 4), trains to the same weights and losses
     two_dir = runs.two("plain", sharding)

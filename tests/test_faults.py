@@ -22,6 +22,7 @@ from config import SystemConfig, TrainingConfig
 from config_fields import parse_duration
 from errors import UserError
 from guards import DeferredSkips, StepTimer, TimeLimit, format_duration
+from metrics import read_metrics
 from tests.conftest import REPO_ROOT
 from utils import resolve_system
 
@@ -131,6 +132,9 @@ def test_skipped_steps_are_read_only_at_reports(workdir, tiny_config_file, capsy
     assert reads == [5, 10, 12, 12]  # each report, and once at the end; never per step
     assert "steps 1-5: 1 non-finite step(s) skipped (0 in a row at step 5)" in capsys.readouterr().out
     assert result.skipped_steps == trainer.skips.total == 1
+    rows = read_metrics(workdir / "models/tiny_test/metrics.csv")  # and metrics.csv counts it in its report
+    assert [(r["step"], r["skipped_steps"]) for r in rows if r["kind"] == "train"] == [("5", "1"), ("10", "0"),
+                                                                                       ("12", "0")]
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
     assert math.isfinite(result.losses.final_val)
 

@@ -8,8 +8,10 @@ from cli import run_cli
 from metrics import read_metrics
 
 EARLIER_RUN = ["ckpt.pt", "best.pt", "ckpt-3.pt", "metrics.csv", "loss.png", "report.md",
-               "plots/loss_step3.png", "plots/loss_step6.png"]
-THE_USERS = ["notes.txt", "plots/mine.png", "ckpt-final.pt"]  # files no run writes
+               "plots/loss_step3.png", "plots/loss_step6.png", "tensorboard/events.out.tfevents.1.vm.7.0"]
+# files no run writes, and W&B's offline runs (another run id, perhaps not synced yet)
+THE_USERS = ["notes.txt", "plots/mine.png", "ckpt-final.pt", "tensorboard/mine.txt",
+             "wandb/offline-run-20260101_000000-abcd1234/run-abcd1234.wandb"]
 
 
 def files_in(run_dir: Path) -> set[str]:
@@ -48,4 +50,5 @@ def test_a_new_run_clears_what_an_earlier_one_left_but_a_resumed_one_keeps_it(tm
     train.prepare_out_dir(run_dir, None, overwrite=False)
     assert files_in(run_dir) == set(THE_USERS)
     out = capsys.readouterr().out
-    assert out.count("\n") == 1 and "metrics.csv, loss.png, report.md and 2 plots in plots/" in out
+    assert out.count("\n") == 1 and ("metrics.csv, loss.png, report.md, 2 plots in plots/ and 1 TensorBoard "
+                                     "event file in tensorboard/") in out
