@@ -15,13 +15,12 @@ import contextlib
 import io
 import os
 import re
-import shlex
 import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import pytest
 
@@ -35,7 +34,8 @@ import plot
 import tasks
 import train
 from cli import run_cli
-from tests.conftest import REPO_ROOT, SHARED_CORPUS, generated_corpus
+from tests.conftest import REPO_ROOT, generated_corpus
+from tests.doc_commands import DocCommand, bash_blocks, block_commands, page_commands, printed
 
 DOC_PAGES = (REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").rglob("*.md")))
 SHARED_TEXT = "../shared/data/tinyshakespeare.txt"
@@ -67,22 +67,6 @@ ONE_LAYER = ["--model.n_layer", "1", "--model.n_head", "2", "--model.n_embd", "3
              "--training.grad_accum_steps", "1"]
 GPU_CONFIGS = ("configs/shakespeare_char.json", "configs/shakespeare_char_speedrun.json", "configs/gpt2_124m.json")
 ANSWERS_WITHOUT_TRAINING = ("--show_config", "--save_config", "--data_stats", "--version")
-
-
-@dataclass(frozen=True)
-class DocCommand:
-    """One command as a page shows it: its words, and what a shell would feed it."""
-    page: str
-    line: int
-    text: str
-    words: tuple[str, ...]
-    env: tuple[tuple[str, str], ...] = ()
-    stdin: str | None = None  # piped from echo or printf
-    heredoc: str | None = None  # `python - <<'PY'`
-    redirect: str | None = None  # `echo ... > FILE`
-
-    def where(self) -> str:
-        return f"{self.page}:{self.line}: {self.text}"
 
 
 @dataclass(frozen=True)
@@ -119,85 +103,7 @@ EXCUSES = (
 )
 
 
-# --- reading the pages ---------------------------------------------------------------------
-
-FENCE = re.compile(r"^```bash\n(.*?)^```", re.S | re.M)
-HEREDOC = re.compile(r"<<\s*'?(\w+)'?")
-ENV_ASSIGNMENT = re.compile(r"^[A-Z_][A-Z0-9_]*=")
-
-
-def bash_blocks(text: str) -> Iterator[tuple[int, list[str]]]:
-    """Yield each bash block's first line number and its lines."""
-    for match in FENCE.finditer(text):
-        yield text.count("\n", 0, match.start(1)) + 1, match.group(1).splitlines()
-
-
-def logical_lines(lines: list[str]) -> Iterator[tuple[int, str, str | None]]:
-    """Yield (offset, line with its continuations joined, heredoc body or None)."""
-    index = 0
-    while index < len(lines):
-        start, line = index, lines[index]
-        index += 1
-        while line.rstrip().endswith("\\") and index < len(lines):
-            line, index = line.rstrip()[:-1] + " " + lines[index].strip(), index + 1
-        heredoc = None
-        if marker := HEREDOC.search(line):
-            end = lines.index(marker.group(1), index)
-            heredoc, index = "\n".join(lines[index:end]) + "\n", end + 1
-            line = line[: marker.start()] + line[marker.end():]
-        yield start, line, heredoc
-
-
-def shell_words(line: str) -> list[str]:
-    lexer = shlex.shlex(line, posix=True, punctuation_chars="|&>")
-    lexer.whitespace_split = True
-    return list(lexer)
-
-
-def split_segments(words: list[str], separator: str) -> list[list[str]]:
-    segments: list[list[str]] = [[]]
-    for word in words:
-        if word == separator:
-            segments.append([])
-        else:
-            segments[-1].append(word)
-    return segments
-
-
-def printed(words: list[str]) -> str:
-    """What `echo TEXT` or `printf TEXT` writes."""
-    text = " ".join(words[1:])
-    return text.replace("\\n", "\n") if words[0] == "printf" else text + "\n"
-
-
-def to_command(page: str, line: int, text: str, words: list[str], heredoc: str | None) -> DocCommand:
-    stdin = None
-    pipeline = split_segments(words, "|")
-    if len(pipeline) == 2 and pipeline[0][0] in ("echo", "printf"):
-        stdin, words = printed(pipeline[0]), pipeline[1]
-    redirect = None
-    if ">" in words:
-        words, redirect = words[: words.index(">")], words[words.index(">") + 1]
-    env = tuple(tuple(word.split("=", 1)) for word in words if ENV_ASSIGNMENT.match(word))
-    return DocCommand(page, line, text, tuple(words[len(env):]), env, stdin, heredoc, redirect)
-
-
-def block_commands(page: str, first: int, lines: list[str]) -> Iterator[DocCommand]:
-    """The commands of one block; `A && B` is two, and a heredoc feeds the last of its line."""
-    for offset, line, heredoc in logical_lines(lines):
-        segments = [words for words in split_segments(shell_words(line), "&&") if words]
-        for index, words in enumerate(segments):
-            yield to_command(page, first + offset, line.split("  #")[0].strip(), words,
-                             heredoc if index == len(segments) - 1 else None)
-
-
-def page_commands(page: Path) -> list[DocCommand]:
-    name = page.relative_to(REPO_ROOT).as_posix()
-    return [command for first, lines in bash_blocks(page.read_text())
-            for command in block_commands(name, first, lines)]
-
-
-ALL_COMMANDS = [command for page in DOC_PAGES for command in page_commands(page)]
+ALL_COMMANDS = [command for page in DOC_PAGES for command in page_commands(page, REPO_ROOT)]
 
 
 def excuse_for(command: DocCommand) -> Excuse | None:
@@ -335,7 +241,7 @@ RULES = (
     Rule(("python", "plot.py"), with_args(plot.main)),
     Rule(("python", "bench.py"), run_bench),
     Rule(("python", "check_model.py"), with_args(check_model.main), skeleton_exit_status),
-    Rule(("python", "tasks.py"), with_args(tasks.main)),
+    Rule(("python", "tasks.py"), with_args(tasks.main, "--per_kind", "100", "--held_out", "20")),  # fewer chats
     Rule(("python", "reference.py"), run_reference),
     Rule(("python", "-c"), run_python_code),
     Rule(("python", "-"), run_python_code),
@@ -420,13 +326,8 @@ def doc_failures(tmp_path_factory, corpus_file) -> dict[str, list[str]]:
             shutil.copytree(root / base.replace("/", "_"), folder, symlinks=True, dirs_exist_ok=True,
                             ignore=shutil.ignore_patterns("cache"))
         place = Workplace(folder, corpus)
-        failures[page] = []
-        for command in ALL_COMMANDS:
-            if command.page == page:
-                import time; t0 = time.time()
-                failure = run_command(command, place)
-                print(f"TIMING {time.time() - t0:.2f} {command.where()}", file=sys.__stderr__)
-                if failure: failures[page].append(failure)
+        failures[page] = [failure for command in ALL_COMMANDS if command.page == page
+                          if (failure := run_command(command, place)) is not None]
     return failures
 
 
