@@ -5,7 +5,7 @@ The contract is written down in contract.py: a torch.nn.Module built from a Mode
 whose forward(idx, targets=None) returns (logits of shape (B, T, vocab_size), loss or None), and
 num_params(). Each check prints one line, PASS or FAIL with a hint naming what to look at (a
 check not reached says what it would check); the exit status is 0 when all pass, 1 when one
-fails, 2 when the class cannot be loaded at all. docs/build-your-own-gpt.md meets them in order.
+fails, 2 when the class cannot be loaded at all. docs/tutorials/build-your-own-gpt.md meets them in order.
 """
 from __future__ import annotations
 

@@ -61,7 +61,7 @@ class ModelConfig:
         0, "compute the output head and loss this many positions at a time, each chunk's gradients at "
         "once, so the tokens x vocabulary logits never exist whole; 0: all at once")
     impl: str = option("", "the model class: empty for model.py's GPT, or 'path/to/my_gpt.py:MyGPT' for "
-                       "one of your own (contract.py, docs/build-your-own-gpt.md)")
+                       "one of your own (contract.py, docs/tutorials/build-your-own-gpt.md)")
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The contract a model class keeps to be trained, sampled, evaluated and benchmarked here, and
 how the commands load one: `model.impl "path/to/my_gpt.py:MyGPT"` (`--model_impl`) swaps our
-model.py for a class of your own. docs/build-your-own-gpt.md walks through writing one, and
+model.py for a class of your own. docs/tutorials/build-your-own-gpt.md walks through writing one, and
 `python check_model.py path/to/my_gpt.py:MyGPT` grades it.
 
 Required (LanguageModel below):
@@ -109,7 +109,7 @@ def check_class(cls: type) -> None:
     for method in REQUIRED_METHODS:
         if getattr(cls, method, None) in (None, getattr(nn.Module, method, None)):
             raise UserError(f"{cls.__name__} has no method {method}(), which the contract requires "
-                            "(see contract.py or docs/build-your-own-gpt.md)")
+                            "(see contract.py or docs/tutorials/build-your-own-gpt.md)")
 
 
 def model_class(impl: str) -> type:

@@ -1,4 +1,4 @@
-"""A GPT-2 written from scratch: where docs/build-your-own-gpt.md ends, every method of
+"""A GPT-2 written from scratch: where docs/tutorials/build-your-own-gpt.md ends, every method of
 examples/my_gpt_skeleton.py filled in.
 
     python check_model.py examples/my_gpt.py:MyGPT

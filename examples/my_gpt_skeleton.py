@@ -4,7 +4,7 @@
     python check_model.py my_gpt.py:MyGPT
 
 check_model.py names the method to write next (each one below raises NotImplementedError
-saying what goes in it), and docs/build-your-own-gpt.md explains each step. When every check
+saying what goes in it), and docs/tutorials/build-your-own-gpt.md explains each step. When every check
 passes, train it: python train.py --config configs/tiny.json --model_impl my_gpt.py:MyGPT
 """
 import math  # noqa: F401 (step 8 needs it)

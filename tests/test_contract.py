@@ -227,7 +227,7 @@ def test_the_tutorials_finished_model_passes_every_check():
 
 
 def test_the_tutorial_follows_the_skeleton_the_checks_and_the_finished_model():
-    text = (REPO_ROOT / "docs" / "build-your-own-gpt.md").read_text()
+    text = (REPO_ROOT / "docs" / "tutorials" / "build-your-own-gpt.md").read_text()
     steps = re.findall(r"^### Step (\d+): `(\w+)\.(\w+)`$", text, re.M)
     assert [(cls, method) for _, cls, method in steps] == TUTORIAL_ORDER
     skeleton = (EXAMPLES / "my_gpt_skeleton.py").read_text()
