@@ -158,8 +158,9 @@ def wandb_mode(environ: Mapping[str, str], netrc_path: Optional[Path] = None) ->
 class WandbLogger:
     """A W&B run in <out_dir>/wandb, with the id the checkpoint keeps, so --resume continues it.
 
-    Offline, a session's run lies in its own offline-run-<time>-<id> folder; `wandb sync` of all
-    of them (the summary prints the command) uploads them as one run.
+    Offline, a session's run lies in its own offline-run-<time>-<id> folder (wandb appends "-1"
+    when a resumed session starts within the same second); `wandb sync` of all of them (the
+    summary prints the command) uploads them as one run.
     """
 
     name = "wandb"
@@ -202,7 +203,7 @@ class WandbLogger:
             return "disabled (WANDB_MODE=disabled): nothing was logged"
         if mode not in ("offline", "dryrun"):
             return f"{self.run.url} (id {self.run_id})"
-        sessions = self.wandb_dir / f"offline-run-*-{self.run_id}"
+        sessions = self.wandb_dir / f"offline-run-*-{self.run_id}*"
         return f"offline in {self.run.settings.sync_dir} (upload: wandb sync {sessions})"
 
 

@@ -3,6 +3,7 @@ offline and off the network; a resume continues both runs; a logger that cannot 
 line before the run, one that fails mid-run is a notice."""
 from __future__ import annotations
 
+import glob
 import io
 import json
 import socket
@@ -155,7 +156,7 @@ def test_tensorboard_has_the_config_and_the_environment(logged_run):
 
 def test_wandb_leaves_an_offline_run_with_the_history_and_the_config(logged_run):
     run_id = load_checkpoint(logged_run.run_dir / "ckpt.pt")["wandb_run_id"]
-    sessions = sorted((logged_run.run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
+    sessions = sorted((logged_run.run_dir / "wandb").glob(f"offline-run-*-{run_id}*"))
     assert len(sessions) == 2  # the resume kept the run id: `wandb sync` uploads them as one run
     first, resumed = (wandb_records(session / f"run-{run_id}.wandb") for session in sessions)
     csv = dict(csv_losses(logged_run.run_dir, "train", "train_loss"))
@@ -285,7 +286,11 @@ def test_an_online_start_that_fails_falls_back_to_offline_with_a_notice(tmp_path
     assert calls == ["online", "offline"]
     assert notices == ["W&B could not start online (timed out after 60 seconds); logging offline instead"]
     assert logger.where() == ("offline in the-sync-dir (upload: wandb sync "
-                              f"{tmp_path}/wandb/offline-run-*-abcd1234)")
+                              f"{tmp_path}/wandb/offline-run-*-abcd1234*)")
+    for session in ("20260101_000000-abcd1234", "20260101_000000-abcd1234-1"):  # resumed the same second
+        (tmp_path / "wandb" / f"offline-run-{session}").mkdir()
+    printed = logger.where().split("wandb sync ")[1].rstrip(")")
+    assert len(glob.glob(printed)) == 2  # the printed command uploads both sessions
     monkeypatch.setenv("WANDB_MODE", "offline")  # offline itself failing is one line, before the run
     monkeypatch.setattr(sys.modules["wandb"], "init", lambda **options: 1 / 0)
     with pytest.raises(UserError, match=r"W&B \(offline\) could not start a run in .*/wandb: division by zero"):
