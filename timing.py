@@ -154,6 +154,14 @@ def remember(cfg: Config, seconds: dict[torch.dtype, float]) -> None:
         pass  # a read-only cache only means timing again next run
 
 
+def _measured_at(cfg: Config) -> str:
+    """Return when this shape's cache entry was last timed ("an unknown time" if it does not say)."""
+    try:
+        return str(json.loads(_cache_path(cfg).read_text())[probe_key(cfg)]["measured"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "an unknown time"
+
+
 def _cache_path(cfg: Config) -> Path:
     return Path(cfg.data.cache_dir) / CACHE_FILE
 
@@ -184,8 +192,9 @@ def cpu_step_estimate(cfg: Config, dtype: torch.dtype) -> StepEstimate:
         return StepEstimate(seconds, f"set by {ENVIRONMENT_VARIABLE}")
     name = dtype_name(dtype)
     cached = cached_seconds(cfg).get(name)
-    if cached is not None:
-        return StepEstimate(cached, f"{name}, timed on this machine earlier ({cfg.data.cache_dir}/{CACHE_FILE})")
+    if cached is not None:  # the time says whether it is this command's dtype probe or an old figure
+        return StepEstimate(cached, f"{name}, timed on this machine at {_measured_at(cfg)} "
+                                    f"({cfg.data.cache_dir}/{CACHE_FILE})")
     print(f"timing a training step of this model in {name} for the estimate...", file=sys.stderr, flush=True)
     started = time.perf_counter()
     seconds = time_steps(cfg, (dtype,))[dtype]

@@ -49,7 +49,7 @@ def test_a_step_is_timed_once_per_shape_then_read_from_the_cache(tmp_path, monke
 
     monkeypatch.setattr(timing, "time_steps", lambda *args: pytest.fail("timed again"))
     again = timing.cpu_step_estimate(cfg, torch.float32)
-    assert again.seconds == first.seconds and "timed on this machine earlier" in again.source
+    assert again.seconds == first.seconds and f"timed on this machine at {entry['measured']}" in again.source
     timing.remember(cfg, {torch.bfloat16: 0.25})  # the dtype probe adds its figure to the same entry
     assert timing.cached_seconds(cfg) == {"float32": first.seconds, "bfloat16": 0.25}
 
