@@ -15,6 +15,7 @@ import io
 import json
 import math
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -59,8 +60,8 @@ def time_steps(cfg: Config, dtypes: tuple[torch.dtype, ...]) -> dict[torch.dtype
 
     A throwaway copy of the model trains on random tokens: forward and backward of a probe
     micro-batch, scaled to the run's micro-batches, plus one optimizer step. The dtypes
-    alternate, and each keeps its fastest repeat, so a busy moment of the machine does not
-    decide. The random state is restored: the run starts as if nothing had been timed.
+    alternate, so a busy moment of the machine slows both alike, and each gives its median
+    repeat. The random state is restored: the run starts as if nothing had been timed.
     """
     cpu = torch.device("cpu")
     with torch.random.fork_rng(devices=[]):
@@ -90,7 +91,12 @@ def _alternate(steps: Iterable["TimedStep"], rounds: int) -> float:
 
 
 class TimedStep:
-    """One dtype's training step on the probe batch, keeping the fastest time of each half."""
+    """One dtype's training step on the probe batch, keeping the times of each half.
+
+    The estimate takes the median repeat, not the fastest: on a shared machine steps vary by
+    a fifth, and a run's time is the sum of typical steps (the fastest of three ran 10% under
+    the mean of 25 on 2 AVX-512 BF16 cores; BENCHMARKS.md, "CPU configs for bigger models").
+    """
 
     def __init__(self, model: torch.nn.Module, cfg: Config, dtype: torch.dtype,
                  x: torch.Tensor, y: torch.Tensor):
@@ -104,7 +110,8 @@ class TimedStep:
 
     def forget(self) -> None:
         """Drop the times seen so far (those of the warm-up)."""
-        self.backward_s = self.update_s = math.inf
+        self.backward_s: list[float] = []
+        self.update_s: list[float] = []
 
     def run(self) -> None:
         """Time one step: forward and backward, then the update."""
@@ -112,13 +119,12 @@ class TimedStep:
         accumulate_gradients(self.model, [self.batch], 1, self.autocast, self.scaler)
         backward_done = time.perf_counter()
         optimizer_step(self.model, self.optimizer, self.scaler, self.grad_clip)
-        update_done = time.perf_counter()
-        backward_s, update_s = backward_done - started, update_done - backward_done
-        self.backward_s, self.update_s = min(self.backward_s, backward_s), min(self.update_s, update_s)
+        self.backward_s.append(backward_done - started)
+        self.update_s.append(time.perf_counter() - backward_done)
 
     def estimate(self, micro_batches: float) -> float:
         """Return a full step's seconds: this many probe micro-batches and one update."""
-        return self.backward_s * micro_batches + self.update_s
+        return statistics.median(self.backward_s) * micro_batches + statistics.median(self.update_s)
 
 
 # ---------------------------------------------------------------- the cache
