@@ -28,10 +28,17 @@ MIN_SPEEDUP = 1.1  # bf16 costs precision, so it has to be clearly faster to be 
 
 @dataclasses.dataclass
 class StepTimes:
-    """Estimated seconds of one full training step of the run in each dtype."""
+    """Estimated seconds of one full training step of the run in each dtype (and of an
+    evaluation batch, kept with them for timing.py's estimate of the whole run)."""
 
     float32_s: float
     bfloat16_s: float
+    float32_eval_batch_s: Optional[float] = None
+    bfloat16_eval_batch_s: Optional[float] = None
+
+    def probe_times(self) -> dict[torch.dtype, timing.ProbeTimes]:
+        return {torch.float32: timing.ProbeTimes(self.float32_s, self.float32_eval_batch_s),
+                torch.bfloat16: timing.ProbeTimes(self.bfloat16_s, self.bfloat16_eval_batch_s)}
 
     def choice(self) -> tuple[torch.dtype, str]:
         """Return the faster dtype and a sentence saying why, for the summary before training."""
@@ -76,12 +83,13 @@ def _cpu_choice(cfg: Config, system: DeviceInfo, continuing: Optional[str]) -> t
     times = StepTimes(cached["float32"], cached["bfloat16"]) if len(cached) == 2 else None
     if times is None:
         times = time_training_step(cfg)
-        timing.remember(cfg, {torch.float32: times.float32_s, torch.bfloat16: times.bfloat16_s})
+        timing.remember(cfg, times.probe_times())
     dtype, reason = times.choice()
     return dtype, f"{reason} ({1000 * times.float32_s:.0f} against {1000 * times.bfloat16_s:.0f} ms/step)"
 
 
 def time_training_step(cfg: Config) -> StepTimes:
     """Return the estimated time of one training step in float32 and in bfloat16 autocast."""
-    seconds = timing.time_steps(cfg, (torch.float32, torch.bfloat16))
-    return StepTimes(seconds[torch.float32], seconds[torch.bfloat16])
+    probed = timing.time_steps(cfg, (torch.float32, torch.bfloat16))
+    float32, bfloat16 = probed[torch.float32], probed[torch.bfloat16]
+    return StepTimes(float32.step_s, bfloat16.step_s, float32.eval_batch_s, bfloat16.eval_batch_s)

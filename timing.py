@@ -35,7 +35,9 @@ CACHE_FILE = "step_time.json"
 PROBE_TOKENS = 2048  # tokens per timed micro-batch: enough rows for matmuls to run at full speed
 SLOW_STEP_S = 2.0  # past this, one timed step per dtype is enough (their ratio is stable)
 WARMUP_ROUNDS, TIMED_ROUNDS = 2, 3  # a process's first few steps run slower than the rest
-EVAL_COST = 1 / 3  # an evaluation batch is a forward pass only: about a third of a training micro-step
+# an evaluation batch is a forward pass only: a third of a training micro-step by its FLOPs, for
+# the progress lines; before a CPU run, the probe times one instead (cpu_25m: a fifth of a step)
+EVAL_COST = 1 / 3
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -55,11 +57,21 @@ def probe_key(cfg: Config) -> str:
             f"batch {t.batch_size} x {t.grad_accum_steps} | {t.optimizer}")
 
 
-def time_steps(cfg: Config, dtypes: tuple[torch.dtype, ...]) -> dict[torch.dtype, float]:
-    """Return the estimated seconds of one full training step of the run in each dtype.
+@dataclasses.dataclass(frozen=True)
+class ProbeTimes:
+    """One dtype's seconds: a full training step, and one evaluation batch of the run's rows."""
+
+    step_s: float
+    eval_batch_s: Optional[float] = None  # None: not timed
+
+
+def time_steps(cfg: Config, dtypes: tuple[torch.dtype, ...]) -> dict[torch.dtype, ProbeTimes]:
+    """Return the estimated seconds of one full training step of the run in each dtype, and of
+    one evaluation batch.
 
     A throwaway copy of the model trains on random tokens: forward and backward of a probe
-    micro-batch, scaled to the run's micro-batches, plus one optimizer step. The dtypes
+    micro-batch, scaled to the run's micro-batches, plus one optimizer step, then a forward
+    pass without gradients as an evaluation scores it. The dtypes
     alternate, so a busy moment of the machine slows both alike, and each gives its median
     repeat. The random state is restored: the run starts as if nothing had been timed.
     """
@@ -77,8 +89,8 @@ def time_steps(cfg: Config, dtypes: tuple[torch.dtype, ...]) -> dict[torch.dtype
         for step in steps.values():
             step.forget()  # only the steps after the warm-up count
         _alternate(steps.values(), 1 if slow else TIMED_ROUNDS)
-    scale = cfg.training.batch_size / batch * cfg.training.grad_accum_steps
-    return {dtype: step.estimate(scale) for dtype, step in steps.items()}
+    rows = cfg.training.batch_size / batch
+    return {dtype: step.estimate(rows, cfg.training.grad_accum_steps) for dtype, step in steps.items()}
 
 
 def _alternate(steps: Iterable["TimedStep"], rounds: int) -> float:
@@ -112,6 +124,7 @@ class TimedStep:
         """Drop the times seen so far (those of the warm-up)."""
         self.backward_s: list[float] = []
         self.update_s: list[float] = []
+        self.forward_s: list[float] = []
 
     def run(self) -> None:
         """Time one step: forward and backward, then the update."""
@@ -119,31 +132,40 @@ class TimedStep:
         accumulate_gradients(self.model, [self.batch], 1, self.autocast, self.scaler)
         backward_done = time.perf_counter()
         optimizer_step(self.model, self.optimizer, self.scaler, self.grad_clip)
+        update_done = time.perf_counter()
+        self.model.eval()  # as evaluation.mean_losses scores a batch
+        with torch.no_grad(), self.autocast:
+            self.model(*self.batch)
+        self.model.train()
         self.backward_s.append(backward_done - started)
-        self.update_s.append(time.perf_counter() - backward_done)
+        self.update_s.append(update_done - backward_done)
+        self.forward_s.append(time.perf_counter() - update_done)
 
-    def estimate(self, micro_batches: float) -> float:
-        """Return a full step's seconds: this many probe micro-batches and one update."""
-        return statistics.median(self.backward_s) * micro_batches + statistics.median(self.update_s)
+    def estimate(self, rows: float, micro_batches: int) -> ProbeTimes:
+        """Return the run's times, its micro-batches being `rows` times the probe's batch."""
+        step_s = statistics.median(self.backward_s) * rows * micro_batches + statistics.median(self.update_s)
+        return ProbeTimes(step_s, statistics.median(self.forward_s) * rows)
 
 
 # ---------------------------------------------------------------- the cache
 
 
-def cached_seconds(cfg: Config) -> dict[str, float]:
-    """Return the cached seconds per step of this machine and shape, by dtype name ({} if none).
+def cached_seconds(cfg: Config, figure: str = "") -> dict[str, float]:
+    """Return the cached seconds per step of this machine and shape, by dtype name ({} if none);
+    with figure "eval_batch_", those of an evaluation batch.
 
     A damaged file, or an entry that is no time (edited, zero, not finite), counts as absent,
     so it is timed again."""
     try:
         entry = json.loads(_cache_path(cfg).read_text())[probe_key(cfg)]
-        seconds = {name: float(entry[f"{name}_s"]) for name in ("float32", "bfloat16") if f"{name}_s" in entry}
+        seconds = {name: float(entry[f"{name}_{figure}s"]) for name in ("float32", "bfloat16")
+                   if f"{name}_{figure}s" in entry}
     except (OSError, ValueError, KeyError, TypeError):
         return {}
     return {name: s for name, s in seconds.items() if math.isfinite(s) and s > 0}
 
 
-def remember(cfg: Config, seconds: dict[torch.dtype, float]) -> None:
+def remember(cfg: Config, times: dict[torch.dtype, ProbeTimes]) -> None:
     """Add step times to this shape's cache entry; a cache that cannot be written is skipped."""
     path, key = _cache_path(cfg), probe_key(cfg)
     try:
@@ -151,7 +173,11 @@ def remember(cfg: Config, seconds: dict[torch.dtype, float]) -> None:
         entry = entries.get(key) if isinstance(entries.get(key), dict) else {}
     except (OSError, ValueError, AttributeError):
         entries, entry = {}, {}  # a damaged cache is rebuilt
-    entry.update({f"{dtype_name(d)}_s": s for d, s in seconds.items()}, measured=time.strftime("%Y-%m-%d %H:%M"))
+    for dtype, figures in times.items():
+        entry[f"{dtype_name(dtype)}_s"] = figures.step_s
+        if figures.eval_batch_s is not None:
+            entry[f"{dtype_name(dtype)}_eval_batch_s"] = figures.eval_batch_s
+    entry["measured"] = time.strftime("%Y-%m-%d %H:%M")
     entries[key] = entry
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -177,10 +203,12 @@ def _cache_path(cfg: Config) -> Path:
 
 @dataclasses.dataclass
 class StepEstimate:
-    """Seconds per optimizer step and where the figure comes from, for the summary."""
+    """Seconds per optimizer step and where the figure comes from, for the summary; and of an
+    evaluation batch, where it was timed."""
 
     seconds: float
     source: str
+    eval_batch_s: Optional[float] = None
 
 
 def cpu_step_estimate(cfg: Config, dtype: torch.dtype) -> StepEstimate:
@@ -199,14 +227,16 @@ def cpu_step_estimate(cfg: Config, dtype: torch.dtype) -> StepEstimate:
     name = dtype_name(dtype)
     cached = cached_seconds(cfg).get(name)
     if cached is not None:  # the time says whether it is this command's dtype probe or an old figure
-        return StepEstimate(cached, f"{name}, timed on this machine at {_measured_at(cfg)} "
-                                    f"({cfg.data.cache_dir}/{CACHE_FILE})")
+        return StepEstimate(cached, f"{name}, timed on this machine at {_measured_at(cfg)}, "
+                                    f"kept in {cfg.data.cache_dir}/{CACHE_FILE}",
+                            cached_seconds(cfg, "eval_batch_").get(name))
     print(f"timing a training step of this model in {name} for the estimate...", file=sys.stderr, flush=True)
     started = time.perf_counter()
-    seconds = time_steps(cfg, (dtype,))[dtype]
-    remember(cfg, {dtype: seconds})
-    return StepEstimate(seconds, f"{name}, timed here just now in {format_duration(time.perf_counter() - started)}"
-                                 f" (cached in {cfg.data.cache_dir}/{CACHE_FILE})")
+    times = time_steps(cfg, (dtype,))[dtype]
+    remember(cfg, {dtype: times})
+    return StepEstimate(times.step_s, f"{name}, timed here just now in "
+                                      f"{format_duration(time.perf_counter() - started)}, kept in "
+                                      f"{cfg.data.cache_dir}/{CACHE_FILE}", times.eval_batch_s)
 
 
 def eval_batches(t: TrainingConfig, block_size: int, val_tokens: Optional[int]) -> int:
@@ -236,12 +266,14 @@ class RunTime:
                 f" + {self.evaluations} evaluations x {format_duration(self.evaluation_s)}")
 
 
-def run_seconds(t: TrainingConfig, start_step: int, max_steps: int, step_s: float, batches: int) -> RunTime:
+def run_seconds(t: TrainingConfig, start_step: int, max_steps: int, step_s: float, batches: int,
+                eval_batch_s: Optional[float] = None) -> RunTime:
     """Return the time from `start_step` to `max_steps` at `step_s` a step, evaluating every
-    eval_interval steps and at the end, `batches` forward passes each."""
+    eval_interval steps and at the end, `batches` forward passes each (of `eval_batch_s`
+    where timed, else EVAL_COST of a micro-step)."""
     evaluations = sum(1 for step in range(start_step + 1, max_steps + 1) if step % t.eval_interval == 0)
     evaluations += max_steps % t.eval_interval != 0 and max_steps > start_step
-    evaluation_s = batches * EVAL_COST * step_s / t.grad_accum_steps
+    evaluation_s = batches * (eval_batch_s if eval_batch_s else EVAL_COST * step_s / t.grad_accum_steps)
     return RunTime(max_steps - start_step, step_s, evaluations, evaluation_s)
 
 
@@ -255,5 +287,8 @@ def describe_estimate(cfg: Config, system: DeviceInfo, max_steps: int,
         return [("whole run", "not timed under torchrun, where the processes would time each other")]
     step = cpu_step_estimate(cfg, system.dtype)
     batches = eval_batches(cfg.training, cfg.model.block_size, val_tokens)
-    run = run_seconds(cfg.training, 0, max_steps, step.seconds, batches)
-    return [("step", f"{1000 * step.seconds:,.0f} ms ({step.source})"), ("whole run", run.describe())]
+    run = run_seconds(cfg.training, 0, max_steps, step.seconds, batches, step.eval_batch_s)
+    rows = [("step", f"{1000 * step.seconds:,.0f} ms ({step.source})")]
+    if step.eval_batch_s:
+        rows.append(("evaluation batch", f"{1000 * step.eval_batch_s:,.0f} ms (forward only, timed with the step)"))
+    return rows + [("whole run", run.describe())]

@@ -23,6 +23,8 @@ def test_the_whole_run_is_its_steps_and_its_evaluations():
     rest = timing.run_seconds(t, 300, 1010, step_s=1.0, batches=30)  # resumed at 300; ends off the interval
     assert (rest.steps, rest.evaluations) == (710, 4)  # 500, 750, 1000 and the last step
     assert timing.run_seconds(t, 1010, 1010, 1.0, 30).total_s == 0
+    timed = timing.run_seconds(t, 0, 2000, step_s=3.0, batches=30, eval_batch_s=0.4)  # the probe's figure
+    assert timed.evaluation_s == pytest.approx(30 * 0.4)
 
 
 def test_an_evaluation_scores_its_batches_or_the_whole_validation_split():
@@ -46,12 +48,14 @@ def test_a_step_is_timed_once_per_shape_then_read_from_the_cache(tmp_path, monke
     assert "timing a training step of this model in float32" in capsys.readouterr().err
     entry = json.loads((tmp_path / "cache" / timing.CACHE_FILE).read_text())[timing.probe_key(cfg)]
     assert entry["float32_s"] == first.seconds and "bfloat16_s" not in entry
+    assert entry["float32_eval_batch_s"] == first.eval_batch_s and 0 < first.eval_batch_s < first.seconds
 
     monkeypatch.setattr(timing, "time_steps", lambda *args: pytest.fail("timed again"))
     again = timing.cpu_step_estimate(cfg, torch.float32)
-    assert again.seconds == first.seconds and f"timed on this machine at {entry['measured']}" in again.source
-    timing.remember(cfg, {torch.bfloat16: 0.25})  # the dtype probe adds its figure to the same entry
+    assert (again.seconds, again.eval_batch_s) == (first.seconds, first.eval_batch_s) and f"timed on this machine at {entry['measured']}" in again.source
+    timing.remember(cfg, {torch.bfloat16: timing.ProbeTimes(0.25, 0.05)})  # the dtype probe's, in the same entry
     assert timing.cached_seconds(cfg) == {"float32": first.seconds, "bfloat16": 0.25}
+    assert timing.cached_seconds(cfg, "eval_batch_") == {"float32": first.eval_batch_s, "bfloat16": 0.05}
 
 
 @pytest.mark.parametrize("value", ["0.25", "fast", "0", "-1", "nan"])
@@ -95,3 +99,15 @@ def test_system_threads_sets_the_threads_that_are_timed_and_trained_with(capsys,
     assert "cpu, float32, compile off, 1 CPU threads" in out
     with pytest.raises(UserError, match="system.threads must be positive, got 0"):
         train.main(["--config", str(tiny_config_file), "--system.threads", "0", "--show_config"])
+
+
+def test_a_timed_evaluation_batch_prices_the_evaluations(tmp_path, monkeypatch):
+    """The probe times an evaluation batch too: on a CPU it costs a fifth of a step, not EVAL_COST's third."""
+    monkeypatch.delenv(timing.ENVIRONMENT_VARIABLE)
+    cfg = tiny_cpu_config(tmp_path)
+    cfg.training.eval_interval, cfg.training.eval_iters, cfg.training.eval_train_iters = 50, 10, 5
+    timing.remember(cfg, {torch.float32: timing.ProbeTimes(step_s=2.0, eval_batch_s=0.3)})
+    system = train.DeviceInfo(torch.device("cpu"), torch.float32, False)
+    rows = dict(timing.describe_estimate(cfg, system, 100, None))
+    assert rows["evaluation batch"] == "300 ms (forward only, timed with the step)"
+    assert rows["whole run"] == "about 3m29s: 100 steps x 2.0s + 2 evaluations x 4.5s"  # 15 batches x 0.3 s
