@@ -37,7 +37,7 @@ from contract import build_model
 from corpus import worker_count
 from data_loader import check_enough_tokens, dataset_files, prepare_data, synthetic_data
 from errors import UserError
-from kernels import forward_context
+from forward_context import forward_context
 from monitor import RunMonitor
 from optim import accumulate_gradients, make_optimizer, optimizer_step
 from precision import choose_cpu_dtype

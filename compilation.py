@@ -23,7 +23,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from config import Config
-from kernels import CUDA_GRAPH_MODES
+from forward_context import CUDA_GRAPH_MODES
 from utils import DeviceInfo, notice
 
 CACHE_VARIABLE = "TORCHINDUCTOR_CACHE_DIR"  # torch's own; where the user sets it, it stays

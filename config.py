@@ -164,7 +164,7 @@ class SystemConfig:
     compile: Optional[bool] = option(None, "torch.compile the model; null: on for CUDA, off elsewhere")
     compile_mode: str = option(
         "auto", "torch.compile mode; reduce-overhead replays CUDA graphs (fewer kernel launches); auto: "
-        "reduce-overhead on one CUDA process without gradient accumulation, else default (kernels.py)",
+        "reduce-overhead on one CUDA process without gradient accumulation, else default (forward_context.py)",
         choices=("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
     attention_backend: str = option(
         "auto", "scaled_dot_product_attention's kernel; auto: torch's choice; a CPU has math and flash",

@@ -39,7 +39,7 @@ from data_loader import (
 from distributed import Collectives, ranks_from_environment
 from errors import UserError
 from huggingface import checkpoint_from_hf, is_hf_folder
-from kernels import check_attention_backend
+from forward_context import check_attention_backend
 from loggers import require_packages
 from optim import total_steps
 from precision import choose_cpu_dtype

@@ -31,7 +31,7 @@ from distributed import Collectives, ParallelModel, QuietMonitor, Ranks, shard_e
 from errors import UserError
 from evaluation import mean_losses
 from guards import DeferredSkips, StepTimer, StopSignals, TimeLimit, out_of_memory_error
-from kernels import forward_context
+from forward_context import forward_context
 from loggers import new_run_id
 from monitor import LogWindow, LossRecord, RunFacts, RunMonitor, RunResult
 from optim import (

@@ -18,7 +18,7 @@ import torch
 from config import SystemConfig
 from distributed import Ranks
 from errors import UserError
-from kernels import resolve_compile_mode
+from forward_context import resolve_compile_mode
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -186,7 +186,7 @@ class DeviceInfo:
     compile: bool
     processes: int = 1  # torchrun's WORLD_SIZE: this device is one of that many alike
     dtype_reason: str = ""  # why `dtype auto` chose this dtype, where it was a measured choice
-    compile_mode: str = "default"  # torch.compile's mode, "auto" resolved (kernels.py)
+    compile_mode: str = "default"  # torch.compile's mode, "auto" resolved (forward_context.py)
 
     def describe(self) -> str:
         name = self.device.type

@@ -309,3 +309,19 @@ def test_a_tiktoken_tokenizer_exports_as_byte_level_bpe(workdir, monkeypatch):
     assert hf_tokenizer.decode(ids) == probe
     specials = ("<|endoftext|>", IM_START, IM_END)
     assert [hf_tokenizer.convert_tokens_to_ids(t) for t in specials] == [300, 301, 302]
+
+
+def test_no_module_of_ours_takes_the_name_of_an_installed_one():
+    """Run from the repository root, a top-level module of ours hides any package of that name.
+
+    transformers 5.25 installs and imports Hugging Face's `kernels` package; our old kernels.py
+    was imported in its place, and `from transformers import pipeline` failed in CI.
+    """
+    import importlib.machinery
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    others = [entry for entry in os.sys.path if entry and Path(entry).resolve() != root]
+    ours = sorted(path.stem for path in root.glob("*.py"))
+    taken = [name for name in ours if importlib.machinery.PathFinder.find_spec(name, others)]
+    assert ours and taken == [], f"modules of ours named like installed ones: {taken}"

@@ -2,7 +2,7 @@
 decoding, a checkpoint from the GPU read on a CPU, a real out-of-memory, --max_batch.
 
 Every test here needs a CUDA device and is skipped without one (CI's CPUs report them skipped);
-`pytest -m gpu` runs them alone, with the other tests marked gpu (tests/test_kernels.py's), as
+`pytest -m gpu` runs them alone, with the other tests marked gpu (tests/test_forward_context.py's), as
 scripts/gpu_check.sh does first on a GPU machine.
 """
 from __future__ import annotations

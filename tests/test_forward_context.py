@@ -1,4 +1,4 @@
-"""kernels.py: where compile_mode auto uses CUDA graphs, the attention backend, the forward context."""
+"""forward_context.py: where compile_mode auto uses CUDA graphs, the attention backend, the forward context."""
 from __future__ import annotations
 
 import re
@@ -8,13 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
+import forward_context
 import train
 import utils
 from config import ModelConfig
 from distributed import Ranks
 from errors import UserError
-from kernels import ForwardContext, check_attention_backend, resolve_compile_mode, sdpa_backend
+from forward_context import ForwardContext, check_attention_backend, resolve_compile_mode, sdpa_backend
 from tests.conftest import REPO_ROOT, tiny_model_config
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
@@ -54,9 +54,9 @@ def test_resolve_system_resolves_the_mode_on_a_faked_gpu(one_fake_gpu):
     assert utils.resolve_system("auto", "auto", None, grad_accum_steps=2).compile_mode == "default"
     assert utils.resolve_system("auto", "auto", None, TORCHRUN).compile_mode == "default"
     assert utils.resolve_system("cpu", "float32", True).compile_mode == "default"
-    assert kernels.uses_cuda_graphs(gpu.compile_mode, gpu.compile, gpu.device)
-    assert not kernels.uses_cuda_graphs("reduce-overhead", True, CPU)  # no graphs off CUDA
-    assert not kernels.uses_cuda_graphs("reduce-overhead", False, CUDA)  # nor uncompiled
+    assert forward_context.uses_cuda_graphs(gpu.compile_mode, gpu.compile, gpu.device)
+    assert not forward_context.uses_cuda_graphs("reduce-overhead", True, CPU)  # no graphs off CUDA
+    assert not forward_context.uses_cuda_graphs("reduce-overhead", False, CUDA)  # nor uncompiled
 
 
 def test_show_config_says_which_compile_mode_a_run_gets(capsys, workdir, small_corpus_file):
@@ -156,7 +156,7 @@ def test_backends_that_cannot_run_are_one_line_at_start_up():
 
 def test_a_torch_without_the_backend_is_told_so(monkeypatch):
     older = types.SimpleNamespace(MATH=1, FLASH_ATTENTION=2, EFFICIENT_ATTENTION=3)  # no CUDNN_ATTENTION
-    monkeypatch.setattr(kernels, "SDPBackend", older)
+    monkeypatch.setattr(forward_context, "SDPBackend", older)
     with pytest.raises(UserError, match=r"torch .* has no SDPBackend.CUDNN_ATTENTION; upgrade torch or use auto"):
         sdpa_backend("cudnn")
     assert sdpa_backend("auto") is None and sdpa_backend("math") == 1
