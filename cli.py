@@ -15,7 +15,7 @@ import sys
 from typing import Any, Callable, Mapping, NoReturn, Sequence
 
 from config import SECTIONS
-from config_fields import DTYPE_ALIASES, TYPE_WORDS, field_types, is_list, unwrap_optional
+from config_fields import DTYPE_ALIASES, QUANTIZATIONS, TYPE_WORDS, field_types, is_list, unwrap_optional
 from errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
 
 # Short flags for the fields people change most: `--lr 3e-4` means `--training.lr 3e-4`.
@@ -130,7 +130,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 def add_model_loading_flags(parser: argparse.ArgumentParser, dtype_default: str) -> None:
     """The flags of the commands that load a trained model (gen.py, eval.py): the device, the
-    dtype, the model's class where its file has moved, and --debug."""
+    dtype, the model's class where its file has moved, its quantisation, and --debug."""
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
                         help="where to run the model; auto: CUDA, else MPS, else the CPU")
     parser.add_argument("--dtype", default=dtype_default,
@@ -139,6 +139,8 @@ def add_model_loading_flags(parser: argparse.ArgumentParser, dtype_default: str)
                         "float32 on a CPU")
     parser.add_argument("--model_impl", metavar="PATH.py:CLASS",
                         help="the model's class, where the file the checkpoint names has moved")
+    parser.add_argument("--quantize", default="none", choices=QUANTIZATIONS,
+                        help="int8: weight-only int8 matrices (quantize.py), a quarter of float32's bytes")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
 
 

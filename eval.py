@@ -32,6 +32,7 @@ from data_loader import prepare_data
 from errors import UserError
 from model import IGNORE_INDEX
 from multiple_choice import MultipleChoiceResult, score_file
+from quantize import apply_quantization
 from task_eval import TaskResult, is_task_chat_file, score_task_chats
 from tokenizer import Tokenizer, tokenizer_from_dict
 from utils import autocast_context, read_user_text, resolve_system
@@ -189,6 +190,7 @@ def main(argv: Sequence[str]) -> int:
     checkpoint = load_checkpoint(path)
     system = resolve_system(args.device, DTYPE_ALIASES.get(args.dtype, args.dtype), compile_requested=False)
     model = load_model(checkpoint, system.device, str(path), impl=args.model_impl)  # fp32; autocast for bf16
+    model = apply_quantization(model, args.quantize)
     tokenizer = tokenizer_from_dict(checkpoint["tokenizer"])
     block_size = checkpoint["config"]["model"]["block_size"]
     progress = not args.json and sys.stderr.isatty()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -15,13 +16,16 @@ from typing import Optional, Sequence, TextIO
 
 import torch
 
+TORCH_IMPORTED_AT = time.time()  # what --benchmark reports as the start-up cost of torch itself
+
 from chat import PIPED, chat_session
 from checkpoint import BEST_FIRST, find_checkpoint, load_checkpoint, load_model
 from cli import CliParser, add_model_loading_flags, run_cli
 from config_fields import DTYPE_ALIASES
 from contract import has_kv_cache
 from errors import UserError
-from sampling import SamplingSettings, TextStream, generate
+from quantize import apply_quantization
+from sampling import SamplingSettings, TextStream, generate_batch
 from tokenizer import END_OF_TEXT, Tokenizer, tokenizer_from_dict
 from utils import notice, process_start_time, resolve_system
 
@@ -115,6 +119,8 @@ class Session:
     device: torch.device
     seed: int
     stream: bool = True
+    params: int = 0  # the model's parameters, counted before any quantisation
+    quantize: str = "none"
     output: Optional[TextIO] = None
 
     def encode_prompt(self, text: str) -> list[int]:
@@ -128,20 +134,30 @@ class Session:
 
     def complete(self, prompt_ids: list[int], stop_ids: frozenset[int], seed: int) -> str:
         """Generate one sample after prompt_ids, printing it as it comes (when streaming)."""
-        generator = torch.Generator(device=self.device).manual_seed(seed)
-        text = TextStream(self.tokenizer, self.settings.stop)
+        return self.complete_together(prompt_ids, stop_ids, [seed])[0]
+
+    def complete_together(self, prompt_ids: list[int], stop_ids: frozenset[int], seeds: list[int]) -> list[str]:
+        """Generate one sample per seed after prompt_ids, all in one batch (one forward per
+        token for all); the first is printed as it comes (when streaming), the others are
+        returned whole. Sample i is the one complete() gives with seeds[i]."""
+        generators = [torch.Generator(device=self.device).manual_seed(seed) for seed in seeds]
+        texts = [TextStream(self.tokenizer, self.settings.stop) for _ in seeds]
         vocab = self.tokenizer.vocab_size
-        for token in generate(self.model, self.block_size, prompt_ids, self.settings, vocab, stop_ids,
-                              generator, on_slide=self._slide_notice):
-            piece = text.add(token)
-            if self.stream:
-                print(piece, end="", flush=True)
-            if text.stopped:
+        for tokens in generate_batch(self.model, self.block_size, prompt_ids, self.settings, vocab, generators,
+                                     stop_ids, on_slide=self._slide_notice):
+            for row, (text, token) in enumerate(zip(texts, tokens)):
+                if token is not None and not text.stopped:
+                    piece = text.add(token)
+                    if row == 0 and self.stream:
+                        print(piece, end="", flush=True)
+            if all(text.stopped for text in texts):
                 break
-        rest = text.finish()
+        rest = texts[0].finish()
+        for text in texts[1:]:
+            text.finish()
         if self.stream:
             print(rest, end="", flush=True)
-        return text.result
+        return [text.result for text in texts]
 
     def _slide_notice(self) -> None:
         limit = self.block_size
@@ -150,16 +166,17 @@ class Session:
 
 
 def write_samples(session: Session, prompt: str, count: int) -> None:
-    """Print `count` samples continuing `prompt` (and write them to --output)."""
+    """Print `count` samples continuing `prompt`, decoded as one batch (and write them to --output)."""
     prompt_ids = session.encode_prompt(prompt)
     stop_ids = frozenset(i for name, i in session.tokenizer.special_ids.items() if name == END_OF_TEXT)
-    for sample in range(count):
+    if session.stream:
+        print(prompt, end="", flush=True)
+    seeds = [session.seed + sample for sample in range(count)]
+    texts = [prompt + text for text in session.complete_together(prompt_ids, stop_ids, seeds)]
+    for sample, text in enumerate(texts):
         if sample:
             print(SAMPLE_SEPARATOR)
-        if session.stream:
-            print(prompt, end="", flush=True)
-        text = prompt + session.complete(prompt_ids, stop_ids, session.seed + sample)
-        if not session.stream:
+        if sample or not session.stream:  # the first streamed out already
             print(text, end="")
         print(flush=True)
         if session.output is not None:
@@ -180,44 +197,59 @@ def interactive(session: Session, count: int) -> None:
         write_samples(session, prompt, count)
 
 
-def benchmark(session: Session, prompt: str, process_start: float) -> dict:
-    """Time a generation after the prompt (repeated to half the context): the prefill up to
-    the first new token, then the decoding of the others."""
+@dataclass
+class LoadTimes:
+    """Seconds spent before the first token: the process's start to `import torch` done, and
+    the checkpoint's reading, building and (when asked) quantising."""
+
+    import_torch_s: float
+    checkpoint_load_s: float
+
+
+def benchmark(session: Session, prompt: str, count: int, loaded: LoadTimes) -> dict:
+    """Time `count` samples decoded together after the prompt (repeated to half the context):
+    the prefill up to the first new token, then the gaps between the others (their median,
+    so that a stray pause does not move it)."""
     block = session.block_size
     ids = session.tokenizer.encode(prompt)
     ids = (ids * (block // (2 * len(ids)) + 1))[: block // 2]
-    vocab = session.tokenizer.vocab_size
-    started = time.perf_counter()
-    first = None
-    count = 0
-    for count, _ in enumerate(generate(session.model, block, ids, session.settings, vocab), start=1):
-        first = first or time.perf_counter()
-    done = time.perf_counter()
-    return {"device": str(session.device), "params": session.model.num_params(), "prompt_tokens": len(ids),
-            "prefill_tokens_per_s": round(len(ids) / (first - started)), "new_tokens": count,
-            "decode_tokens_per_s": round((count - 1) / (done - first)) if count > 1 else None,
-            "seconds_from_process_start": round(time.time() - process_start, 2)}
+    generators = [torch.Generator(device=session.device).manual_seed(session.seed + i) for i in range(count)]
+    times = [time.perf_counter()]
+    for _ in generate_batch(session.model, block, ids, session.settings, session.tokenizer.vocab_size, generators):
+        times.append(time.perf_counter())
+    first, gaps = times[1] - times[0], [b - a for a, b in zip(times[1:], times[2:])]
+    return {"device": str(session.device), "dtype": str(next(session.model.parameters()).dtype).removeprefix("torch."),
+            "quantize": session.quantize, "params": session.params, "samples": count,
+            "prompt_tokens": len(ids), "new_tokens": len(times) - 1,
+            "import_torch_s": round(loaded.import_torch_s, 2), "checkpoint_load_s": round(loaded.checkpoint_load_s, 3),
+            "first_token_s": round(first, 4), "prefill_tokens_per_s": round(count * len(ids) / first),
+            "decode_tokens_per_s": round(count / statistics.median(gaps)) if gaps else None,
+            "decode_tokens_per_s_mean": round(count * len(gaps) / sum(gaps)) if gaps else None}
 
 
 def main(argv: Sequence[str]) -> int:
     process_start = process_start_time()
     args = build_parser().parse_args(argv)
     check_arguments(args)
+    load_started = time.perf_counter()
     path = find_checkpoint(args.checkpoint, prefer=BEST_FIRST)
     checkpoint = load_checkpoint(path)
     system = resolve_system(args.device, DTYPE_ALIASES.get(args.dtype, args.dtype), compile_requested=False)
     model = load_model(checkpoint, system.device, str(path), system.dtype, impl=args.model_impl)
+    params = model.num_params()
+    model = apply_quantization(model, args.quantize)
+    loaded = LoadTimes(TORCH_IMPORTED_AT - process_start, time.perf_counter() - load_started)
     if not has_kv_cache(model):
         notice(f"{type(model).__name__} has no KV-cache hooks (new_cache(), forward(..., cache=)); each new "
                "token recomputes the whole context, which is slower (contract.py says how to add them)")
     block_size = checkpoint["config"]["model"]["block_size"]
     session = Session(model, block_size, tokenizer_from_dict(checkpoint["tokenizer"]), settings_from(args),
-                      system.device, args.seed, stream=not args.no_stream)
+                      system.device, args.seed, stream=not args.no_stream, params=params, quantize=args.quantize)
     if args.chat:
         chat_session(session, args.system, sys.stdin)
         return 0
     if args.benchmark:
-        print(json.dumps(benchmark(session, read_prompt(args), process_start)))
+        print(json.dumps(benchmark(session, read_prompt(args), args.num_samples, loaded)))
         return 0
     try:
         session.output = open(args.output, "w", encoding="utf-8") if args.output else None

@@ -7,7 +7,7 @@ padding ids removed -> repetition penalty -> (temperature 0: the likeliest token
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 from torch.nn import functional as F
@@ -30,14 +30,12 @@ class SamplingSettings:
 
 
 def penalise_repetition(logits: torch.Tensor, previous: torch.Tensor, penalty: float) -> torch.Tensor:
-    """Make the tokens in `previous` less likely (CTRL, Keskar et al. 2019): a positive logit
-    is divided by the penalty, a negative one multiplied by it."""
+    """Make the tokens in `previous` (per row, like logits) less likely (CTRL, Keskar et al.
+    2019): a positive logit is divided by the penalty, a negative one multiplied by it."""
     if penalty == 1.0 or previous.numel() == 0:
         return logits
-    seen = logits[..., previous]
-    logits = logits.clone()
-    logits[..., previous] = torch.where(seen > 0, seen / penalty, seen * penalty)
-    return logits
+    seen = logits.gather(-1, previous)
+    return logits.scatter(-1, previous, torch.where(seen > 0, seen / penalty, seen * penalty))
 
 
 def keep_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -68,24 +66,40 @@ def keep_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     return logits.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, float("-inf"))
 
 
-def choose_token(logits: torch.Tensor, previous: torch.Tensor, s: SamplingSettings,
-                 generator: Optional[torch.Generator]) -> int:
-    """Pick the next token from one position's logits (vocab,), in the module's documented order."""
+def draw(probs: torch.Tensor, generators: Sequence[Optional[torch.Generator]]) -> torch.Tensor:
+    """One token per row of probs (B, vocab), row i drawn with generators[i]: the argmax of
+    p / E with E ~ Exponential(1) picks id j with probability p_j (the exponential race, as
+    Gumbel-max), in a few element-wise kernels where multinomial costs ~0.1 ms on a CPU."""
+    race = torch.stack([torch.empty_like(row).exponential_(generator=g) for row, g in zip(probs, generators)])
+    return (probs / race).argmax(dim=-1)
+
+
+def choose_tokens(logits: torch.Tensor, previous: torch.Tensor, s: SamplingSettings,
+                  generators: Sequence[Optional[torch.Generator]]) -> list[int]:
+    """Pick the next token of each row of logits (B, vocab), in the module's documented order:
+    one host round-trip for the whole batch."""
     logits = penalise_repetition(logits.float(), previous, s.repetition_penalty)
     if s.temperature == 0:
-        return int(logits.argmax())
+        return logits.argmax(dim=-1).tolist()
     logits = logits / s.temperature
     if s.top_k is not None:
         logits = keep_top_k(logits, s.top_k)
     logits = keep_min_p(keep_top_p(logits, s.top_p), s.min_p)
-    return int(torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator))
+    return draw(F.softmax(logits, dim=-1), generators).tolist()
+
+
+def choose_token(logits: torch.Tensor, previous: torch.Tensor, s: SamplingSettings,
+                 generator: Optional[torch.Generator]) -> int:
+    """choose_tokens for one position's logits (vocab,)."""
+    return choose_tokens(logits[None], previous[None], s, [generator])[0]
 
 
 class Decoder:
-    """Feeds a model one token at a time against its KV cache. When the context is full, it
-    keeps the last three quarters, computes their cache afresh, and goes on (calling
+    """Feeds a model one token per row at a time against its KV cache. When the context is
+    full, it keeps the last three quarters, computes their cache afresh, and goes on (calling
     `on_slide` once, so the user hears of it). A model without the cache hooks (contract.py)
-    is run on the whole context, up to block_size tokens, for every new token."""
+    is run on the whole context, up to block_size tokens, for every new token. Every row has
+    the same length, so one tensor holds them."""
 
     def __init__(self, model: torch.nn.Module, block_size: int, on_slide: Callable[[], None] = lambda: None):
         self.model, self.block_size, self.on_slide = model, block_size, on_slide
@@ -96,27 +110,55 @@ class Decoder:
         self.slid = False
 
     @torch.inference_mode()
-    def start(self, tokens: list[int]) -> torch.Tensor:
-        """Prefill the cache with `tokens` (the last block_size of them); return the next logits."""
-        context = tokens[-self.block_size:]
+    def start(self, rows: list[list[int]]) -> torch.Tensor:
+        """Prefill the cache with each row's last block_size tokens; return the next logits (B, vocab)."""
+        context = torch.tensor([row[-self.block_size:] for row in rows], device=self.device)
         if not self.cached:
-            return self.model(torch.tensor([context], device=self.device))[0][0, -1]
-        self.cache, self.cache_length = self.model.new_cache(), len(context)
-        return self.model(torch.tensor([context], device=self.device), cache=self.cache)[0][0, -1]
+            return self.model(context)[0][:, -1]
+        self.cache, self.cache_length = self.model.new_cache(), context.size(1)
+        return self.model(context, cache=self.cache)[0][:, -1]
 
     @torch.inference_mode()
-    def step(self, tokens: list[int]) -> torch.Tensor:
-        """Feed the last of `tokens` (all so far); return the logits for the one after it."""
+    def step(self, rows: list[list[int]]) -> torch.Tensor:
+        """Feed the last token of each row (all tokens so far); return the logits after them."""
         if not self.cached:
-            return self.start(tokens)
+            return self.start(rows)
         if self.cache_length < self.block_size:
             self.cache_length += 1
-            return self.model(torch.tensor([tokens[-1:]], device=self.device), cache=self.cache)[0][0, -1]
+            last = torch.tensor([row[-1:] for row in rows], device=self.device)
+            return self.model(last, cache=self.cache)[0][:, -1]
         if not self.slid:
             self.slid = True
             self.on_slide()
         keep = 3 * self.block_size // 4
-        return self.start(tokens[-keep:])
+        return self.start([row[-keep:] for row in rows])
+
+
+def generate_batch(model: torch.nn.Module, block_size: int, prompt: list[int], settings: SamplingSettings,
+                   vocab_limit: int, generators: Sequence[Optional[torch.Generator]],
+                   stop_ids: frozenset[int] = frozenset(),
+                   on_slide: Callable[[], None] = lambda: None) -> Iterator[list[Optional[int]]]:
+    """Decode len(generators) samples after `prompt` together, one forward per token for all;
+    yield each step's new ids, None for a sample already ended (by a token in `stop_ids`, not
+    yielded), until every sample has ended or has max_new_tokens. Sample i draws with
+    generators[i], so it is the sample that generate() gives with that generator. The model
+    sees at most block_size tokens; ids from vocab_limit up (the padding) are never chosen."""
+    decoder = Decoder(model, block_size, on_slide)
+    rows = [list(prompt) for _ in generators]
+    ended = [False] * len(rows)
+    logits = decoder.start(rows)
+    for count in range(settings.max_new_tokens):
+        recent = (torch.tensor([row[-block_size:] for row in rows], device=logits.device)
+                  if settings.repetition_penalty != 1.0 else logits.new_empty(0, dtype=torch.long))
+        tokens = choose_tokens(logits[:, :vocab_limit], recent, settings, generators)  # padding ids cut off
+        ended = [done or token in stop_ids for done, token in zip(ended, tokens)]
+        if all(ended):
+            return
+        yield [None if done else token for done, token in zip(ended, tokens)]
+        for row, token in zip(rows, tokens):
+            row.append(token)  # an ended row goes on being fed, unread, to keep the batch whole
+        if count + 1 < settings.max_new_tokens:
+            logits = decoder.step(rows)
 
 
 def generate(model: torch.nn.Module, block_size: int, prompt: list[int], settings: SamplingSettings,
@@ -124,22 +166,10 @@ def generate(model: torch.nn.Module, block_size: int, prompt: list[int], setting
              generator: Optional[torch.Generator] = None,
              on_slide: Callable[[], None] = lambda: None) -> Iterator[int]:
     """Yield new token ids after `prompt` until max_new_tokens or a token in `stop_ids` (not
-    yielded), the model seeing at most block_size tokens. Ids from vocab_limit up (the
-    vocabulary's padding) are never chosen."""
-    decoder = Decoder(model, block_size, on_slide)
-    tokens = list(prompt)
-    logits = decoder.start(tokens)
-    no_penalty = torch.empty(0, dtype=torch.long, device=logits.device)
-    for count in range(settings.max_new_tokens):
-        recent = (torch.tensor(tokens[-block_size:], device=logits.device)
-                  if settings.repetition_penalty != 1.0 else no_penalty)
-        token = choose_token(logits[:vocab_limit], recent, settings, generator)  # padding ids cut off
-        if token in stop_ids:
-            return
+    yielded): generate_batch for one sample."""
+    for (token,) in generate_batch(model, block_size, prompt, settings, vocab_limit, [generator], stop_ids,
+                                   on_slide):
         yield token
-        tokens.append(token)
-        if count + 1 < settings.max_new_tokens:
-            logits = decoder.step(tokens)
 
 
 class TextStream:

@@ -1,0 +1,104 @@
+"""Fast decoding: samples decoded as one batch, and int8 weights (quantize.py)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import eval as evaluate
+import gen
+from checkpoint import save_checkpoint
+from cli import run_cli
+from config import Config, config_to_dict
+from model import GPT
+from quantize import Int8Linear, apply_quantization
+from sampling import SamplingSettings, generate, generate_batch
+from tests.conftest import tiny_model_config
+from tokenizer import CharTokenizer
+
+
+def build(**changes) -> GPT:
+    torch.manual_seed(0)
+    return GPT(tiny_model_config(block_size=16, n_head=4, n_embd=32, **changes)).eval()
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.5])
+def test_a_batch_of_samples_gives_each_sample_as_decoded_alone(temperature):
+    model = build(position="rope")
+    settings = SamplingSettings(max_new_tokens=30, temperature=temperature, top_k=None)  # 3 + 30 > 16: slides
+    seeds = [4, 5, 6]
+    alone = [list(generate(model, 16, [1, 2, 3], settings, 11, generator=torch.Generator().manual_seed(s)))
+             for s in seeds]
+    steps = list(generate_batch(model, 16, [1, 2, 3], settings, 11, [torch.Generator().manual_seed(s) for s in seeds]))
+    together = [[step[row] for step in steps] for row in range(3)]
+    assert together == alone and len(steps) == 30
+    if temperature:
+        assert alone[0] != alone[1]  # the seeds do differ, so the comparison means something
+
+
+def test_a_sample_that_ends_early_yields_none_while_the_others_go_on():
+    model = build()
+    greedy = SamplingSettings(max_new_tokens=12, temperature=0)
+    reference = list(generate(model, 16, [1, 2, 3], greedy, 11))
+    stop = reference[4]
+    steps = list(generate_batch(model, 16, [1, 2, 3], greedy, 11, [None, None], stop_ids=frozenset({stop})))
+    first = [step[0] for step in steps]
+    assert first[: reference.index(stop)] == reference[: reference.index(stop)]
+    assert all(token is None for token in first[reference.index(stop):])
+    assert steps == [] or len(steps) == reference.index(stop)  # every row ended: decoding stops
+
+
+def test_int8_weights_stay_close_to_the_float_ones_and_keep_the_head_usable():
+    model = build(position="rope", mlp="swiglu")
+    tokens = torch.randint(0, 11, (2, 16))
+    with torch.no_grad():
+        float_logits = model(tokens)[0]
+        linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+        apply_quantization(model, "int8")
+        int8_logits = model(tokens)[0]
+        assert sum(isinstance(m, Int8Linear) for m in model.modules()) == linears
+        assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
+        assert model.wte.weight.dtype == torch.float32  # the embedding lookup stays float
+        head = model.lm_head
+        assert head.weight_int8.dtype == torch.int8
+        error = (head.weight - model.wte.weight).abs().max() / model.wte.weight.abs().max()
+        assert 0 < error <= 1 / 254 + 1e-6  # half a step of 127 levels, and really rounded
+        # bfloat16 activations into the fused kernel: about 2-3 significant digits
+        torch.testing.assert_close(int8_logits, float_logits, atol=0.05, rtol=0.05)
+
+
+@pytest.fixture(scope="module")
+def char_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("int8") / "ckpt.pt"
+    tokenizer = CharTokenizer("\n abcdefghijklmnopqrstuvwxyz")
+    cfg = tiny_model_config(block_size=32, vocab_size=32, n_embd=32, n_head=4)
+    torch.manual_seed(0)
+    save_checkpoint({"model": GPT(cfg).state_dict(), "config": config_to_dict(Config(model=cfg)),
+                     "tokenizer": tokenizer.to_dict(), "step": 0}, path)
+    return path
+
+
+def test_gen_and_eval_take_int8_and_a_batch_of_samples(char_checkpoint, tmp_path, capsys):
+    base = [str(char_checkpoint), "--device", "cpu", "--prompt", "ab", "--max_new_tokens", "12", "--seed", "3"]
+    assert run_cli(gen.main, [*base, "--num_samples", "3", "--no_stream"]) == 0
+    three = capsys.readouterr().out.split(gen.SAMPLE_SEPARATOR + "\n")
+    assert run_cli(gen.main, [*base[:-1], "5"]) == 0  # sample 3 of 3 is the one seed 3 + 2 gives
+    assert capsys.readouterr().out == three[2] and len(three) == 3
+    assert run_cli(gen.main, [*base, "--quantize", "int8", "--benchmark", "--num_samples", "2"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["quantize"] == "int8" and record["samples"] == 2 and record["decode_tokens_per_s"] > 0
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog\n" * 4)
+    perplexities = []
+    for quantize in ("none", "int8"):
+        assert run_cli(evaluate.main, [str(char_checkpoint), "--text", str(text), "--json", "--device", "cpu",
+                                       "--quantize", quantize]) == 0
+        perplexities.append(json.loads(capsys.readouterr().out)["perplexity"])
+    assert perplexities[0] == pytest.approx(perplexities[1], rel=0.02)
+
+
+def test_an_unknown_quantization_is_refused_in_one_line(char_checkpoint, capsys):
+    assert run_cli(gen.main, [str(char_checkpoint), "--quantize", "int4"]) == 2
+    err = capsys.readouterr().err
+    assert "--quantize" in err and "int8" in err and "Traceback" not in err
