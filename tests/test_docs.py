@@ -94,6 +94,8 @@ EXCUSES = (
     Excuse(r"^tensorboard --logdir", "starts TensorBoard's web server; the EventAccumulator command beside it "
            "reads the same events"),
     Excuse(r"^wandb sync (?!--dry-run)", "uploads to W&B: needs an account and the network (--dry-run runs)"),
+    Excuse(r"^python serve\.py", "starts a web server that runs until stopped: tests/test_serve.py runs it live "
+           "and answers it with the openai client and a headless browser"),
     Excuse(r"models/pipeline_laptop/", "needs the pipeline's models, from the command excused above"),
 )
 
