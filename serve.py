@@ -66,7 +66,11 @@ class Engine:
         self.model, self.tokenizer, self.block_size, self.name = model, tokenizer, block_size, name
         self.device = next(model.parameters()).device
         self.created = int(time.time())
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+        # one CPU thread for the worker: with two, decoding on a thread other than the main one
+        # ran at 99-160 tokens/s against 289 on the main thread (2-core EPYC, 10.7M model, int8),
+        # and 205 with one (BENCHMARKS.md, 'Serving'); on a GPU the CPU only launches kernels
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate",
+                                           initializer=torch.set_num_threads, initargs=(1,))
         self.closing = threading.Event()
         self.in_flight = 0  # requests queued or generating (touched on the event loop only)
         self.generating = 0  # set by the worker
