@@ -16,9 +16,11 @@ from typing import Any, BinaryIO, Callable, Iterator, Optional
 import torch
 
 from config import Config, ModelConfig
+from config_fields import DTYPE_ALIASES
 from contract import build_model, source_sha256
 from errors import UserError
-from utils import fsync_directory, notice, write_file_atomic
+from quantize import apply_quantization
+from utils import fsync_directory, notice, resolve_system, write_file_atomic
 
 FORMAT = "gpt-trainer checkpoint"
 FORMAT_VERSION = 2
@@ -310,3 +312,25 @@ def load_model(checkpoint: dict, device: torch.device, path: str, dtype: torch.d
                "into the class as the file defines it now")
     model.load_state_dict(checkpoint["model"])
     return model.to(device=device, dtype=dtype).eval()
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """What the commands that run a trained model (gen.py, serve.py) load from their flags."""
+
+    model: torch.nn.Module
+    checkpoint: dict
+    path: Path
+    device: torch.device
+    params: int  # counted before any quantisation
+
+
+def load_for_inference(args: Any) -> LoadedModel:
+    """The model named by cli.add_model_loading_flags' flags (and a `checkpoint` argument):
+    found (best.pt first), on its device in its dtype, quantised as asked."""
+    path = find_checkpoint(args.checkpoint, prefer=BEST_FIRST)
+    checkpoint = load_checkpoint(path)
+    system = resolve_system(args.device, DTYPE_ALIASES.get(args.dtype, args.dtype), compile_requested=False)
+    model = load_model(checkpoint, system.device, str(path), system.dtype, impl=args.model_impl)
+    params = model.num_params()
+    return LoadedModel(apply_quantization(model, args.quantize), checkpoint, path, system.device, params)

@@ -19,15 +19,13 @@ import torch
 TORCH_IMPORTED_AT = time.time()  # what --benchmark reports as the start-up cost of torch itself
 
 from chat import PIPED, chat_session
-from checkpoint import BEST_FIRST, find_checkpoint, load_checkpoint, load_model
+from checkpoint import load_for_inference
 from cli import CliParser, add_model_loading_flags, run_cli
-from config_fields import DTYPE_ALIASES
 from contract import has_kv_cache
 from errors import UserError
-from quantize import apply_quantization
 from sampling import SamplingSettings, TextStream, generate_batch
 from tokenizer import END_OF_TEXT, Tokenizer, tokenizer_from_dict
-from utils import notice, process_start_time, resolve_system
+from utils import notice, process_start_time
 
 SAMPLE_SEPARATOR = "\n" + "-" * 40
 
@@ -232,19 +230,16 @@ def main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(argv)
     check_arguments(args)
     load_started = time.perf_counter()
-    path = find_checkpoint(args.checkpoint, prefer=BEST_FIRST)
-    checkpoint = load_checkpoint(path)
-    system = resolve_system(args.device, DTYPE_ALIASES.get(args.dtype, args.dtype), compile_requested=False)
-    model = load_model(checkpoint, system.device, str(path), system.dtype, impl=args.model_impl)
-    params = model.num_params()
-    model = apply_quantization(model, args.quantize)
+    found = load_for_inference(args)
+    model, checkpoint = found.model, found.checkpoint
     loaded = LoadTimes(TORCH_IMPORTED_AT - process_start, time.perf_counter() - load_started)
     if not has_kv_cache(model):
         notice(f"{type(model).__name__} has no KV-cache hooks (new_cache(), forward(..., cache=)); each new "
                "token recomputes the whole context, which is slower (contract.py says how to add them)")
     block_size = checkpoint["config"]["model"]["block_size"]
     session = Session(model, block_size, tokenizer_from_dict(checkpoint["tokenizer"]), settings_from(args),
-                      system.device, args.seed, stream=not args.no_stream, params=params, quantize=args.quantize)
+                      found.device, args.seed, stream=not args.no_stream, params=found.params,
+                      quantize=args.quantize)
     if args.chat:
         chat_session(session, args.system, sys.stdin)
         return 0

@@ -32,14 +32,12 @@ from starlette.exceptions import HTTPException
 
 from api_requests import ApiError, ChatRequest, CompletionRequest, Limits, Sampling, chat_request, completion_request, parse_json
 from chat import fit_history, render_turn
-from checkpoint import BEST_FIRST, find_checkpoint, load_checkpoint, load_model
+from checkpoint import load_for_inference
 from cli import CliParser, add_model_loading_flags, run_cli
-from config_fields import DTYPE_ALIASES
 from errors import UserError
-from quantize import apply_quantization
 from sampling import SamplingSettings, TextStream, generate
 from tokenizer import END_OF_TEXT, IM_END, IM_START, Tokenizer, tokenizer_from_dict
-from utils import notice, resolve_system
+from utils import notice
 
 PAGE = Path(__file__).with_name("chat_page.html")
 FINISHED = object()  # what the worker sends after a generation's last piece
@@ -80,7 +78,7 @@ class Engine:
         return IM_START in self.tokenizer.special_ids
 
     def completion_job(self, request: CompletionRequest) -> Job:
-        ids = self.tokenizer.encode(request.prompt)[-self.block_size:] or self._newline()
+        ids = self.tokenizer.encode(request.prompt)[-self.block_size:] or self.tokenizer.encode("\n")
         stops = frozenset(i for name, i in self.tokenizer.special_ids.items() if name == END_OF_TEXT)
         return self._job(ids, request.sampling, stops)
 
@@ -97,9 +95,6 @@ class Engine:
         budget = self.block_size - min(request.sampling.max_tokens, self.block_size // 2)
         stops = frozenset(self.tokenizer.special_ids[name] for name in (IM_END, END_OF_TEXT))
         return self._job(fit_history(system, turns, header, budget), request.sampling, stops)
-
-    def _newline(self) -> list[int]:
-        return self.tokenizer.encode("\n")
 
     def _job(self, ids: list[int], sampling: Sampling, stop_ids: frozenset[int]) -> Job:
         settings = SamplingSettings(max_new_tokens=sampling.max_tokens, temperature=sampling.temperature,
@@ -125,9 +120,8 @@ class Engine:
                     push(piece)
                 if text.stopped:
                     break
-            job.finish_reason = "length" if job.completion_tokens == job.settings.max_new_tokens else "stop"
-            if text.stopped:
-                job.finish_reason = "stop"
+            ran_out = job.completion_tokens == job.settings.max_new_tokens and not text.stopped
+            job.finish_reason = "length" if ran_out else "stop"
             rest = text.finish()
             if rest:
                 push(rest)
@@ -351,13 +345,10 @@ def check_port_free(host: str, port: int) -> None:
 
 
 def load_engine(args: argparse.Namespace) -> Engine:
-    path = find_checkpoint(args.checkpoint, prefer=BEST_FIRST)
-    checkpoint = load_checkpoint(path)
-    system = resolve_system(args.device, DTYPE_ALIASES.get(args.dtype, args.dtype), compile_requested=False)
-    model = apply_quantization(load_model(checkpoint, system.device, str(path), system.dtype, impl=args.model_impl),
-                               args.quantize)
+    found = load_for_inference(args)
+    checkpoint, path = found.checkpoint, found.path
     name = path.parent.name if path.parent.name else path.stem
-    return Engine(model, tokenizer_from_dict(checkpoint["tokenizer"]), checkpoint["config"]["model"]["block_size"],
+    return Engine(found.model, tokenizer_from_dict(checkpoint["tokenizer"]), checkpoint["config"]["model"]["block_size"],
                   name)
 
 
