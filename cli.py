@@ -15,7 +15,7 @@ import sys
 from typing import Any, Callable, Mapping, NoReturn, Sequence
 
 from config import SECTIONS
-from config_fields import DTYPE_ALIASES, QUANTIZATIONS, TYPE_WORDS, field_types, is_list, unwrap_optional
+from config_fields import DECODE_STEPS, DTYPE_ALIASES, QUANTIZATIONS, TYPE_WORDS, field_types, is_list, unwrap_optional
 from errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
 
 # Short flags for the fields people change most: `--lr 3e-4` means `--training.lr 3e-4`.
@@ -142,6 +142,14 @@ def add_model_loading_flags(parser: argparse.ArgumentParser, dtype_default: str)
     parser.add_argument("--quantize", default="none", choices=QUANTIZATIONS,
                         help="int8: weight-only int8 matrices (quantize.py), a quarter of float32's bytes")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+
+
+def add_decode_step_flag(parser: argparse.ArgumentParser) -> None:
+    """The flag of the commands that generate (gen.py, serve.py): how the one-token step runs."""
+    parser.add_argument("--decode_step", default="auto", choices=DECODE_STEPS,
+                        help="how each new token's forward runs (decode_step.py): eager; compiled by "
+                        "torch.compile (once, kept in cache/torch_compile); cuda_graph, replayed; "
+                        "auto: cuda_graph on CUDA, else eager")
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict:

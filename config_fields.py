@@ -55,6 +55,7 @@ def parse_duration(text: str) -> float:
 
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 QUANTIZATIONS = ("none", "int8")  # of a loaded model's weights, for gen.py and eval.py: quantize.py
+DECODE_STEPS = ("auto", "eager", "compiled", "cuda_graph")  # how generation runs a one-token step (decode_step.py)
 
 
 def field_types(section_cls: type) -> dict[str, Any]:

@@ -20,8 +20,9 @@ TORCH_IMPORTED_AT = time.time()  # what --benchmark reports as the start-up cost
 
 from chat import PIPED, chat_session
 from checkpoint import load_for_inference
-from cli import CliParser, add_model_loading_flags, run_cli
+from cli import CliParser, add_decode_step_flag, add_model_loading_flags, run_cli
 from contract import has_kv_cache
+from decode_step import StaticSteps, static_steps
 from errors import UserError
 from sampling import SamplingSettings, TextStream, generate_batch
 from tokenizer import END_OF_TEXT, Tokenizer, tokenizer_from_dict
@@ -59,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--benchmark", action="store_true", help="measure prefill and decode tokens/s")
     parser.add_argument("--system", default="", help="the system prompt of a --chat session")
     add_model_loading_flags(parser, dtype_default="auto")
+    add_decode_step_flag(parser)
     return parser
 
 
@@ -119,6 +121,7 @@ class Session:
     stream: bool = True
     params: int = 0  # the model's parameters, counted before any quantisation
     quantize: str = "none"
+    steps: Optional[StaticSteps] = None  # compiled or CUDA-graph one-token steps; None: eager
     output: Optional[TextIO] = None
 
     def encode_prompt(self, text: str) -> list[int]:
@@ -142,7 +145,7 @@ class Session:
         texts = [TextStream(self.tokenizer, self.settings.stop) for _ in seeds]
         vocab = self.tokenizer.vocab_size
         for tokens in generate_batch(self.model, self.block_size, prompt_ids, self.settings, vocab, generators,
-                                     stop_ids, on_slide=self._slide_notice):
+                                     stop_ids, on_slide=self._slide_notice, steps=self.steps):
             for row, (text, token) in enumerate(zip(texts, tokens)):
                 if token is not None and not text.stopped:
                     piece = text.add(token)
@@ -207,20 +210,24 @@ class LoadTimes:
 def benchmark(session: Session, prompt: str, count: int, loaded: LoadTimes) -> dict:
     """Time `count` samples decoded together after the prompt (repeated to half the context):
     the prefill up to the first new token, then the gaps between the others (their median,
-    so that a stray pause does not move it)."""
+    so that a stray pause does not move it). The first gap is reported too: a compiled or
+    CUDA-graph step prepares there."""
     block = session.block_size
     ids = session.tokenizer.encode(prompt)
     ids = (ids * (block // (2 * len(ids)) + 1))[: block // 2]
     generators = [torch.Generator(device=session.device).manual_seed(session.seed + i) for i in range(count)]
     times = [time.perf_counter()]
-    for _ in generate_batch(session.model, block, ids, session.settings, session.tokenizer.vocab_size, generators):
+    for _ in generate_batch(session.model, block, ids, session.settings, session.tokenizer.vocab_size, generators,
+                            steps=session.steps):
         times.append(time.perf_counter())
     first, gaps = times[1] - times[0], [b - a for a, b in zip(times[1:], times[2:])]
     return {"device": str(session.device), "dtype": str(next(session.model.parameters()).dtype).removeprefix("torch."),
-            "quantize": session.quantize, "params": session.params, "samples": count,
+            "quantize": session.quantize, "decode_step": session.steps.kind if session.steps else "eager",
+            "params": session.params, "samples": count,
             "prompt_tokens": len(ids), "new_tokens": len(times) - 1,
             "import_torch_s": round(loaded.import_torch_s, 2), "checkpoint_load_s": round(loaded.checkpoint_load_s, 3),
             "first_token_s": round(first, 4), "prefill_tokens_per_s": round(count * len(ids) / first),
+            "first_step_s": round(gaps[0], 4) if gaps else None,
             "decode_tokens_per_s": round(count / statistics.median(gaps)) if gaps else None,
             "decode_tokens_per_s_mean": round(count * len(gaps) / sum(gaps)) if gaps else None}
 
@@ -237,9 +244,10 @@ def main(argv: Sequence[str]) -> int:
         notice(f"{type(model).__name__} has no KV-cache hooks (new_cache(), forward(..., cache=)); each new "
                "token recomputes the whole context, which is slower (contract.py says how to add them)")
     block_size = checkpoint["config"]["model"]["block_size"]
+    steps = static_steps(model, args.decode_step, found.device)
     session = Session(model, block_size, tokenizer_from_dict(checkpoint["tokenizer"]), settings_from(args),
                       found.device, args.seed, stream=not args.no_stream, params=found.params,
-                      quantize=args.quantize)
+                      quantize=args.quantize, steps=steps)
     if args.chat:
         chat_session(session, args.system, sys.stdin)
         return 0

@@ -121,12 +121,14 @@ def token_cache(ctx: Context) -> list[list[str]]:
 
 def decode(ctx: Context) -> list[list[str]]:
     """Train the 10.7M model of configs/shakespeare_char.json one step (its weights do not change
-    the speed), then time gen.py's prefill and decoding on it (issue 20's target: 3,000 tokens/s)."""
+    the speed), then time gen.py's prefill and decoding on it, eager and then with the default
+    step (a CUDA graph on CUDA; issue 20's target: 3,000 tokens/s)."""
     run = ctx.run_dir("decode")
     train = [PYTHON, "train.py", "--config", DEFAULT_CONFIG, *ctx.data_flags(), *ctx.size_flags(),
              "--no_compile", "--max_steps", "1", "--out_dir", str(run)]
     smoke = ["--device", "cpu", "--dtype", "float32", "--max_new_tokens", "50"] if ctx.smoke else []
-    return [train, [PYTHON, "gen.py", str(run), "--benchmark", *smoke]]
+    gen = [PYTHON, "gen.py", str(run), "--benchmark", *smoke]
+    return [train, [*gen, "--decode_step", "eager"], gen]
 
 
 def torchrun(ctx: Context) -> list[list[str]]:
@@ -172,9 +174,12 @@ def read_max_batch(ctx: Context, finished: list[Finished]) -> tuple[str, dict, s
 
 
 def read_decode(ctx: Context, finished: list[Finished]) -> tuple[str, dict, str]:
-    f = _bench_json(finished)
-    return "ok", f, (f"decode {f['decode_tokens_per_s']} tokens/s (median), first token {f['first_token_s']} s, "
-                     f"prefill {f['prefill_tokens_per_s']} tokens/s ({f['params']:,} parameters, {f['device']})")
+    eager, f = _bench_json(finished[:-1]), _bench_json(finished)
+    f = {**f, "eager_decode_tokens_per_s": eager["decode_tokens_per_s"]}
+    return "ok", f, (f"decode {f['decode_step']} {f['decode_tokens_per_s']} tokens/s (median; eager "
+                     f"{eager['decode_tokens_per_s']}; prepared in {f['first_step_s']} s), first token "
+                     f"{f['first_token_s']} s, prefill {f['prefill_tokens_per_s']} tokens/s "
+                     f"({f['params']:,} parameters, {f['device']})")
 
 
 def read_token_cache(ctx: Context, finished: list[Finished]) -> tuple[str, dict, str]:

@@ -7,7 +7,7 @@ Shapes in comments: B batch, T time (tokens), C channels (n_embd), nh heads, hs 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
@@ -17,6 +17,7 @@ from config import ModelConfig
 from losses import IGNORE_INDEX, chunked_cross_entropy
 
 Rotary = tuple[torch.Tensor, torch.Tensor]  # cos and sin tables, (T, hs/2) each
+Start = Union[int, torch.Tensor]  # the first token's position: a Python int, or a static cache's on the device
 
 
 def rotary_tables(length: int, head_size: int, base: float = 10000.0) -> Rotary:
@@ -26,10 +27,19 @@ def rotary_tables(length: int, head_size: int, base: float = 10000.0) -> Rotary:
     return angles.cos(), angles.sin()
 
 
-def apply_rotary(x: torch.Tensor, rotary: Rotary, start: int = 0) -> torch.Tensor:
+def token_positions(start: Start, length: int, device: torch.device) -> torch.Tensor:
+    """The positions start .. start + length - 1, as a tensor on `device`."""
+    return start + torch.arange(length, device=device)
+
+
+def apply_rotary(x: torch.Tensor, rotary: Rotary, start: Start = 0) -> torch.Tensor:
     """Rotate pairs (x_i, x_{i+hs/2}) of each head by their position's angles: (B, nh, T, hs),
     the first of the T tokens standing at position `start`."""
-    cos, sin = (table[start : start + x.size(-2)].to(x.dtype) for table in rotary)
+    T = x.size(-2)
+    if isinstance(start, torch.Tensor):  # rows picked on the device, with no host read
+        cos, sin = (table[token_positions(start, T, x.device)].to(x.dtype) for table in rotary)
+    else:
+        cos, sin = (table[start : start + T].to(x.dtype) for table in rotary)
     first, second = x.chunk(2, dim=-1)
     return torch.cat((first * cos - second * sin, first * sin + second * cos), dim=-1)
 
@@ -100,14 +110,46 @@ class KVCache:
         self.length = 0  # the buffers stay; positions from 0 are written over
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, fused: bool,
+class StaticLayerCache(LayerCache):
+    """A LayerCache that hands attention its whole buffers (B, n_kv_head, block_size, hs), their
+    shape fixed, and is written at positions held on the device."""
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor, start: Start,
+               capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k and v at positions start.. and return the whole buffers (attention hides
+        the slots past each query's position)."""
+        if self.keys is None:  # at the prefill, which runs eagerly
+            B, H, _, hs = k.shape
+            self.keys, self.values = (k.new_zeros(B, H, capacity, hs) for _ in range(2))
+        positions = token_positions(start, k.size(2), k.device)
+        self.keys.index_copy_(2, positions, k)
+        self.values.index_copy_(2, positions, v)
+        return self.keys, self.values
+
+
+class StaticKVCache(KVCache):
+    """A KV cache whose shapes never change and whose length is a tensor on the device: a
+    one-token step then reads no Python number that moves, so torch.compile compiles it once
+    and a CUDA graph captured once replays it for every token (decode_step.py)."""
+
+    def __init__(self, n_layer: int, device: torch.device):
+        self.layers = [StaticLayerCache() for _ in range(n_layer)]
+        self.length = torch.zeros((), dtype=torch.long, device=device)  # += T in place, on the device
+
+    def reset(self) -> None:
+        self.length.zero_()  # stale slots stay hidden by the attention mask until written over
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: Start, fused: bool,
               dropout: float = 0.0) -> torch.Tensor:
-    """Causal attention of T queries at positions start.. over the start + T keys before them."""
+    """Causal attention of T queries at positions start.. over the keys up to each one's
+    position (a static cache's k and v have more slots than that: the rest are hidden)."""
     T, S = q.size(-2), k.size(-2)
-    if fused and (start == 0 or T == 1):  # a plain causal mask, or a last token that sees all
+    plain = isinstance(start, int) and (start == 0 or T == 1)  # a causal mask, or a last token that sees all
+    if fused and plain:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=start == 0 and T > 1)
     # query i (at position start + i) sees keys 0 .. start + i
-    future = torch.ones(T, S, dtype=torch.bool, device=q.device).triu(diagonal=start + 1)
+    future = torch.arange(S, device=q.device) > token_positions(start, T, q.device)[:, None]  # (T, S)
     if fused:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=~future, dropout_p=dropout)
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))  # (B, nh, T, S)
@@ -135,7 +177,7 @@ class CausalSelfAttention(nn.Module):
         self.block_size = cfg.block_size
 
     def forward(self, x: torch.Tensor, rotary: Optional[Rotary] = None, cache: Optional[LayerCache] = None,
-                start: int = 0) -> torch.Tensor:
+                start: Start = 0) -> torch.Tensor:
         """Attend causally; with a cache, x holds the tokens from position `start` on, and the
         keys and values of the earlier ones come from the cache."""
         B, T, C = x.shape
@@ -198,7 +240,7 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, rotary: Optional[Rotary] = None, cache: Optional[LayerCache] = None,
-                start: int = 0) -> torch.Tensor:
+                start: Start = 0) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), rotary, cache, start)
         return x + self.mlp(self.ln_2(x))
 
@@ -252,14 +294,14 @@ class GPT(nn.Module):
         tokens after the cached ones, and only the last position's logits (B, 1, vocab) return.
         """
         B, T = idx.shape
-        start = cache.length if cache is not None else 0
-        if start + T > self.config.block_size:
+        start = cache.length if cache is not None else 0  # a static cache's is a tensor: not checked
+        if isinstance(start, int) and start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens is longer than block_size "
                              f"{self.config.block_size}")
         x = self.wte(idx)  # (B, T, C)
         rotary = None
         if self.wpe is not None:
-            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
+            x = x + self.wpe(token_positions(start, T, idx.device))
         else:
             rotary = (self.rope_cos, self.rope_sin)
         x = self.drop(x)
@@ -284,6 +326,11 @@ class GPT(nn.Module):
     def new_cache(self) -> KVCache:
         """An empty KV cache for forward(..., cache=) (the contract's optional hook)."""
         return KVCache(self.config.n_layer)
+
+    def new_static_cache(self) -> StaticKVCache:
+        """An empty StaticKVCache (the contract's optional hook for compiled and CUDA-graph
+        decoding); a cache holds one batch size, set by its first forward."""
+        return StaticKVCache(self.config.n_layer, self.wte.weight.device)
 
     def _position_params(self) -> int:
         return self.wpe.weight.numel() if self.wpe is not None else 0

@@ -13,6 +13,7 @@ import torch
 from torch.nn import functional as F
 
 from contract import has_kv_cache
+from decode_step import StaticStep, StaticSteps
 from tokenizer import Tokenizer
 
 REPLACEMENT = "\ufffd"  # what decoding shows for the first bytes of an unfinished character
@@ -98,16 +99,20 @@ class Decoder:
     """Feeds a model one token per row at a time against its KV cache. When the context is
     full, it keeps the last three quarters, computes their cache afresh, and goes on (calling
     `on_slide` once, so the user hears of it). A model without the cache hooks (contract.py)
-    is run on the whole context, up to block_size tokens, for every new token. Every row has
-    the same length, so one tensor holds them."""
+    is run on the whole context, up to block_size tokens, for every new token. With `steps`,
+    the one-token steps run compiled or as a CUDA graph (decode_step.py). Every row has the
+    same length, so one tensor holds them."""
 
-    def __init__(self, model: torch.nn.Module, block_size: int, on_slide: Callable[[], None] = lambda: None):
+    def __init__(self, model: torch.nn.Module, block_size: int, on_slide: Callable[[], None] = lambda: None,
+                 steps: Optional[StaticSteps] = None):
         self.model, self.block_size, self.on_slide = model, block_size, on_slide
         self.cached = has_kv_cache(model)
         self.cache = None
         self.cache_length = 0  # tokens in the cache
         self.device = next(model.parameters()).device
         self.slid = False
+        self.steps = steps
+        self.static: Optional[StaticStep] = None
 
     @torch.inference_mode()
     def start(self, rows: list[list[int]]) -> torch.Tensor:
@@ -115,7 +120,11 @@ class Decoder:
         context = torch.tensor([row[-self.block_size:] for row in rows], device=self.device)
         if not self.cached:
             return self.model(context)[0][:, -1]
-        self.cache, self.cache_length = self.model.new_cache(), context.size(1)
+        self.cache_length = context.size(1)
+        if self.steps is not None:
+            self.static = self.steps.for_batch(len(rows))
+            return self.static.prefill(context)
+        self.cache = self.model.new_cache()
         return self.model(context, cache=self.cache)[0][:, -1]
 
     @torch.inference_mode()
@@ -126,6 +135,8 @@ class Decoder:
         if self.cache_length < self.block_size:
             self.cache_length += 1
             last = torch.tensor([row[-1:] for row in rows], device=self.device)
+            if self.static is not None:
+                return self.static.step(last)
             return self.model(last, cache=self.cache)[0][:, -1]
         if not self.slid:
             self.slid = True
@@ -136,14 +147,15 @@ class Decoder:
 
 def generate_batch(model: torch.nn.Module, block_size: int, prompt: list[int], settings: SamplingSettings,
                    vocab_limit: int, generators: Sequence[Optional[torch.Generator]],
-                   stop_ids: frozenset[int] = frozenset(),
-                   on_slide: Callable[[], None] = lambda: None) -> Iterator[list[Optional[int]]]:
+                   stop_ids: frozenset[int] = frozenset(), on_slide: Callable[[], None] = lambda: None,
+                   steps: Optional[StaticSteps] = None) -> Iterator[list[Optional[int]]]:
     """Decode len(generators) samples after `prompt` together, one forward per token for all;
     yield each step's new ids, None for a sample already ended (by a token in `stop_ids`, not
     yielded), until every sample has ended or has max_new_tokens. Sample i draws with
     generators[i], so it is the sample that generate() gives with that generator. The model
-    sees at most block_size tokens; ids from vocab_limit up (the padding) are never chosen."""
-    decoder = Decoder(model, block_size, on_slide)
+    sees at most block_size tokens; ids from vocab_limit up (the padding) are never chosen.
+    With `steps`, the one-token steps run compiled or as a CUDA graph (decode_step.py)."""
+    decoder = Decoder(model, block_size, on_slide, steps)
     rows = [list(prompt) for _ in generators]
     ended = [False] * len(rows)
     logits = decoder.start(rows)
@@ -163,12 +175,12 @@ def generate_batch(model: torch.nn.Module, block_size: int, prompt: list[int], s
 
 def generate(model: torch.nn.Module, block_size: int, prompt: list[int], settings: SamplingSettings,
              vocab_limit: int, stop_ids: frozenset[int] = frozenset(),
-             generator: Optional[torch.Generator] = None,
-             on_slide: Callable[[], None] = lambda: None) -> Iterator[int]:
+             generator: Optional[torch.Generator] = None, on_slide: Callable[[], None] = lambda: None,
+             steps: Optional[StaticSteps] = None) -> Iterator[int]:
     """Yield new token ids after `prompt` until max_new_tokens or a token in `stop_ids` (not
     yielded): generate_batch for one sample."""
     for (token,) in generate_batch(model, block_size, prompt, settings, vocab_limit, [generator], stop_ids,
-                                   on_slide):
+                                   on_slide, steps):
         yield token
 
 

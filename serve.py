@@ -33,7 +33,8 @@ from starlette.exceptions import HTTPException
 from api_requests import ApiError, ChatRequest, CompletionRequest, Limits, Sampling, chat_request, completion_request, parse_json
 from chat import fit_history, render_turn
 from checkpoint import load_for_inference
-from cli import CliParser, add_model_loading_flags, run_cli
+from decode_step import StaticSteps, static_steps
+from cli import CliParser, add_decode_step_flag, add_model_loading_flags, run_cli
 from errors import UserError
 from sampling import SamplingSettings, TextStream, generate
 from tokenizer import END_OF_TEXT, IM_END, IM_START, Tokenizer, tokenizer_from_dict
@@ -60,8 +61,10 @@ class Job:
 class Engine:
     """The model, its tokenizer, and the single worker thread that generates for requests in turn."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, block_size: int, name: str):
+    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, block_size: int, name: str,
+                 steps: Optional[StaticSteps] = None):
         self.model, self.tokenizer, self.block_size, self.name = model, tokenizer, block_size, name
+        self.steps = steps  # compiled or CUDA-graph one-token steps, prepared at the first request
         self.device = next(model.parameters()).device
         self.created = int(time.time())
         # one CPU thread for the worker: with two, decoding on a thread other than the main one
@@ -111,7 +114,7 @@ class Engine:
             generator = torch.Generator(device=self.device).manual_seed(job.seed)
             text = TextStream(self.tokenizer, job.settings.stop)
             for token in generate(self.model, self.block_size, job.prompt_ids, job.settings,
-                                  self.tokenizer.vocab_size, job.stop_ids, generator):
+                                  self.tokenizer.vocab_size, job.stop_ids, generator, steps=self.steps):
                 if job.cancelled.is_set() or self.closing.is_set():
                     return
                 job.completion_tokens += 1
@@ -312,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_body_bytes", type=int, default=defaults.max_body_bytes,
                         help="larger request bodies get 413")
     add_model_loading_flags(parser, dtype_default="auto")
+    add_decode_step_flag(parser)
     return parser
 
 
@@ -348,8 +352,9 @@ def load_engine(args: argparse.Namespace) -> Engine:
     found = load_for_inference(args)
     checkpoint, path = found.checkpoint, found.path
     name = path.parent.name if path.parent.name else path.stem
+    steps = static_steps(found.model, args.decode_step, found.device)
     return Engine(found.model, tokenizer_from_dict(checkpoint["tokenizer"]), checkpoint["config"]["model"]["block_size"],
-                  name)
+                  name, steps)
 
 
 def main(argv: Sequence[str]) -> int:

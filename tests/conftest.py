@@ -32,14 +32,15 @@ def generated_corpus(n_chars: int = 60_000, seed: int = 0) -> str:
     return "\n".join(lines)
 
 
-def cached_and_full_logits(model: torch.nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, object]:
+def cached_and_full_logits(model: torch.nn.Module, tokens: torch.Tensor,
+                           static: bool = False) -> tuple[torch.Tensor, torch.Tensor, object]:
     """Return the last position's logits at each step of decoding `tokens` (1, T) with the KV
     cache (a prefill of 5, then one token at a time), every position's logits from position 4
     on computed from the whole context at once (the two must agree), and the cache, full
-    when T is the block size."""
+    when T is the block size. static: with model.new_static_cache()."""
     with torch.no_grad():
         full = model(tokens)[0][0]
-        cache = model.new_cache()
+        cache = model.new_static_cache() if static else model.new_cache()
         cached = [model(tokens[:, :5], cache=cache)[0][0, -1]]
         cached += [model(tokens[:, t : t + 1], cache=cache)[0][0, -1] for t in range(5, tokens.size(1))]
     return torch.stack(cached), full[4:], cache

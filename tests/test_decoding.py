@@ -1,4 +1,5 @@
-"""Fast decoding: samples decoded as one batch, and int8 weights (quantize.py)."""
+"""Fast decoding: samples decoded as one batch, int8 weights (quantize.py), and the static
+one-token step compiled (decode_step.py; its CUDA-graph form is tested in tests/test_gpu.py)."""
 from __future__ import annotations
 
 import json
@@ -11,10 +12,11 @@ import gen
 from checkpoint import save_checkpoint
 from cli import run_cli
 from config import Config, config_to_dict
+from decode_step import StaticSteps, resolve_decode_step
 from model import GPT
 from quantize import Int8Linear, apply_quantization
 from sampling import SamplingSettings, generate, generate_batch
-from tests.conftest import tiny_model_config
+from tests.conftest import cached_and_full_logits, tiny_model_config
 from tokenizer import CharTokenizer
 
 
@@ -102,3 +104,46 @@ def test_an_unknown_quantization_is_refused_in_one_line(char_checkpoint, capsys)
     assert run_cli(gen.main, [str(char_checkpoint), "--quantize", "int4"]) == 2
     err = capsys.readouterr().err
     assert "--quantize" in err and "int8" in err and "Traceback" not in err
+
+
+VARIANTS = [{}, dict(position="rope", norm="rmsnorm", qk_norm=True), dict(n_kv_head=1, mlp="swiglu"),
+            dict(flash_attention=False)]
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=["gpt2", "rope", "gqa", "unfused"])
+def test_a_static_cache_gives_the_logits_of_the_whole_context(variant):
+    model = build(**variant)
+    tokens = torch.randint(0, 11, (1, 16), generator=torch.Generator().manual_seed(1))
+    cached, full, cache = cached_and_full_logits(model, tokens, static=True)
+    torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
+    assert int(cache.length) == 16 and cache.layers[0].keys.shape == (1, model.config.n_kv_head or 4, 16, 8)
+    cache.reset()  # stale slots past the new length must stay hidden
+    with torch.no_grad():
+        again, fresh = model(tokens[:, :3], cache=cache)[0][0, -1], model(tokens[:, :3])[0][0, -1]
+    torch.testing.assert_close(again, fresh, atol=1e-5, rtol=1e-5)
+
+
+def test_a_compiled_step_decodes_what_eager_does_and_compiles_once():
+    model = build(position="rope")
+    greedy = SamplingSettings(max_new_tokens=30, temperature=0)  # 3 + 30 > 16: the context slides
+    eager = [list(generate(model, 16, prompt, greedy, 11)) for prompt in ([1, 2, 3], [4, 5])]
+    steps = StaticSteps(model, "compiled")
+    torch._dynamo.reset()
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=True):  # a second compilation raises
+            compiled = [list(generate(model, 16, prompt, greedy, 11, steps=steps)) for prompt in ([1, 2, 3], [4, 5])]
+    finally:
+        torch._dynamo.reset()
+    assert compiled == eager and len(eager[0]) == 30
+    assert steps.by_batch[1].prepare_s > 0  # the first step compiled
+
+
+def test_the_decode_step_is_chosen_by_device_and_refused_where_it_cannot_run(char_checkpoint, capsys):
+    model = build()
+    assert resolve_decode_step("auto", model, torch.device("cpu")) == "eager"
+    assert resolve_decode_step("auto", model, torch.device("cuda")) == "cuda_graph"
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        resolve_decode_step("cuda_graph", model, torch.device("cpu"))
+    assert run_cli(gen.main, [str(char_checkpoint), "--device", "cpu", "--decode_step", "cuda_graph"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --decode_step: decode step cuda_graph needs a CUDA device") and "\n" not in err

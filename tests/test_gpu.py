@@ -23,7 +23,8 @@ import train
 from checkpoint import load_checkpoint, load_model
 from cli import run_cli
 from model import GPT
-from sampling import SamplingSettings, generate
+from decode_step import StaticSteps
+from sampling import SamplingSettings, generate, generate_batch
 from tests.conftest import REPO_ROOT, cached_and_full_logits, tiny_model_config
 from trainer import Trainer
 from utils import resolve_system
@@ -136,6 +137,23 @@ def test_kv_cache_decoding_on_cuda_equals_recomputing_the_context(exact_float32,
         for _ in range(12):
             recomputed.append(int(model(torch.tensor([recomputed], device=CUDA))[0][0, -1].argmax()))
     assert decoded == recomputed[3:]
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=["gpt2", "cpu-recipe", "gqa-swiglu"])
+def test_cuda_graph_decoding_gives_the_tokens_of_eager_decoding(exact_float32, variant):
+    torch.manual_seed(0)
+    model = GPT(tiny_model_config(block_size=16, n_head=4, n_embd=32, **variant)).to(CUDA).eval()
+    steps = StaticSteps(model, "cuda_graph")
+    greedy = SamplingSettings(max_new_tokens=30, temperature=0)  # 3 + 30 > 16: the context slides
+    for prompt in ([1, 2, 3], [4, 5]):  # the second generation replays the graph captured by the first
+        eager = list(generate(model, 16, prompt, greedy, vocab_limit=11))
+        assert list(generate(model, 16, prompt, greedy, vocab_limit=11, steps=steps)) == eager
+    assert len(steps.by_batch) == 1 and steps.by_batch[1].prepare_s > 0
+    warm = SamplingSettings(max_new_tokens=20, temperature=1.0, top_k=None)
+    batches = [list(generate_batch(model, 16, [1, 2, 3], warm, 11, [torch.Generator(device=CUDA).manual_seed(s)
+                                                                     for s in (7, 8)], steps=run_steps))
+               for run_steps in (None, steps)]
+    assert batches[0] == batches[1] and 2 in steps.by_batch
 
 
 def test_a_checkpoint_written_from_cuda_loads_on_a_cpu_with_tied_weights(workdir, tiny_config_file, capsys):

@@ -221,6 +221,7 @@ def test_the_smoke_check_runs_every_item_on_the_cpu(tmp_path):
     assert lines["124m_base"]["figures"]["tokens_per_s"] > 0
     assert lines["124m_chunked_head"]["command"].endswith("--model.loss_chunk_size 8192")
     assert lines["decode"]["figures"]["decode_tokens_per_s"] > 0
+    assert lines["decode"]["figures"]["eager_decode_tokens_per_s"] > 0
     assert lines["torchrun"]["figures"]["steps"] == 20 and lines["torchrun"]["figures"]["val_loss"] > 0
     table = (tmp_path / "gpu_check_smoke.md").read_text()
     assert table.startswith("# GPU check --smoke: CPU, torch ") and table in done.stdout
