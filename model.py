@@ -17,6 +17,9 @@ from config import ModelConfig
 from losses import IGNORE_INDEX, chunked_cross_entropy
 
 Rotary = tuple[torch.Tensor, torch.Tensor]  # cos and sin tables, (T, hs/2) each
+# scaled_dot_product_attention's enable_gqa (torch 2.5): key/value heads shared by groups of
+# query heads without copying them
+SDPA_GROUPS_HEADS = torch.torch_version.TorchVersion(torch.__version__) >= (2, 5)
 Start = Union[int, torch.Tensor]  # the first token's position: a Python int, or a static cache's on the device
 
 
@@ -141,17 +144,19 @@ class StaticKVCache(KVCache):
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: Start, fused: bool,
-              dropout: float = 0.0) -> torch.Tensor:
+              dropout: float = 0.0, grouped: bool = False) -> torch.Tensor:
     """Causal attention of T queries at positions start.. over the keys up to each one's
-    position (a static cache's k and v have more slots than that: the rest are hidden)."""
+    position (a static cache's k and v have more slots than that: the rest are hidden).
+    grouped: k and v have fewer heads than q, each shared by a group of query heads (fused only)."""
     T, S = q.size(-2), k.size(-2)
+    groups = {"enable_gqa": True} if grouped else {}
     plain = isinstance(start, int) and (start == 0 or T == 1)  # a causal mask, or a last token that sees all
     if fused and plain:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=start == 0 and T > 1)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=start == 0 and T > 1, **groups)
     # query i (at position start + i) sees keys 0 .. start + i
     future = torch.arange(S, device=q.device) > token_positions(start, T, q.device)[:, None]  # (T, S)
     if fused:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=~future, dropout_p=dropout)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=~future, dropout_p=dropout, **groups)
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))  # (B, nh, T, S)
     scores = scores.masked_fill(future, float("-inf"))
     weights = F.dropout(F.softmax(scores, dim=-1), p=dropout)
@@ -190,11 +195,16 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rotary(q, rotary, start), apply_rotary(k, rotary, start)
         if cache is not None:  # the cache keeps n_kv_head heads: grouped attention's saving
             k, v = cache.extend(k, v, start, self.block_size)
-        if self.n_kv_head != self.n_head:  # each key/value head serves n_head / n_kv_head queries
+        # Each key/value head serves n_head / n_kv_head queries. Decoding lets SDPA share them
+        # (a copy would be the whole cache's, per layer and token); training copies its T
+        # tokens' heads, which keeps every fused kernel (cuDNN's, efficient attention) open to it.
+        grouped = self.n_kv_head != self.n_head
+        shared = grouped and cache is not None and self.flash and SDPA_GROUPS_HEADS
+        if grouped and not shared:
             group = self.n_head // self.n_kv_head
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         # flash_attention false: the textbook matmul-softmax-matmul, for strict reference runs
-        y = attention(q, k, v, start, self.flash, self.dropout if self.training else 0.0)
+        y = attention(q, k, v, start, self.flash, self.dropout if self.training else 0.0, shared)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
