@@ -2,9 +2,12 @@
 
 OpenAI's API (GET /v1/models, POST /v1/completions and /v1/chat/completions, streamed as
 Server-Sent Events or not), GET /health, and a web chat page at / (chat_page.html). Built on
-FastAPI and uvicorn. Generations run one at a time on one worker thread, in the order they
-came (a queue): the model is not shared between threads, and a client that goes away
-cancels its generation at the next token, which frees the worker for the next request.
+FastAPI and uvicorn. uvicorn runs on a thread of its own; the main thread generates, one
+request at a time in the order they came (a queue): the model is never shared between threads,
+and a client that goes away cancels its generation at the next token, which frees the model
+for the next request. Generating on the main thread matters on a CPU: the same int8 decoding
+ran at 195-223 tokens/s on another thread with torch's two threads, 376 with one, and
+466-503 on the main thread (2-core EPYC, 10.7M model; BENCHMARKS.md, 'Serving').
 """
 from __future__ import annotations
 
@@ -17,9 +20,9 @@ import signal
 import socket
 import sys
 import threading
+import queue
 import time
 import traceback
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import AsyncIterator, Callable, Optional, Sequence
@@ -43,6 +46,8 @@ from utils import notice
 PAGE = Path(__file__).with_name("chat_page.html")
 FINISHED = object()  # what the worker sends after a generation's last piece
 SHUTDOWN_GRACE_S = 5  # in-flight requests may finish for this long after SIGTERM or Ctrl+C
+DISCONNECT_CHECK_S = 0.05  # how often a non-streamed reply looks whether its client is still there
+POLL_S = 0.1  # how often the idle main thread looks whether the server has stopped
 
 
 @dataclass
@@ -58,8 +63,16 @@ class Job:
     finish_reason: str = "length"
 
 
+@dataclass
+class Work:
+    """A job handed to the generating thread, and where its pieces of text go."""
+
+    job: Job
+    push: Callable[[object], None]
+
+
 class Engine:
-    """The model, its tokenizer, and the single worker thread that generates for requests in turn."""
+    """The model, its tokenizer, and the queue of jobs that the main thread generates in turn."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, block_size: int, name: str,
                  steps: Optional[StaticSteps] = None):
@@ -67,11 +80,7 @@ class Engine:
         self.steps = steps  # compiled or CUDA-graph one-token steps, prepared at the first request
         self.device = next(model.parameters()).device
         self.created = int(time.time())
-        # one CPU thread for the worker: with two, decoding on a thread other than the main one
-        # ran at 99-160 tokens/s against 289 on the main thread (2-core EPYC, 10.7M model, int8),
-        # and 205 with one (BENCHMARKS.md, 'Serving'); on a GPU the CPU only launches kernels
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate",
-                                           initializer=torch.set_num_threads, initargs=(1,))
+        self.jobs: queue.Queue[Work] = queue.Queue()
         self.closing = threading.Event()
         self.in_flight = 0  # requests queued or generating (touched on the event loop only)
         self.generating = 0  # set by the worker
@@ -105,8 +114,29 @@ class Engine:
         seed = secrets.randbits(62) if sampling.seed is None else sampling.seed
         return Job(ids, settings, stop_ids, seed)
 
+    def prepare(self) -> None:
+        """Compile or capture the one-token step now (a few greedy tokens), so that the first
+        request does not wait for it."""
+        if self.steps is None:
+            return
+        started = time.perf_counter()
+        greedy = SamplingSettings(max_new_tokens=3, temperature=0, top_k=None)
+        for _ in generate(self.model, self.block_size, [0], greedy, self.tokenizer.vocab_size, steps=self.steps):
+            pass
+        notice(f"decode step {self.steps.kind} prepared in {time.perf_counter() - started:.1f} s")
+
+    def generate_until(self, stopped: Callable[[], bool]) -> None:
+        """Generate the queued jobs in turn, on the calling (main) thread, until `stopped`."""
+        while not stopped():
+            try:
+                work = self.jobs.get(timeout=POLL_S)
+            except queue.Empty:
+                continue
+            self._work(work.job, work.push)
+
     def _work(self, job: Job, push: Callable[[object], None]) -> None:
-        """Generate on the worker thread, pushing whole-character pieces of text as they come."""
+        """Generate one job, pushing whole-character pieces of text as they come; a failure is
+        pushed too, for the request to raise."""
         try:
             if job.cancelled.is_set() or self.closing.is_set():
                 return
@@ -128,6 +158,8 @@ class Engine:
             rest = text.finish()
             if rest:
                 push(rest)
+        except Exception as error:  # the request fails (500), the server goes on
+            push(error)
         finally:
             self.generating = 0
             push(FINISHED)
@@ -135,21 +167,17 @@ class Engine:
     async def pieces(self, job: Job) -> AsyncIterator[str]:
         """The job's text as it is generated; leaving early (a client gone) cancels it."""
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
+        pieces: asyncio.Queue = asyncio.Queue()
         self.in_flight += 1
         try:
-            done = loop.run_in_executor(self.executor, self._work, job,
-                                        lambda item: loop.call_soon_threadsafe(queue.put_nowait, item))
-            while (item := await queue.get()) is not FINISHED:
+            self.jobs.put(Work(job, lambda item: loop.call_soon_threadsafe(pieces.put_nowait, item)))
+            while (item := await pieces.get()) is not FINISHED:
+                if isinstance(item, Exception):
+                    raise item
                 yield item
-            await done  # a failure in the worker is raised here
         finally:
             job.cancelled.set()
             self.in_flight -= 1
-
-    def close(self) -> None:
-        self.closing.set()
-        self.executor.shutdown(wait=True, cancel_futures=True)
 
 
 def usage(job: Job) -> dict:
@@ -195,12 +223,16 @@ class Responder:
 
 
 async def whole_reply(engine: Engine, job: Job, responder: Responder, request: Request) -> JSONResponse:
-    """Collect the text; a client that hangs up meanwhile cancels the job."""
+    """Collect the text; a client that hangs up meanwhile cancels the job (looked at every
+    DISCONNECT_CHECK_S, not at every token: each look is a trip through the ASGI receive)."""
     text = []
+    checked = time.monotonic()
     async for piece in engine.pieces(job):
         text.append(piece)
-        if await request.is_disconnected():
-            break
+        if time.monotonic() - checked > DISCONNECT_CHECK_S:
+            if await request.is_disconnected():
+                break
+            checked = time.monotonic()
     return JSONResponse(responder.whole("".join(text), job))
 
 
@@ -364,6 +396,7 @@ def main(argv: Sequence[str]) -> int:
     if not is_loopback(args.host) and not args.api_key:
         notice(f"listening on {args.host} without --api_key: anyone who can reach this machine can use the model")
     engine = load_engine(args)
+    engine.prepare()
     app = create_app(engine, limits, args.api_key)
     shown = f"[{args.host}]" if ":" in args.host else args.host
     chat = "the web chat at /" if engine.can_chat else "no chat (the tokenizer has no ChatML), completions only"
@@ -371,14 +404,23 @@ def main(argv: Sequence[str]) -> int:
           "Ctrl+C stops)", flush=True)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                            timeout_graceful_shutdown=SHUTDOWN_GRACE_S))
+
+    def stop(number: int, frame: object) -> None:
+        # uvicorn, off the main thread, leaves the signals to us: it stops taking requests,
+        # gives those in flight SHUTDOWN_GRACE_S to finish (generating goes on meanwhile),
+        # cancels the rest, and its thread ends
+        server.should_exit = True
+
     for stop_signal in (signal.SIGINT, signal.SIGTERM):
-        # uvicorn handles these while it runs, then raises the one it caught again once it has
-        # shut down; this quiet handler takes that, so that the command ends with status 0
-        signal.signal(stop_signal, lambda number, frame: None)
+        signal.signal(stop_signal, stop)
+    http = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    http.start()
     try:
-        server.run()  # returns after SIGTERM or Ctrl+C, once in-flight requests are done or cancelled
+        engine.generate_until(stopped=lambda: not http.is_alive())
     finally:
-        engine.close()
+        engine.closing.set()  # a generation still running ends at its next token
+    if not server.started:
+        raise UserError(f"the server did not start on {args.host}:{args.port} (its error is above)")
     print("server stopped", flush=True)
     return 0
 
