@@ -9,6 +9,8 @@ import torch
 
 import eval as evaluate
 import gen
+import serve
+from api_requests import Sampling
 from checkpoint import save_checkpoint
 from cli import run_cli
 from config import Config, config_to_dict
@@ -136,6 +138,22 @@ def test_a_compiled_step_decodes_what_eager_does_and_compiles_once():
         torch._dynamo.reset()
     assert compiled == eager and len(eager[0]) == 30
     assert steps.by_batch[1].prepare_s > 0  # the first step compiled
+
+
+def test_the_server_prepares_a_compiled_step_before_the_first_request_and_replies_as_eager():
+    model = build(position="rope")  # the model of the test above: inductor's cache serves this one
+    tokenizer = CharTokenizer("abcdefghij\n")
+    engines = [serve.Engine(model, tokenizer, 16, "tiny", steps) for steps in (None, StaticSteps(model, "compiled"))]
+    engines[1].prepare()
+    assert engines[1].steps.by_batch[1].run is not None  # compiled before any request
+    texts = []
+    for engine in engines:
+        job = engine._job(tokenizer.encode("abc"), Sampling(max_tokens=30, temperature=0, seed=5), frozenset())
+        pieces: list = []
+        engine._work(job, pieces.append)
+        assert pieces[-1] is serve.FINISHED and job.completion_tokens == 30
+        texts.append("".join(pieces[:-1]))
+    assert texts[0] == texts[1] and len(texts[0]) == 30
 
 
 def test_the_decode_step_is_chosen_by_device_and_refused_where_it_cannot_run(char_checkpoint, capsys):
