@@ -238,7 +238,7 @@ ITEMS = (
     Item("default_cold", 75, bench(DEFAULT_CONFIG, target=True), read_time_to_target, cache="default"),
     Item("default_warm", 55, bench(DEFAULT_CONFIG, target=True), read_time_to_target, cache="default",
          after="default_cold"),
-    Item("decode", 30, decode, read_decode),
+    Item("decode", 40, decode, read_decode),
     Item("torchrun", 45, torchrun, read_torchrun),
     _lever("124m_base", 60),
     _lever("124m_compile_default", 35, "--system.compile_mode", "default", needs_cuda=True),
