@@ -17,6 +17,9 @@ Optional (used when present, a fallback otherwise):
     `forward(idx, cache=cache)` takes the tokens after those already in the cache, adds theirs,
     and returns logits whose last position predicts the next token. Without them generation
     recomputes the whole context for each new token (slower; gen.py says so).
+  - `new_static_cache()`: a cache of fixed shapes whose length is a tensor on the device, for
+    `--decode_step compiled` and `cuda_graph` (decode_step.py; model.py's StaticKVCache);
+    without it generation decodes eagerly.
   - `num_params(include_embeddings=False)`: else nn.Embedding weights are subtracted.
   - `flops_per_token()`: for MFU; else 6 x parameters outside embeddings + attention's
     12 x n_layer x n_embd x block_size.

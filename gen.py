@@ -22,6 +22,7 @@ from chat import PIPED, chat_session
 from checkpoint import load_for_inference
 from cli import CliParser, add_decode_step_flag, add_model_loading_flags, run_cli
 from contract import has_kv_cache
+from config_fields import DECODE_STEPS
 from decode_step import StaticSteps, static_steps
 from errors import UserError
 from sampling import SamplingSettings, TextStream, generate_batch
@@ -58,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--chat", action="store_true",
                       help=f"talk to a chat model (ChatML); /reset, /exit; {PIPED}")
     mode.add_argument("--benchmark", action="store_true", help="measure prefill and decode tokens/s")
+    parser.add_argument("--rounds", type=int, default=1, help="--benchmark: decode this many times, report the median")
+    parser.add_argument("--compare_step", choices=DECODE_STEPS[1:],
+                        help="--benchmark: in each round also decode with this --decode_step; report the speed-up")
     parser.add_argument("--system", default="", help="the system prompt of a --chat session")
     add_model_loading_flags(parser, dtype_default="auto")
     add_decode_step_flag(parser)
@@ -79,6 +83,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise UserError(f"--min_p must be in [0, 1), got {args.min_p}")
     if args.repetition_penalty <= 0:
         raise UserError(f"--repetition_penalty must be positive (1 is off), got {args.repetition_penalty}")
+    if args.rounds < 1:
+        raise UserError(f"--rounds must be at least 1, got {args.rounds}")
     if args.prompt == "":
         raise UserError("--prompt is empty; give at least one character, e.g. --prompt $'\\n'")
 
@@ -207,29 +213,55 @@ class LoadTimes:
     checkpoint_load_s: float
 
 
-def benchmark(session: Session, prompt: str, count: int, loaded: LoadTimes) -> dict:
+def decode_times(session: Session, ids: list[int], count: int, steps: Optional[StaticSteps]) -> list[float]:
+    """perf_counter() before, and after each new token of, `count` samples decoded together."""
+    generators = [torch.Generator(device=session.device).manual_seed(session.seed + i) for i in range(count)]
+    times = [time.perf_counter()]
+    for _ in generate_batch(session.model, session.block_size, ids, session.settings, session.tokenizer.vocab_size,
+                            generators, steps=steps):
+        times.append(time.perf_counter())
+    return times
+
+
+def median_rate(times: list[float], count: int) -> Optional[float]:
+    """Tokens/s from the median gap between new tokens (so that a stray pause does not move it)."""
+    gaps = [b - a for a, b in zip(times[1:], times[2:])]
+    return count / statistics.median(gaps) if gaps else None
+
+
+def benchmark(session: Session, prompt: str, count: int, loaded: LoadTimes, rounds: int = 1,
+              compare: Optional[StaticSteps | str] = None) -> dict:
     """Time `count` samples decoded together after the prompt (repeated to half the context):
-    the prefill up to the first new token, then the gaps between the others (their median,
-    so that a stray pause does not move it). The first gap is reported too: a compiled or
-    CUDA-graph step prepares there."""
+    the prefill up to the first new token, then the gaps between the others. The first gap is
+    reported too: a compiled or CUDA-graph step prepares there. With `rounds`, the decoding
+    is repeated and the median round reported; with `compare` (other steps, or "eager"), each
+    round also decodes with those, in turn, and the speed-up is the median of the rounds'."""
     block = session.block_size
     ids = session.tokenizer.encode(prompt)
     ids = (ids * (block // (2 * len(ids)) + 1))[: block // 2]
-    generators = [torch.Generator(device=session.device).manual_seed(session.seed + i) for i in range(count)]
-    times = [time.perf_counter()]
-    for _ in generate_batch(session.model, block, ids, session.settings, session.tokenizer.vocab_size, generators,
-                            steps=session.steps):
-        times.append(time.perf_counter())
-    first, gaps = times[1] - times[0], [b - a for a, b in zip(times[1:], times[2:])]
-    return {"device": str(session.device), "dtype": str(next(session.model.parameters()).dtype).removeprefix("torch."),
-            "quantize": session.quantize, "decode_step": session.steps.kind if session.steps else "eager",
-            "params": session.params, "samples": count,
-            "prompt_tokens": len(ids), "new_tokens": len(times) - 1,
-            "import_torch_s": round(loaded.import_torch_s, 2), "checkpoint_load_s": round(loaded.checkpoint_load_s, 3),
-            "first_token_s": round(first, 4), "prefill_tokens_per_s": round(count * len(ids) / first),
-            "first_step_s": round(gaps[0], 4) if gaps else None,
-            "decode_tokens_per_s": round(count / statistics.median(gaps)) if gaps else None,
-            "decode_tokens_per_s_mean": round(count * len(gaps) / sum(gaps)) if gaps else None}
+    runs, others = [], []
+    for _ in range(rounds):
+        runs.append(decode_times(session, ids, count, session.steps))
+        if compare is not None:
+            others.append(decode_times(session, ids, count, None if compare == "eager" else compare))
+    times = runs[0]
+    first, rates = times[1] - times[0], [median_rate(run, count) for run in runs]
+    record = {"device": str(session.device), "dtype": str(next(session.model.parameters()).dtype).removeprefix("torch."),
+              "quantize": session.quantize, "decode_step": session.steps.kind if session.steps else "eager",
+              "params": session.params, "samples": count, "prompt_tokens": len(ids), "new_tokens": len(times) - 1,
+              "import_torch_s": round(loaded.import_torch_s, 2), "checkpoint_load_s": round(loaded.checkpoint_load_s, 3),
+              "first_token_s": round(first, 4), "prefill_tokens_per_s": round(count * len(ids) / first),
+              "first_step_s": round(times[2] - times[1], 4) if len(times) > 2 else None,
+              "decode_tokens_per_s": round(statistics.median(rates)) if rates[0] else None,
+              "decode_tokens_per_s_mean": round(count * (len(times) - 2) / (times[-1] - times[1])) if rates[0] else None}
+    if rounds > 1:
+        record["rounds"] = [round(rate) for rate in rates if rate]
+    if compare is not None and rates[0]:
+        other_rates = [median_rate(run, count) for run in others]
+        record.update(compare_step=compare if compare == "eager" else compare.kind,
+                      compare_decode_tokens_per_s=round(statistics.median(other_rates)),
+                      speedup=round(statistics.median(a / b for a, b in zip(rates, other_rates)), 2))
+    return record
 
 
 def main(argv: Sequence[str]) -> int:
@@ -252,7 +284,10 @@ def main(argv: Sequence[str]) -> int:
         chat_session(session, args.system, sys.stdin)
         return 0
     if args.benchmark:
-        print(json.dumps(benchmark(session, read_prompt(args), args.num_samples, loaded)))
+        compare = args.compare_step
+        if compare not in (None, "eager"):
+            compare = static_steps(model, compare, found.device)
+        print(json.dumps(benchmark(session, read_prompt(args), args.num_samples, loaded, args.rounds, compare)))
         return 0
     try:
         session.output = open(args.output, "w", encoding="utf-8") if args.output else None

@@ -102,6 +102,16 @@ def test_gen_and_eval_take_int8_and_a_batch_of_samples(char_checkpoint, tmp_path
     assert perplexities[0] == pytest.approx(perplexities[1], rel=0.02)
 
 
+def test_the_benchmark_repeats_rounds_and_compares_two_steps(char_checkpoint, capsys):
+    base = [str(char_checkpoint), "--device", "cpu", "--prompt", "ab", "--max_new_tokens", "12", "--benchmark"]
+    assert run_cli(gen.main, [*base, "--rounds", "3", "--compare_step", "eager"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert len(record["rounds"]) == 3 and record["decode_tokens_per_s"] == sorted(record["rounds"])[1]
+    assert record["compare_step"] == "eager" and record["compare_decode_tokens_per_s"] > 0 and record["speedup"] > 0
+    assert run_cli(gen.main, [*base, "--rounds", "0"]) == 2
+    assert "--rounds must be at least 1" in capsys.readouterr().err
+
+
 def test_an_unknown_quantization_is_refused_in_one_line(char_checkpoint, capsys):
     assert run_cli(gen.main, [str(char_checkpoint), "--quantize", "int4"]) == 2
     err = capsys.readouterr().err
