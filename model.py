@@ -20,7 +20,9 @@ Rotary = tuple[torch.Tensor, torch.Tensor]  # cos and sin tables, (T, hs/2) each
 # scaled_dot_product_attention's enable_gqa (torch 2.5): key/value heads shared by groups of
 # query heads without copying them
 SDPA_GROUPS_HEADS = torch.torch_version.TorchVersion(torch.__version__) >= (2, 5)
-Start = Union[int, torch.Tensor]  # the first token's position: a Python int, or a static cache's on the device
+# Where the T tokens of a forward stand: the first one's position as a Python int, or (decoding
+# against a static cache) every one's position in a tensor (T,) on the device
+Start = Union[int, torch.Tensor]
 
 
 def rotary_tables(length: int, head_size: int, base: float = 10000.0) -> Rotary:
@@ -31,16 +33,18 @@ def rotary_tables(length: int, head_size: int, base: float = 10000.0) -> Rotary:
 
 
 def token_positions(start: Start, length: int, device: torch.device) -> torch.Tensor:
-    """The positions start .. start + length - 1, as a tensor on `device`."""
-    return start + torch.arange(length, device=device)
+    """The positions of `length` tokens from `start` on, as a tensor on `device`."""
+    if isinstance(start, torch.Tensor):
+        return start
+    return torch.arange(start, start + length, device=device)
 
 
 def apply_rotary(x: torch.Tensor, rotary: Rotary, start: Start = 0) -> torch.Tensor:
     """Rotate pairs (x_i, x_{i+hs/2}) of each head by their position's angles: (B, nh, T, hs),
-    the first of the T tokens standing at position `start`."""
+    the T tokens standing where `start` says."""
     T = x.size(-2)
     if isinstance(start, torch.Tensor):  # rows picked on the device, with no host read
-        cos, sin = (table[token_positions(start, T, x.device)].to(x.dtype) for table in rotary)
+        cos, sin = (table[start].to(x.dtype) for table in rotary)
     else:
         cos, sin = (table[start : start + T].to(x.dtype) for table in rotary)
     first, second = x.chunk(2, dim=-1)
@@ -119,7 +123,7 @@ class StaticLayerCache(LayerCache):
 
     def extend(self, k: torch.Tensor, v: torch.Tensor, start: Start,
                capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k and v at positions start.. and return the whole buffers (attention hides
+        """Store k and v at the positions `start` gives; return the whole buffers (attention hides
         the slots past each query's position)."""
         if self.keys is None:  # at the prefill, which runs eagerly
             B, H, _, hs = k.shape
@@ -154,11 +158,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: Start, f
     if fused and plain:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=start == 0 and T > 1, **groups)
     # query i (at position start + i) sees keys 0 .. start + i
-    future = torch.arange(S, device=q.device) > token_positions(start, T, q.device)[:, None]  # (T, S)
+    visible = torch.arange(S, device=q.device) <= token_positions(start, T, q.device)[:, None]  # (T, S)
     if fused:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=~future, dropout_p=dropout, **groups)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, dropout_p=dropout, **groups)
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))  # (B, nh, T, S)
-    scores = scores.masked_fill(future, float("-inf"))
+    scores = scores.masked_fill(~visible, float("-inf"))
     weights = F.dropout(F.softmax(scores, dim=-1), p=dropout)
     return weights @ v  # (B, nh, T, hs)
 
@@ -304,8 +308,10 @@ class GPT(nn.Module):
         tokens after the cached ones, and only the last position's logits (B, 1, vocab) return.
         """
         B, T = idx.shape
-        start = cache.length if cache is not None else 0  # a static cache's is a tensor: not checked
-        if isinstance(start, int) and start + T > self.config.block_size:
+        start = cache.length if cache is not None else 0
+        if isinstance(start, torch.Tensor):  # a static cache's length, on the device: not checked
+            start = start + torch.arange(T, device=idx.device)  # every token's position, once for all layers
+        elif start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens is longer than block_size "
                              f"{self.config.block_size}")
         x = self.wte(idx)  # (B, T, C)
