@@ -49,12 +49,13 @@ def resolve_decode_step(requested: str, model: torch.nn.Module, device: torch.de
 
 class StaticStep:
     """Prefill and one-token steps against a StaticKVCache for a fixed batch size, the step
-    run compiled or replayed as a CUDA graph. The first step prepares (compiles or captures);
-    `prepare_s` says how long that took."""
+    run compiled, replayed as a CUDA graph, or (kind "eager", for a server's batch of rows at
+    their own lengths) as it is. The first step prepares (compiles or captures); `prepare_s`
+    says how long that took."""
 
     def __init__(self, model: torch.nn.Module, batch: int, kind: str):
         self.model, self.kind = model, kind
-        self.cache = model.new_static_cache()
+        self.cache = model.new_static_cache(batch)
         device = next(model.parameters()).device
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.run: Optional[Callable[[], torch.Tensor]] = None  # set by the first step
@@ -63,17 +64,35 @@ class StaticStep:
     def _forward(self) -> torch.Tensor:
         return self.model(self.tokens, cache=self.cache)[0][:, -1]
 
+    @torch.inference_mode()
     def prefill(self, context: torch.Tensor) -> torch.Tensor:
         """Start again from `context` (batch, T), eagerly; return the next logits (batch, vocab)."""
         self.cache.reset()
         return self.model(context, cache=self.cache)[0][:, -1]
 
+    @torch.inference_mode()
+    def prefill_row(self, row: int, context: torch.Tensor) -> torch.Tensor:
+        """Start row `row` again from `context` (1, T), eagerly, the other rows left as they
+        are; return its next logits (1, vocab)."""
+        cache = self.cache.row(row)
+        cache.reset()
+        return self.model(context, cache=cache)[0][:, -1]
+
+    @torch.inference_mode()
+    def clear(self, rows: list[int]) -> None:
+        """Set these rows' lengths to 0: a row with nothing to decode, fed a placeholder token
+        at each step, then never runs past the end of its buffers."""
+        self.cache.length[rows] = 0
+
+    @torch.inference_mode()
     def step(self, last: torch.Tensor) -> torch.Tensor:
-        """Feed `last` (batch, 1); return the logits after it (valid until the next step)."""
+        """Feed `last` (batch, 1); return the logits after it (valid until the next step).
+        Every row must have room for one more token."""
         self.tokens.copy_(last)
         if self.run is None:
             started = time.perf_counter()
-            self.run = self._compiled() if self.kind == "compiled" else self._captured()
+            preparers = {"eager": lambda: self._forward, "compiled": self._compiled, "cuda_graph": self._captured}
+            self.run = preparers[self.kind]()
             logits = self.run()
             self.prepare_s = time.perf_counter() - started
             return logits

@@ -21,7 +21,7 @@ Rotary = tuple[torch.Tensor, torch.Tensor]  # cos and sin tables, (T, hs/2) each
 # query heads without copying them
 SDPA_GROUPS_HEADS = torch.torch_version.TorchVersion(torch.__version__) >= (2, 5)
 # Where the T tokens of a forward stand: the first one's position as a Python int, or (decoding
-# against a static cache) every one's position in a tensor (T,) on the device
+# against a static cache) every one's position in each row, a tensor (B, T) on the device
 Start = Union[int, torch.Tensor]
 
 
@@ -43,8 +43,8 @@ def apply_rotary(x: torch.Tensor, rotary: Rotary, start: Start = 0) -> torch.Ten
     """Rotate pairs (x_i, x_{i+hs/2}) of each head by their position's angles: (B, nh, T, hs),
     the T tokens standing where `start` says."""
     T = x.size(-2)
-    if isinstance(start, torch.Tensor):  # rows picked on the device, with no host read
-        cos, sin = (table[start].to(x.dtype) for table in rotary)
+    if isinstance(start, torch.Tensor):  # each row's positions (B, T): rows picked on the device
+        cos, sin = (table[start][:, None].to(x.dtype) for table in rotary)
     else:
         cos, sin = (table[start : start + T].to(x.dtype) for table in rotary)
     first, second = x.chunk(2, dim=-1)
@@ -117,31 +117,48 @@ class KVCache:
         self.length = 0  # the buffers stay; positions from 0 are written over
 
 
-class StaticLayerCache(LayerCache):
-    """A LayerCache that hands attention its whole buffers (B, n_kv_head, block_size, hs), their
-    shape fixed, and is written at positions held on the device."""
+class StaticLayerCache:
+    """One layer's keys and values in buffers of a fixed shape (B, n_kv_head, block_size, hs),
+    each row written at its own positions."""
 
-    def extend(self, k: torch.Tensor, v: torch.Tensor, start: Start,
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        self.keys, self.values = keys, values
+        self.rows = torch.arange(keys.size(0), device=keys.device)[:, None]  # (B, 1): row i's index
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor,
                capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k and v at the positions `start` gives; return the whole buffers (attention hides
-        the slots past each query's position)."""
-        if self.keys is None:  # at the prefill, which runs eagerly
-            B, H, _, hs = k.shape
-            self.keys, self.values = (k.new_zeros(B, H, capacity, hs) for _ in range(2))
-        positions = token_positions(start, k.size(2), k.device)
-        self.keys.index_copy_(2, positions, k)
-        self.values.index_copy_(2, positions, v)
+        """Store k and v (B, n_kv_head, T, hs) at each row's positions `start` (B, T); return
+        the whole buffers (attention hides the slots past each query's position)."""
+        self.keys[self.rows, :, start] = k.transpose(1, 2)  # indexed [row, :, position]: (B, T, n_kv_head, hs)
+        self.values[self.rows, :, start] = v.transpose(1, 2)
         return self.keys, self.values
 
+    def row(self, i: int) -> "StaticLayerCache":
+        return StaticLayerCache(self.keys[i : i + 1], self.values[i : i + 1])
 
-class StaticKVCache(KVCache):
-    """A KV cache whose shapes never change and whose length is a tensor on the device: a
-    one-token step then reads no Python number that moves, so torch.compile compiles it once
-    and a CUDA graph captured once replays it for every token (decode_step.py)."""
 
-    def __init__(self, n_layer: int, device: torch.device):
-        self.layers = [StaticLayerCache() for _ in range(n_layer)]
-        self.length = torch.zeros((), dtype=torch.long, device=device)  # += T in place, on the device
+AnyLayerCache = Union[LayerCache, StaticLayerCache]
+
+
+class StaticKVCache:
+    """A KV cache whose shapes never change and whose lengths, one per row, are a tensor on the
+    device: a one-token step then reads no Python number that moves, so torch.compile compiles
+    it once and a CUDA graph captured once replays it for every token (decode_step.py). Rows
+    may stand at different lengths: a server decodes requests of their own lengths together."""
+
+    def __init__(self, layers: list[StaticLayerCache], length: torch.Tensor):
+        self.layers, self.length = layers, length  # length (B,): += T in place, on the device
+
+    @classmethod
+    def empty(cls, cfg: ModelConfig, batch: int, dtype: torch.dtype, device: torch.device) -> "StaticKVCache":
+        shape = (batch, cfg.n_kv_head or cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head)
+        layers = [StaticLayerCache(*(torch.zeros(shape, dtype=dtype, device=device) for _ in range(2)))
+                  for _ in range(cfg.n_layer)]
+        return cls(layers, torch.zeros(batch, dtype=torch.long, device=device))
+
+    def row(self, i: int) -> "StaticKVCache":
+        """Row i alone, as a cache of one row that writes into this one's buffers (views)."""
+        return StaticKVCache([layer.row(i) for layer in self.layers], self.length[i : i + 1])
 
     def reset(self) -> None:
         self.length.zero_()  # stale slots stay hidden by the attention mask until written over
@@ -158,7 +175,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: Start, f
     if fused and plain:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=start == 0 and T > 1, **groups)
     # query i (at position start + i) sees keys 0 .. start + i
-    visible = torch.arange(S, device=q.device) <= token_positions(start, T, q.device)[:, None]  # (T, S)
+    visible = torch.arange(S, device=q.device) <= token_positions(start, T, q.device)[..., None]  # ([B,] T, S)
+    if visible.dim() == 3:  # each row's own positions: the mask broadcast over the heads
+        visible = visible[:, None]
     if fused:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, dropout_p=dropout, **groups)
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))  # (B, nh, T, S)
@@ -185,7 +204,7 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.block_size = cfg.block_size
 
-    def forward(self, x: torch.Tensor, rotary: Optional[Rotary] = None, cache: Optional[LayerCache] = None,
+    def forward(self, x: torch.Tensor, rotary: Optional[Rotary] = None, cache: Optional[AnyLayerCache] = None,
                 start: Start = 0) -> torch.Tensor:
         """Attend causally; with a cache, x holds the tokens from position `start` on, and the
         keys and values of the earlier ones come from the cache."""
@@ -253,7 +272,7 @@ class Block(nn.Module):
         self.ln_2 = make_norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, rotary: Optional[Rotary] = None, cache: Optional[LayerCache] = None,
+    def forward(self, x: torch.Tensor, rotary: Optional[Rotary] = None, cache: Optional[AnyLayerCache] = None,
                 start: Start = 0) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), rotary, cache, start)
         return x + self.mlp(self.ln_2(x))
@@ -299,7 +318,8 @@ class GPT(nn.Module):
                     nn.init.normal_(param, mean=0.0, std=residual_std)
 
     def forward(
-        self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None
+        self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None,
+        cache: Optional[Union[KVCache, StaticKVCache]] = None
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Return logits (B, T, vocab) and, when targets are given, the mean cross-entropy.
 
@@ -309,8 +329,8 @@ class GPT(nn.Module):
         """
         B, T = idx.shape
         start = cache.length if cache is not None else 0
-        if isinstance(start, torch.Tensor):  # a static cache's length, on the device: not checked
-            start = start + torch.arange(T, device=idx.device)  # every token's position, once for all layers
+        if isinstance(start, torch.Tensor):  # a static cache's row lengths (B,), on the device: not checked
+            start = start[:, None] + torch.arange(T, device=idx.device)  # (B, T): once for all layers
         elif start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens is longer than block_size "
                              f"{self.config.block_size}")
@@ -343,10 +363,10 @@ class GPT(nn.Module):
         """An empty KV cache for forward(..., cache=) (the contract's optional hook)."""
         return KVCache(self.config.n_layer)
 
-    def new_static_cache(self) -> StaticKVCache:
-        """An empty StaticKVCache (the contract's optional hook for compiled and CUDA-graph
-        decoding); a cache holds one batch size, set by its first forward."""
-        return StaticKVCache(self.config.n_layer, self.wte.weight.device)
+    def new_static_cache(self, batch: int = 1) -> StaticKVCache:
+        """An empty StaticKVCache of `batch` rows (the contract's optional hook for compiled and
+        CUDA-graph decoding), in the dtype and on the device of the embedding, as the keys are."""
+        return StaticKVCache.empty(self.config, batch, self.wte.weight.dtype, self.wte.weight.device)
 
     def _position_params(self) -> int:
         return self.wpe.weight.numel() if self.wpe is not None else 0

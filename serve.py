@@ -3,11 +3,11 @@
 OpenAI's API (GET /v1/models, POST /v1/completions and /v1/chat/completions, streamed as
 Server-Sent Events or not), GET /health, and a web chat page at / (chat_page.html). Built on
 FastAPI and uvicorn. uvicorn runs on a thread of its own; the main thread generates, one
-request at a time in the order they came (a queue): the model is never shared between threads,
-and a client that goes away cancels its generation at the next token, which frees the model
-for the next request. Generating on the main thread matters on a CPU: the same int8 decoding
-ran at 195-223 tokens/s on another thread with torch's two threads, 376 with one, and
-466-503 on the main thread (2-core EPYC, 10.7M model; BENCHMARKS.md, 'Serving').
+request at a time in the order they came (a queue), or with --batch N up to N together
+(batching.py): the model is never shared between threads, and a client that goes away cancels
+its generation at the next token, which frees its place for the next request. On a CPU the
+main thread decodes fastest: int8 ran at 195-223 tokens/s on another thread with torch's two
+threads, 376 with one, 466-503 on the main thread (2-core EPYC, 10.7M model; BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -20,12 +20,10 @@ import signal
 import socket
 import sys
 import threading
-import queue
 import time
 import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, Callable, Optional, Sequence
+from typing import AsyncIterator, Optional, Sequence
 
 import torch
 import uvicorn
@@ -34,56 +32,31 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException
 
 from api_requests import ApiError, ChatRequest, CompletionRequest, Limits, Sampling, chat_request, completion_request, parse_json
+from batching import FINISHED, Job, Runner, Work
 from chat import fit_history, render_turn
 from checkpoint import load_for_inference
-from decode_step import StaticSteps, static_steps
 from cli import CliParser, add_decode_step_flag, add_model_loading_flags, run_cli
+from decode_step import StaticSteps, static_steps
 from errors import UserError
-from sampling import SamplingSettings, TextStream, generate
+from sampling import SamplingSettings
 from tokenizer import END_OF_TEXT, IM_END, IM_START, Tokenizer, tokenizer_from_dict
 from utils import notice
 
 PAGE = Path(__file__).with_name("chat_page.html")
-FINISHED = object()  # what the worker sends after a generation's last piece
 SHUTDOWN_GRACE_S = 5  # in-flight requests may finish for this long after SIGTERM or Ctrl+C
 DISCONNECT_CHECK_S = 0.05  # how often a non-streamed reply looks whether its client is still there
-POLL_S = 0.1  # how often the idle main thread looks whether the server has stopped
-
-
-@dataclass
-class Job:
-    """One request's generation, and what it reports back."""
-
-    prompt_ids: list[int]
-    settings: SamplingSettings
-    stop_ids: frozenset[int]
-    seed: int
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    completion_tokens: int = 0
-    finish_reason: str = "length"
-
-
-@dataclass
-class Work:
-    """A job handed to the generating thread, and where its pieces of text go."""
-
-    job: Job
-    push: Callable[[object], None]
 
 
 class Engine:
-    """The model, its tokenizer, and the queue of jobs that the main thread generates in turn."""
+    """The model's requests: what each asks to generate (a Job), handed to the Runner that the
+    main thread runs, and its text as it comes back."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, block_size: int, name: str,
-                 steps: Optional[StaticSteps] = None):
-        self.model, self.tokenizer, self.block_size, self.name = model, tokenizer, block_size, name
-        self.steps = steps  # compiled or CUDA-graph one-token steps, prepared at the first request
-        self.device = next(model.parameters()).device
+                 steps: Optional[StaticSteps] = None, batch_size: int = 1):
+        self.tokenizer, self.block_size, self.name = tokenizer, block_size, name
+        self.runner = Runner(model, tokenizer, block_size, steps, batch_size)
         self.created = int(time.time())
-        self.jobs: queue.Queue[Work] = queue.Queue()
-        self.closing = threading.Event()
         self.in_flight = 0  # requests queued or generating (touched on the event loop only)
-        self.generating = 0  # set by the worker
 
     @property
     def can_chat(self) -> bool:
@@ -114,63 +87,13 @@ class Engine:
         seed = secrets.randbits(62) if sampling.seed is None else sampling.seed
         return Job(ids, settings, stop_ids, seed)
 
-    def prepare(self) -> None:
-        """Compile or capture the one-token step now (a few greedy tokens), so that the first
-        request does not wait for it."""
-        if self.steps is None:
-            return
-        started = time.perf_counter()
-        greedy = SamplingSettings(max_new_tokens=3, temperature=0, top_k=None)
-        for _ in generate(self.model, self.block_size, [0], greedy, self.tokenizer.vocab_size, steps=self.steps):
-            pass
-        notice(f"decode step {self.steps.kind} prepared in {time.perf_counter() - started:.1f} s")
-
-    def generate_until(self, stopped: Callable[[], bool]) -> None:
-        """Generate the queued jobs in turn, on the calling (main) thread, until `stopped`."""
-        while not stopped():
-            try:
-                work = self.jobs.get(timeout=POLL_S)
-            except queue.Empty:
-                continue
-            self._work(work.job, work.push)
-
-    def _work(self, job: Job, push: Callable[[object], None]) -> None:
-        """Generate one job, pushing whole-character pieces of text as they come; a failure is
-        pushed too, for the request to raise."""
-        try:
-            if job.cancelled.is_set() or self.closing.is_set():
-                return
-            self.generating = 1
-            generator = torch.Generator(device=self.device).manual_seed(job.seed)
-            text = TextStream(self.tokenizer, job.settings.stop)
-            for token in generate(self.model, self.block_size, job.prompt_ids, job.settings,
-                                  self.tokenizer.vocab_size, job.stop_ids, generator, steps=self.steps):
-                if job.cancelled.is_set() or self.closing.is_set():
-                    return
-                job.completion_tokens += 1
-                piece = text.add(token)
-                if piece:
-                    push(piece)
-                if text.stopped:
-                    break
-            ran_out = job.completion_tokens == job.settings.max_new_tokens and not text.stopped
-            job.finish_reason = "length" if ran_out else "stop"
-            rest = text.finish()
-            if rest:
-                push(rest)
-        except Exception as error:  # the request fails (500), the server goes on
-            push(error)
-        finally:
-            self.generating = 0
-            push(FINISHED)
-
     async def pieces(self, job: Job) -> AsyncIterator[str]:
         """The job's text as it is generated; leaving early (a client gone) cancels it."""
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue = asyncio.Queue()
         self.in_flight += 1
         try:
-            self.jobs.put(Work(job, lambda item: loop.call_soon_threadsafe(pieces.put_nowait, item)))
+            self.runner.jobs.put(Work(job, lambda item: loop.call_soon_threadsafe(pieces.put_nowait, item)))
             while (item := await pieces.get()) is not FINISHED:
                 if isinstance(item, Exception):
                     raise item
@@ -295,8 +218,9 @@ def create_app(engine: Engine, limits: Limits, api_key: Optional[str]) -> FastAP
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "model": engine.name, "chat": engine.can_chat, "generating": engine.generating,
-                "waiting": max(0, engine.in_flight - engine.generating)}
+        generating = engine.runner.generating
+        return {"status": "ok", "model": engine.name, "chat": engine.can_chat, "generating": generating,
+                "waiting": max(0, engine.in_flight - generating)}
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -348,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="larger request bodies get 413")
     add_model_loading_flags(parser, dtype_default="auto")
     add_decode_step_flag(parser)
+    parser.add_argument("--batch", type=int, default=1,
+                        help="decode up to this many requests together, one forward per token for all "
+                        "(batching.py); 1: one at a time, in turn")
     return parser
 
 
@@ -386,17 +313,19 @@ def load_engine(args: argparse.Namespace) -> Engine:
     name = path.parent.name if path.parent.name else path.stem
     steps = static_steps(found.model, args.decode_step, found.device)
     return Engine(found.model, tokenizer_from_dict(checkpoint["tokenizer"]), checkpoint["config"]["model"]["block_size"],
-                  name, steps)
+                  name, steps, args.batch)
 
 
 def main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(argv)
     limits = limits_from(args)
+    if args.batch < 1:
+        raise UserError(f"--batch must be at least 1, got {args.batch}")
     check_port_free(args.host, args.port)
     if not is_loopback(args.host) and not args.api_key:
         notice(f"listening on {args.host} without --api_key: anyone who can reach this machine can use the model")
     engine = load_engine(args)
-    engine.prepare()
+    engine.runner.prepare()
     app = create_app(engine, limits, args.api_key)
     shown = f"[{args.host}]" if ":" in args.host else args.host
     chat = "the web chat at /" if engine.can_chat else "no chat (the tokenizer has no ChatML), completions only"
@@ -416,9 +345,9 @@ def main(argv: Sequence[str]) -> int:
     http = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     http.start()
     try:
-        engine.generate_until(stopped=lambda: not http.is_alive())
+        engine.runner.run_until(stopped=lambda: not http.is_alive())
     finally:
-        engine.closing.set()  # a generation still running ends at its next token
+        engine.runner.closing.set()  # a generation still running ends at its next token
     if not server.started:
         raise UserError(f"the server did not start on {args.host}:{args.port} (its error is above)")
     print("server stopped", flush=True)

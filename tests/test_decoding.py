@@ -11,6 +11,7 @@ import eval as evaluate
 import gen
 import serve
 from api_requests import Sampling
+from batching import FINISHED, Work
 from checkpoint import save_checkpoint
 from cli import run_cli
 from config import Config, config_to_dict
@@ -135,6 +136,22 @@ def test_a_static_cache_gives_the_logits_of_the_whole_context(variant):
     torch.testing.assert_close(again, fresh, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("variant", VARIANTS, ids=["gpt2", "rope", "gqa", "unfused"])
+def test_rows_of_a_static_cache_stand_at_their_own_lengths(variant):
+    model = build(**variant)
+    tokens = torch.randint(0, 11, (2, 16), generator=torch.Generator().manual_seed(2))
+    cache = model.new_static_cache(2)
+    with torch.no_grad():
+        for row, length in ((0, 3), (1, 7)):  # each row prefilled alone, into the shared buffers
+            model(tokens[row : row + 1, :length], cache=cache.row(row))
+        steps = [model(torch.stack([tokens[0, 3 + t], tokens[1, 7 + t]])[:, None], cache=cache)[0][:, -1]
+                 for t in range(8)]
+        full = model(tokens)[0]
+    assert cache.length.tolist() == [11, 15]
+    for t, logits in enumerate(steps):
+        torch.testing.assert_close(logits, torch.stack([full[0, 3 + t], full[1, 7 + t]]), atol=1e-5, rtol=1e-5)
+
+
 def test_a_compiled_step_decodes_what_eager_does_and_compiles_once():
     model = build(position="rope")
     greedy = SamplingSettings(max_new_tokens=30, temperature=0)  # 3 + 30 > 16: the context slides
@@ -150,20 +167,48 @@ def test_a_compiled_step_decodes_what_eager_does_and_compiles_once():
     assert steps.by_batch[1].prepare_s > 0  # the first step compiled
 
 
+def serve_jobs(engine: serve.Engine, jobs: list) -> list[str]:
+    """Queue the jobs, let the engine generate until every one has FINISHED; return their texts."""
+    pieces: list[list] = [[] for _ in jobs]
+    for job, out in zip(jobs, pieces):
+        engine.runner.jobs.put(Work(job, out.append))
+    engine.runner.run_until(stopped=lambda: all(out and out[-1] is FINISHED for out in pieces))
+    for out in pieces:
+        assert not any(isinstance(piece, Exception) for piece in out), out
+    return ["".join(out[:-1]) for out in pieces]
+
+
+SERVED = [("abc", 0.0, 5, 30), ("j", 1.0, 6, 40), ("abcdefghij" * 2, 0.8, 7, 12), ("ba", 1.2, 8, 25)]  # 3 slide
+
+
+def served_jobs(engine: serve.Engine, tokenizer: CharTokenizer) -> list:
+    return [engine._job(tokenizer.encode(prompt), Sampling(max_tokens=tokens, temperature=temperature, seed=seed),
+                        frozenset()) for prompt, temperature, seed, tokens in SERVED]
+
+
 def test_the_server_prepares_a_compiled_step_before_the_first_request_and_replies_as_eager():
     model = build(position="rope")  # the model of the test above: inductor's cache serves this one
     tokenizer = CharTokenizer("abcdefghij\n")
     engines = [serve.Engine(model, tokenizer, 16, "tiny", steps) for steps in (None, StaticSteps(model, "compiled"))]
-    engines[1].prepare()
-    assert engines[1].steps.by_batch[1].run is not None  # compiled before any request
-    texts = []
-    for engine in engines:
-        job = engine._job(tokenizer.encode("abc"), Sampling(max_tokens=30, temperature=0, seed=5), frozenset())
-        pieces: list = []
-        engine._work(job, pieces.append)
-        assert pieces[-1] is serve.FINISHED and job.completion_tokens == 30
-        texts.append("".join(pieces[:-1]))
-    assert texts[0] == texts[1] and len(texts[0]) == 30
+    engines[1].runner.prepare()
+    assert engines[1].runner.steps.by_batch[1].run is not None  # compiled before any request
+    texts = [serve_jobs(engine, served_jobs(engine, tokenizer)[:1]) for engine in engines]
+    assert texts[0] == texts[1] and len(texts[0][0]) == 30
+
+
+@pytest.mark.parametrize("kind", ["eager", "compiled"])
+def test_a_batch_of_requests_gives_each_the_reply_it_gets_alone(kind):
+    model = build(position="rope")
+    tokenizer = CharTokenizer("abcdefghij\n")
+    alone = serve.Engine(model, tokenizer, 16, "tiny")
+    steps = StaticSteps(model, kind) if kind != "eager" else None
+    batched = serve.Engine(model, tokenizer, 16, "tiny", steps, batch_size=3)  # 4 jobs: one waits for a row
+    batched.runner.prepare()
+    expected = [serve_jobs(alone, [job])[0] for job in served_jobs(alone, tokenizer)]
+    jobs = served_jobs(batched, tokenizer)
+    assert serve_jobs(batched, jobs) == expected
+    assert [job.completion_tokens for job in jobs] == [tokens for *_, tokens in SERVED]
+    assert batched.runner.batch.active == 0 and len(set(expected)) == 4
 
 
 def test_the_decode_step_is_chosen_by_device_and_refused_where_it_cannot_run(char_checkpoint, capsys):

@@ -47,6 +47,7 @@ class Server:
     """serve.py in a subprocess, up once /health answers."""
 
     def __init__(self, checkpoint: Path, *flags: str):
+        self.checkpoint = checkpoint
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), str(checkpoint), "--port",
@@ -154,6 +155,33 @@ def test_eight_concurrent_clients_each_get_their_own_answer(client):
     for thread in threads:
         thread.join(timeout=60)
     assert answers == expected and len(set(expected.values())) > 1
+
+
+def test_a_batch_serves_eight_clients_together_with_the_answers_they_get_one_at_a_time(chat_server, client):
+    batched = Server(chat_server.checkpoint, "--api_key", KEY, "--batch", "4")
+    try:
+        batch_client = openai.OpenAI(base_url=batched.url + "/v1", api_key=KEY, max_retries=0)
+        ask = {"prompt": "", "temperature": 1.2, "max_tokens": 150}  # 150 tokens > block_size 64: rows slide
+        expected = {n: client.completions.create(model="m", **{**ask, "prompt": "abcdefgh"[n] * (n + 1)}, seed=n)
+                    .choices[0].text for n in range(8)}
+        answers: dict[int, str] = {}
+        busiest = [0]
+
+        def request(n: int) -> None:
+            answers[n] = batch_client.completions.create(model="m", **{**ask, "prompt": "abcdefgh"[n] * (n + 1)},
+                                                         seed=n).choices[0].text
+
+        threads = [threading.Thread(target=request, args=(n,)) for n in range(8)]
+        for thread in threads:
+            thread.start()
+        while any(thread.is_alive() for thread in threads):
+            busiest[0] = max(busiest[0], batched.get("/health")["generating"])
+            time.sleep(0.005)
+        assert answers == expected and len(set(expected.values())) > 1
+        assert busiest[0] >= 2  # requests were decoded together
+    finally:
+        code, out, err = batched.stop()
+    assert code == 0 and "Traceback" not in err, err
 
 
 def test_a_client_that_hangs_up_frees_the_worker(chat_server):
