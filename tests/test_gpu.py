@@ -19,6 +19,7 @@ import torch
 
 import bench
 import gen
+import serve
 import train
 from checkpoint import load_checkpoint, load_model
 from cli import run_cli
@@ -26,6 +27,8 @@ from model import GPT
 from decode_step import StaticSteps
 from sampling import SamplingSettings, generate, generate_batch
 from tests.conftest import REPO_ROOT, cached_and_full_logits, tiny_model_config
+from tests.test_decoding import served_jobs, serve_jobs
+from tokenizer import CharTokenizer
 from trainer import Trainer
 from utils import resolve_system
 
@@ -154,6 +157,17 @@ def test_cuda_graph_decoding_gives_the_tokens_of_eager_decoding(exact_float32, v
                                                                      for s in (7, 8)], steps=run_steps))
                for run_steps in (None, steps)]
     assert batches[0] == batches[1] and 2 in steps.by_batch
+
+
+def test_a_batch_of_requests_replayed_as_a_cuda_graph_gives_each_its_reply_alone(exact_float32):
+    torch.manual_seed(0)
+    model = GPT(tiny_model_config(block_size=16, n_head=4, n_embd=32, position="rope")).to(CUDA).eval()
+    tokenizer = CharTokenizer("abcdefghij\n")
+    alone = serve.Engine(model, tokenizer, 16, "tiny")
+    batched = serve.Engine(model, tokenizer, 16, "tiny", StaticSteps(model, "cuda_graph"), batch_size=3)
+    batched.runner.prepare()
+    expected = [serve_jobs(alone, [job])[0] for job in served_jobs(alone, tokenizer)]
+    assert serve_jobs(batched, served_jobs(batched, tokenizer)) == expected and len(set(expected)) == 4
 
 
 def test_a_checkpoint_written_from_cuda_loads_on_a_cpu_with_tied_weights(workdir, tiny_config_file, capsys):
