@@ -66,7 +66,7 @@ class Output:
         piece = self.text.add(token)
         if piece:
             self.push(piece)
-        return self.text.stopped or self.job.completion_tokens == self.job.settings.max_new_tokens
+        return self.text.stopped or self.job.completion_tokens >= self.job.settings.max_new_tokens
 
     def finish(self) -> None:
         """The job ended by itself (not cancelled): push the rest of its text."""
@@ -113,8 +113,13 @@ class Batch:
 
     def __init__(self, step: StaticStep, block_size: int, tokenizer: Tokenizer):
         self.step, self.block_size, self.tokenizer = step, block_size, tokenizer
-        self.rows: list[Optional[Row]] = [None] * step.tokens.size(0)
+        size = step.tokens.size(0)
+        self.rows: list[Optional[Row]] = [None] * size
         self.device = step.tokens.device
+        # A forward runs the fewest leading rows that hold every job: 1, 2, 4, ... or all.
+        # Jobs take the first free row, so a lone job costs one row's work, not the batch's.
+        self.sizes = sorted({min(1 << n, size) for n in range(size.bit_length() + 1)})
+        self.steps = {n: step if n == size else step.leading(n) for n in self.sizes}
 
     @property
     def active(self) -> int:
@@ -170,13 +175,16 @@ class Batch:
                     self._free(index)
 
     def _forward(self) -> torch.Tensor:
-        """Feed each row's last token (a placeholder for a free row, whose length is then
-        cleared); return the logits (rows, vocab)."""
-        last = [[row.ids[-1]] if row is not None else [0] for row in self.rows]
-        free = [index for index, row in enumerate(self.rows) if row is None]
+        """Feed the last token of each row in use (a placeholder for a free one among them,
+        whose length is then cleared); return their logits (rows, vocab)."""
+        used = 1 + max(index for index, row in enumerate(self.rows) if row is not None)
+        rows = self.rows[: next(n for n in self.sizes if n >= used)]
+        step = self.steps[len(rows)]
+        last = [[row.ids[-1]] if row is not None else [0] for row in rows]
+        free = [index for index, row in enumerate(rows) if row is None]
         if free:
-            self.step.clear(free)
-        logits = self.step.step(torch.tensor(last, device=self.device))
+            step.clear(free)
+        logits = step.step(torch.tensor(last, device=self.device))
         for row in self.rows:
             if row is not None:
                 row.cached += 1
@@ -210,12 +218,16 @@ class Runner:
             return
         started = time.perf_counter()
         failures: list[Exception] = []
-        warm_up = Work(Job([0], SamplingSettings(max_new_tokens=3, temperature=0, top_k=None), frozenset(), 0),
-                       push=lambda item: failures.append(item) if isinstance(item, Exception) else None)
+
+        def warm_up() -> Work:
+            return Work(Job([0], SamplingSettings(max_new_tokens=3, temperature=0, top_k=None), frozenset(), 0),
+                        push=lambda item: failures.append(item) if isinstance(item, Exception) else None)
+
         if self.batch is None:
-            run_alone(warm_up, self.model, self.block_size, self.tokenizer, self.steps)
-        else:
-            self.batch.admit(warm_up)
+            run_alone(warm_up(), self.model, self.block_size, self.tokenizer, self.steps)
+        for size in self.batch.sizes if self.batch else []:  # every size of forward the batch runs
+            for _ in range(size):
+                self.batch.admit(warm_up())
             while self.batch.active:
                 self.batch.advance()
         if failures:

@@ -23,6 +23,7 @@ import torch
 
 from config_fields import DECODE_STEPS
 from errors import UserError
+from model import StaticKVCache
 WARMUP_STEPS = 3  # eager runs before a capture, so that lazy initialisation happens outside it
 
 
@@ -53,9 +54,9 @@ class StaticStep:
     their own lengths) as it is. The first step prepares (compiles or captures); `prepare_s`
     says how long that took."""
 
-    def __init__(self, model: torch.nn.Module, batch: int, kind: str):
+    def __init__(self, model: torch.nn.Module, batch: int, kind: str, cache: Optional[StaticKVCache] = None):
         self.model, self.kind = model, kind
-        self.cache = model.new_static_cache(batch)
+        self.cache = cache if cache is not None else model.new_static_cache(batch)
         device = next(model.parameters()).device
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.run: Optional[Callable[[], torch.Tensor]] = None  # set by the first step
@@ -63,6 +64,11 @@ class StaticStep:
 
     def _forward(self) -> torch.Tensor:
         return self.model(self.tokens, cache=self.cache)[0][:, -1]
+
+    def leading(self, rows: int) -> "StaticStep":
+        """A step of this one's first `rows` rows, on this one's buffers: a batch with few rows
+        in use runs only those (each size compiled or captured once)."""
+        return StaticStep(self.model, rows, self.kind, self.cache.rows(0, rows))
 
     @torch.inference_mode()
     def prefill(self, context: torch.Tensor) -> torch.Tensor:
@@ -74,7 +80,7 @@ class StaticStep:
     def prefill_row(self, row: int, context: torch.Tensor) -> torch.Tensor:
         """Start row `row` again from `context` (1, T), eagerly, the other rows left as they
         are; return its next logits (1, vocab)."""
-        cache = self.cache.row(row)
+        cache = self.cache.rows(row, row + 1)
         cache.reset()
         return self.model(context, cache=cache)[0][:, -1]
 

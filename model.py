@@ -123,18 +123,18 @@ class StaticLayerCache:
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor):
         self.keys, self.values = keys, values
-        self.rows = torch.arange(keys.size(0), device=keys.device)[:, None]  # (B, 1): row i's index
+        self.row_index = torch.arange(keys.size(0), device=keys.device)[:, None]  # (B, 1): row i holds i
 
     def extend(self, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor,
                capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k and v (B, n_kv_head, T, hs) at each row's positions `start` (B, T); return
         the whole buffers (attention hides the slots past each query's position)."""
-        self.keys[self.rows, :, start] = k.transpose(1, 2)  # indexed [row, :, position]: (B, T, n_kv_head, hs)
-        self.values[self.rows, :, start] = v.transpose(1, 2)
+        self.keys[self.row_index, :, start] = k.transpose(1, 2)  # indexed [row, :, position]: (B, T, n_kv_head, hs)
+        self.values[self.row_index, :, start] = v.transpose(1, 2)
         return self.keys, self.values
 
-    def row(self, i: int) -> "StaticLayerCache":
-        return StaticLayerCache(self.keys[i : i + 1], self.values[i : i + 1])
+    def rows(self, start: int, stop: int) -> "StaticLayerCache":
+        return StaticLayerCache(self.keys[start:stop], self.values[start:stop])
 
 
 AnyLayerCache = Union[LayerCache, StaticLayerCache]
@@ -156,9 +156,10 @@ class StaticKVCache:
                   for _ in range(cfg.n_layer)]
         return cls(layers, torch.zeros(batch, dtype=torch.long, device=device))
 
-    def row(self, i: int) -> "StaticKVCache":
-        """Row i alone, as a cache of one row that writes into this one's buffers (views)."""
-        return StaticKVCache([layer.row(i) for layer in self.layers], self.length[i : i + 1])
+    def rows(self, start: int, stop: int) -> "StaticKVCache":
+        """Rows start..stop-1 alone, as a cache of their own that writes into this one's
+        buffers (views)."""
+        return StaticKVCache([layer.rows(start, stop) for layer in self.layers], self.length[start:stop])
 
     def reset(self) -> None:
         self.length.zero_()  # stale slots stay hidden by the attention mask until written over

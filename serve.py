@@ -272,9 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="larger request bodies get 413")
     add_model_loading_flags(parser, dtype_default="auto")
     add_decode_step_flag(parser)
-    parser.add_argument("--batch", type=int, default=1,
-                        help="decode up to this many requests together, one forward per token for all "
-                        "(batching.py); 1: one at a time, in turn")
+    parser.add_argument("--batch", type=int, default=8,
+                        help="decode up to this many requests together, one forward per token for those "
+                        "running (batching.py); 1: one at a time, in turn")
     return parser
 
 

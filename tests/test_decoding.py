@@ -143,7 +143,7 @@ def test_rows_of_a_static_cache_stand_at_their_own_lengths(variant):
     cache = model.new_static_cache(2)
     with torch.no_grad():
         for row, length in ((0, 3), (1, 7)):  # each row prefilled alone, into the shared buffers
-            model(tokens[row : row + 1, :length], cache=cache.row(row))
+            model(tokens[row : row + 1, :length], cache=cache.rows(row, row + 1))
         steps = [model(torch.stack([tokens[0, 3 + t], tokens[1, 7 + t]])[:, None], cache=cache)[0][:, -1]
                  for t in range(8)]
         full = model(tokens)[0]

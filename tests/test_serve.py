@@ -157,10 +157,11 @@ def test_eight_concurrent_clients_each_get_their_own_answer(client):
     assert answers == expected and len(set(expected.values())) > 1
 
 
-def test_a_batch_serves_eight_clients_together_with_the_answers_they_get_one_at_a_time(chat_server, client):
-    batched = Server(chat_server.checkpoint, "--api_key", KEY, "--batch", "4")
+def test_a_batch_serves_eight_clients_together_with_the_answers_they_get_one_at_a_time(chat_server):
+    batched, alone = (Server(chat_server.checkpoint, "--api_key", KEY, "--batch", size) for size in ("4", "1"))
     try:
-        batch_client = openai.OpenAI(base_url=batched.url + "/v1", api_key=KEY, max_retries=0)
+        batch_client, client = (openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+                                for server in (batched, alone))
         ask = {"prompt": "", "temperature": 1.2, "max_tokens": 150}  # 150 tokens > block_size 64: rows slide
         expected = {n: client.completions.create(model="m", **{**ask, "prompt": "abcdefgh"[n] * (n + 1)}, seed=n)
                     .choices[0].text for n in range(8)}
@@ -180,8 +181,8 @@ def test_a_batch_serves_eight_clients_together_with_the_answers_they_get_one_at_
         assert answers == expected and len(set(expected.values())) > 1
         assert busiest[0] >= 2  # requests were decoded together
     finally:
-        code, out, err = batched.stop()
-    assert code == 0 and "Traceback" not in err, err
+        stopped = [server.stop() for server in (batched, alone)]
+    assert all(code == 0 and "Traceback" not in err for code, _, err in stopped), stopped
 
 
 def test_a_client_that_hangs_up_frees_the_worker(chat_server):
