@@ -136,7 +136,11 @@ class Batch:
         generator = torch.Generator(device=self.device).manual_seed(work.job.seed)
         row = Row(Output(work, self.tokenizer), list(work.job.prompt_ids), generator)
         self.rows[index] = row
-        self._prefill(index, row, row.ids[-self.block_size:])
+        try:
+            self._prefill(index, row, row.ids[-self.block_size:])
+        except Exception as error:  # this request fails (500); the others go on
+            work.push(error)
+            self._free(index)
 
     def _prefill(self, index: int, row: Row, context: list[int]) -> None:
         head = context[:-1]

@@ -211,6 +211,21 @@ def test_a_batch_of_requests_gives_each_the_reply_it_gets_alone(kind):
     assert batched.runner.batch.active == 0 and len(set(expected)) == 4
 
 
+def test_a_request_that_fails_in_a_batch_fails_alone():
+    model = build(position="rope")
+    tokenizer = CharTokenizer("abcdefghij\n")
+    for batch_size in (1, 3):
+        engine = serve.Engine(model, tokenizer, 16, "tiny", batch_size=batch_size)
+        good, bad, other = served_jobs(engine, tokenizer)[:3]
+        bad.prompt_ids = [999, 1, 2]  # past the embedding's rows: its prefill raises
+        pieces: list[list] = [[], [], []]
+        for job, out in zip((good, bad, other), pieces):
+            engine.runner.jobs.put(Work(job, out.append))
+        engine.runner.run_until(stopped=lambda: all(out and out[-1] is FINISHED for out in pieces))
+        assert isinstance(pieces[1][0], IndexError) and pieces[1][1:] == [FINISHED]
+        assert good.completion_tokens == 30 and other.completion_tokens == 12, batch_size
+
+
 def test_the_decode_step_is_chosen_by_device_and_refused_where_it_cannot_run(char_checkpoint, capsys):
     model = build()
     assert resolve_decode_step("auto", model, torch.device("cpu")) == "eager"
