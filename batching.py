@@ -23,7 +23,7 @@ from typing import Callable, Optional
 import torch
 
 from decode_step import StaticStep, StaticSteps
-from sampling import SamplingSettings, TextStream, choose_tokens, generate
+from sampling import SamplingSettings, TextStream, choose_tokens, generate, kept_after_slide
 from tokenizer import Tokenizer
 from utils import notice
 
@@ -171,7 +171,7 @@ class Batch:
                     continue
                 row.ids.append(token)
                 if row.cached == self.block_size:  # full: keep the last three quarters, as sampling.Decoder
-                    self._prefill(index, row, row.ids[-(3 * self.block_size // 4):])
+                    self._prefill(index, row, row.ids[-kept_after_slide(self.block_size):])
         except Exception as error:
             for index, row in enumerate(self.rows):
                 if row is not None:

@@ -203,3 +203,8 @@ def flops_per_token(model: nn.Module, cfg: ModelConfig) -> int:
 
 def has_kv_cache(model: nn.Module) -> bool:
     return callable(getattr(model, "new_cache", None)) and accepts_keyword(model.forward, "cache")
+
+
+def has_static_cache(model: nn.Module) -> bool:
+    """Whether the model offers the optional new_static_cache() hook (model.py's GPT does)."""
+    return has_kv_cache(model) and callable(getattr(model, "new_static_cache", None))

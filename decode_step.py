@@ -22,14 +22,10 @@ from typing import Callable, Optional
 import torch
 
 from config_fields import DECODE_STEPS
+from contract import has_static_cache
 from errors import UserError
 from model import StaticKVCache
 WARMUP_STEPS = 3  # eager runs before a capture, so that lazy initialisation happens outside it
-
-
-def has_static_cache(model: torch.nn.Module) -> bool:
-    """Whether the model offers the optional new_static_cache() hook (model.py's GPT does)."""
-    return callable(getattr(model, "new_static_cache", None))
 
 
 def resolve_decode_step(requested: str, model: torch.nn.Module, device: torch.device) -> str:

@@ -25,7 +25,7 @@ from contract import has_kv_cache
 from config_fields import DECODE_STEPS
 from decode_step import StaticSteps, static_steps
 from errors import UserError
-from sampling import SamplingSettings, TextStream, generate_batch
+from sampling import SamplingSettings, TextStream, generate_batch, kept_after_slide
 from tokenizer import END_OF_TEXT, Tokenizer, tokenizer_from_dict
 from utils import notice, process_start_time
 
@@ -169,7 +169,7 @@ class Session:
     def _slide_notice(self) -> None:
         limit = self.block_size
         notice(f"the context of {limit} tokens is full; from here on the model sees the last "
-               f"{3 * limit // 4} tokens, recomputed each time it fills")
+               f"{kept_after_slide(limit)} tokens, recomputed each time it fills")
 
 
 def write_samples(session: Session, prompt: str, count: int) -> None:

@@ -95,6 +95,11 @@ def choose_token(logits: torch.Tensor, previous: torch.Tensor, s: SamplingSettin
     return choose_tokens(logits[None], previous[None], s, [generator])[0]
 
 
+def kept_after_slide(block_size: int) -> int:
+    """How many of the latest tokens the context keeps when it is full and slides on."""
+    return 3 * block_size // 4
+
+
 class Decoder:
     """Feeds a model one token per row at a time against its KV cache. When the context is
     full, it keeps the last three quarters, computes their cache afresh, and goes on (calling
@@ -141,7 +146,7 @@ class Decoder:
         if not self.slid:
             self.slid = True
             self.on_slide()
-        keep = 3 * self.block_size // 4
+        keep = kept_after_slide(self.block_size)
         return self.start([row[-keep:] for row in rows])
 
 
