@@ -155,17 +155,12 @@ class Batch:
         was cancelled is freed. A failure ends every job in the batch with it."""
         try:
             logits = self._forward()
-            vocab = self.tokenizer.vocab_size
             for index, row in enumerate(self.rows):
-                if row is None:
-                    continue
-                job = row.output.job
-                if job.cancelled.is_set() or stopping():
+                if row is not None and (row.output.job.cancelled.is_set() or stopping()):
                     self._free(index)
-                    continue
-                token = choose_tokens(logits[index : index + 1, :vocab], logits.new_empty(1, 0, dtype=torch.long),
-                                      job.settings, [row.generator])[0]
-                if token in job.stop_ids or row.output.add(token):
+            for index, token in self._choose(logits).items():
+                row = self.rows[index]
+                if token in row.output.job.stop_ids or row.output.add(token):
                     row.output.finish()
                     self._free(index)
                     continue
@@ -177,6 +172,32 @@ class Batch:
                 if row is not None:
                     row.output.push(error)
                     self._free(index)
+
+    def _choose(self, logits: torch.Tensor) -> dict[int, int]:
+        """The next token of each row in use, by row index. Rows whose jobs sample alike are
+        chosen together, in one host read: one for the whole batch when all requests agree."""
+        groups: dict[tuple, list[int]] = {}
+        for index, row in enumerate(self.rows):
+            if row is not None:
+                groups.setdefault(row.output.job.settings.choice(), []).append(index)
+        chosen: dict[int, int] = {}
+        for indices in groups.values():
+            rows = [self.rows[index] for index in indices]
+            settings = rows[0].output.job.settings
+            tokens = choose_tokens(logits[indices, : self.tokenizer.vocab_size], self._recent(rows, settings),
+                                   settings, [row.generator for row in rows])
+            chosen.update(zip(indices, tokens))
+        return chosen
+
+    def _recent(self, rows: list[Row], settings: SamplingSettings) -> torch.Tensor:
+        """The ids a repetition penalty looks at, as sampling.generate_batch: each row's last
+        block_size tokens, the shorter rows padded with their own last id (penalised once all
+        the same); none where there is no penalty."""
+        if settings.repetition_penalty == 1.0:
+            return torch.empty(len(rows), 0, dtype=torch.long, device=self.device)
+        recent = [row.ids[-self.block_size:] for row in rows]
+        longest = max(map(len, recent))
+        return torch.tensor([ids + ids[-1:] * (longest - len(ids)) for ids in recent], device=self.device)
 
     def _forward(self) -> torch.Tensor:
         """Feed the last token of each row in use (a placeholder for a free one among them,

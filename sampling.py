@@ -29,6 +29,10 @@ class SamplingSettings:
     repetition_penalty: float = 1.0  # > 1 makes tokens already in the context less likely
     stop: list[str] = field(default_factory=list)
 
+    def choice(self) -> tuple:
+        """What choose_tokens reads: rows whose settings agree on it are chosen together."""
+        return self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty
+
 
 def penalise_repetition(logits: torch.Tensor, previous: torch.Tensor, penalty: float) -> torch.Tensor:
     """Make the tokens in `previous` (per row, like logits) less likely (CTRL, Keskar et al.

@@ -11,7 +11,8 @@ import eval as evaluate
 import gen
 import serve
 from api_requests import Sampling
-from batching import FINISHED, Work
+import batching
+from batching import FINISHED, Job, Work
 from checkpoint import save_checkpoint
 from cli import run_cli
 from config import Config, config_to_dict
@@ -209,6 +210,24 @@ def test_a_batch_of_requests_gives_each_the_reply_it_gets_alone(kind):
     assert serve_jobs(batched, jobs) == expected
     assert [job.completion_tokens for job in jobs] == [tokens for *_, tokens in SERVED]
     assert batched.runner.batch.active == 0 and len(set(expected)) == 4
+
+
+def test_requests_that_sample_alike_are_chosen_together_as_alone_with_a_repetition_penalty(monkeypatch):
+    model = build(position="rope")
+    tokenizer = CharTokenizer("abcdefghij\n")
+    settings = SamplingSettings(max_new_tokens=20, temperature=1.1, top_k=5, repetition_penalty=1.3)
+
+    def jobs() -> list[Job]:
+        return [Job(tokenizer.encode(prompt), settings, frozenset(), seed)
+                for prompt, seed in (("abc", 1), ("j", 2), ("ba", 3))]
+
+    alone = [serve_jobs(serve.Engine(model, tokenizer, 16, "tiny"), [job])[0] for job in jobs()]
+    reads: list[int] = []
+    real = batching.choose_tokens
+    monkeypatch.setattr(batching, "choose_tokens", lambda logits, *rest: reads.append(len(logits)) or real(logits, *rest))
+    batched = serve.Engine(model, tokenizer, 16, "tiny", batch_size=4)
+    assert serve_jobs(batched, jobs()) == alone and len(set(alone)) == 3
+    assert reads == [3] * 20  # each step's three rows chosen in one call (the jobs came together)
 
 
 def test_a_request_that_fails_in_a_batch_fails_alone():
