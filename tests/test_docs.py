@@ -365,7 +365,6 @@ def test_relative_links_resolve():
             if not path or re.match(r"^[a-z]+:", path):
                 continue
             resolved = (page.parent / path).resolve()
-            name = resolved.relative_to(REPO_ROOT).as_posix() if resolved.is_relative_to(REPO_ROOT) else path
             if not resolved.exists():
                 broken.append(f"{page.relative_to(REPO_ROOT)}: {target}")
     assert not broken, "links to nothing:\n" + "\n".join(broken)
