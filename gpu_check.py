@@ -59,6 +59,8 @@ BEFORE_ENDED = {"failed": "failed", "timeout": "ran out of time", "skipped": "wa
 def _skip_reason(ctx: Context, item: Item, limit_s: float, total_s: float) -> Optional[str]:
     if item.needs_cuda and ctx.smoke:
         return "no CUDA: the smoke check runs on the CPU"
+    if item.warm and ctx.smoke:
+        return f"{item.after} again on its compile cache, and the smoke check compiles nothing"
     if item.after is not None:
         before = ctx.outcomes.get(item.after)
         if before is None:

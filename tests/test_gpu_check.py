@@ -113,6 +113,8 @@ def test_items_that_cannot_run_are_skipped_with_the_reason(tmp_path):
         "cuda": gpu_check.run_item(ctx, Item("c", 30, never.commands, fine, needs_cuda=True), 100, 300, tmp_path),
         "first": gpu_check.run_item(ctx, Item("w", 30, never.commands, fine, after="cold"), 100, 300, tmp_path),
         "time": gpu_check.run_item(ctx, Item("late", 30, never.commands, fine), 2, 300, tmp_path),
+        "warm": gpu_check.run_item(ctx, Item("w", 30, never.commands, fine, after="cold", warm=True), 100, 300,
+                                   tmp_path),
     }
     ctx.outcomes["cold"] = Outcome("cold", "timeout", 30, 30, "stopped")
     reasons["failed"] = gpu_check.run_item(ctx, Item("w", 30, never.commands, fine, after="cold"), 100, 300, tmp_path)
@@ -121,6 +123,7 @@ def test_items_that_cannot_run_are_skipped_with_the_reason(tmp_path):
     assert reasons["first"].reason == "needs cold before it in the same run (--only cold w)"
     assert reasons["time"].reason == "the 300 s total was spent; run it alone with --only late"
     assert reasons["failed"].reason == "needs cold, which ran out of time"
+    assert reasons["warm"].reason == "cold again on its compile cache, and the smoke check compiles nothing"
 
 
 def test_bad_arguments_are_one_line(capsys, monkeypatch):
@@ -212,9 +215,9 @@ def test_the_smoke_check_runs_every_item_on_the_cpu(tmp_path):
         assert line["status"] == "skipped" or line["figures"]["recompilations"] == 0, name  # compile is off
     skipped = {name for name, line in lines.items() if line["status"] == "skipped"}
     assert skipped == {"cuda_tests", "124m_compile_default", "124m_cuda_graphs", "124m_cudnn_attention",
-                       "124m_max_batch", "124m_at_max_batch"}
+                       "124m_max_batch", "124m_at_max_batch", "speedrun_warm", "default_warm"}
     assert lines["cuda_tests"]["reason"].startswith("no CUDA: ") and lines["cuda_tests"]["figures"]["skipped"] > 0
-    for name in ("speedrun_cold", "speedrun_warm", "default_cold", "default_warm"):
+    for name in ("speedrun_cold", "default_cold"):
         figures = lines[name]["figures"]
         assert figures["val_loss_over"] == "the whole validation split" and figures["best_val_loss"] > 0
         assert "seconds_to_target" in figures and figures["device"] == "cpu"
