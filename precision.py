@@ -26,31 +26,17 @@ CPU_DTYPES = ("float32", "bfloat16")  # what auto chooses between on a CPU
 MIN_SPEEDUP = 1.1  # bf16 costs precision, so it has to be clearly faster to be picked
 
 
-@dataclasses.dataclass
-class StepTimes:
-    """Estimated seconds of one full training step of the run in each dtype (and of an
-    evaluation batch, kept with them for timing.py's estimate of the whole run)."""
-
-    float32_s: float
-    bfloat16_s: float
-    float32_eval_batch_s: Optional[float] = None
-    bfloat16_eval_batch_s: Optional[float] = None
-
-    def probe_times(self) -> dict[torch.dtype, timing.ProbeTimes]:
-        return {torch.float32: timing.ProbeTimes(self.float32_s, self.float32_eval_batch_s),
-                torch.bfloat16: timing.ProbeTimes(self.bfloat16_s, self.bfloat16_eval_batch_s)}
-
-    def choice(self) -> tuple[torch.dtype, str]:
-        """Return the faster dtype and a sentence saying why, for the summary before training."""
-        speedup = self.float32_s / self.bfloat16_s
-        if speedup >= MIN_SPEEDUP:
-            return torch.bfloat16, f"bfloat16: measured {speedup:.2f}x faster than float32 here"
-        if round(speedup, 2) == 1:
-            return torch.float32, "float32: measured as fast as bfloat16 here, and more precise"
-        if speedup > 1:
-            return torch.float32, (f"float32: bfloat16 measured only {speedup:.2f}x faster here, "
-                                   f"not worth its lower precision (it needs {MIN_SPEEDUP}x)")
-        return torch.float32, f"float32: measured {1 / speedup:.2f}x faster than bfloat16 here"
+def faster_dtype(float32_s: float, bfloat16_s: float) -> tuple[torch.dtype, str]:
+    """Return the dtype whose step was faster and a sentence saying why, for the summary before training."""
+    speedup = float32_s / bfloat16_s
+    if speedup >= MIN_SPEEDUP:
+        return torch.bfloat16, f"bfloat16: measured {speedup:.2f}x faster than float32 here"
+    if round(speedup, 2) == 1:
+        return torch.float32, "float32: measured as fast as bfloat16 here, and more precise"
+    if speedup > 1:
+        return torch.float32, (f"float32: bfloat16 measured only {speedup:.2f}x faster here, "
+                               f"not worth its lower precision (it needs {MIN_SPEEDUP}x)")
+    return torch.float32, f"float32: measured {1 / speedup:.2f}x faster than bfloat16 here"
 
 
 def choose_cpu_dtype(cfg: Config, system: DeviceInfo, continuing: Optional[str] = None) -> DeviceInfo:
@@ -79,17 +65,18 @@ def _cpu_choice(cfg: Config, system: DeviceInfo, continuing: Optional[str]) -> t
     if system.processes > 1:
         return torch.float32, ("float32: not measured under torchrun, where the processes would time "
                                "each other; pass --system.dtype bfloat16 to compare")
-    cached = timing.cached_seconds(cfg)
-    times = StepTimes(cached["float32"], cached["bfloat16"]) if len(cached) == 2 else None
-    if times is None:
-        times = time_training_step(cfg)
-        timing.remember(cfg, times.probe_times())
-    dtype, reason = times.choice()
-    return dtype, f"{reason} ({1000 * times.float32_s:.0f} against {1000 * times.bfloat16_s:.0f} ms/step)"
+    cached = timing.cached_times(cfg).times
+    if len(cached) == len(CPU_DTYPES):
+        float32_s, bfloat16_s = cached["float32"].step_s, cached["bfloat16"].step_s
+    else:
+        probed = time_training_step(cfg)
+        timing.remember(cfg, probed)
+        float32_s, bfloat16_s = probed[torch.float32].step_s, probed[torch.bfloat16].step_s
+    dtype, reason = faster_dtype(float32_s, bfloat16_s)
+    return dtype, f"{reason} ({1000 * float32_s:.0f} against {1000 * bfloat16_s:.0f} ms/step)"
 
 
-def time_training_step(cfg: Config) -> StepTimes:
-    """Return the estimated time of one training step in float32 and in bfloat16 autocast."""
-    probed = timing.time_steps(cfg, (torch.float32, torch.bfloat16))
-    float32, bfloat16 = probed[torch.float32], probed[torch.bfloat16]
-    return StepTimes(float32.step_s, bfloat16.step_s, float32.eval_batch_s, bfloat16.eval_batch_s)
+def time_training_step(cfg: Config) -> dict[torch.dtype, timing.ProbeTimes]:
+    """Return the estimated times of one training step (and evaluation batch) in float32 and in
+    bfloat16 autocast."""
+    return timing.time_steps(cfg, (torch.float32, torch.bfloat16))

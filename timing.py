@@ -150,19 +150,35 @@ class TimedStep:
 # ---------------------------------------------------------------- the cache
 
 
-def cached_seconds(cfg: Config, figure: str = "") -> dict[str, float]:
-    """Return the cached seconds per step of this machine and shape, by dtype name ({} if none);
-    with figure "eval_batch_", those of an evaluation batch.
+@dataclasses.dataclass(frozen=True)
+class CachedTimes:
+    """This machine and shape's entry of the cache: the times of each dtype timed, and when."""
 
-    A damaged file, or an entry that is no time (edited, zero, not finite), counts as absent,
-    so it is timed again."""
+    times: dict[str, ProbeTimes]  # by dtype name
+    measured: str = "an unknown time"
+
+
+def cached_times(cfg: Config) -> CachedTimes:
+    """Return this machine and shape's cached times (none if nothing is cached).
+
+    A damaged file counts as empty, and a figure that is no time (edited, zero, not finite) as
+    absent, so it is timed again."""
     try:
         entry = json.loads(_cache_path(cfg).read_text())[probe_key(cfg)]
-        seconds = {name: float(entry[f"{name}_{figure}s"]) for name in ("float32", "bfloat16")
-                   if f"{name}_{figure}s" in entry}
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
-    return {name: s for name, s in seconds.items() if math.isfinite(s) and s > 0}
+        times = {name: ProbeTimes(step_s, _seconds(entry.get(f"{name}_eval_batch_s")))
+                 for name in ("float32", "bfloat16") if (step_s := _seconds(entry.get(f"{name}_s"))) is not None}
+        return CachedTimes(times, str(entry.get("measured", CachedTimes.measured)))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return CachedTimes({})
+
+
+def _seconds(value: object) -> Optional[float]:
+    """Return `value` as a positive, finite number of seconds, else None."""
+    try:
+        seconds = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return seconds if math.isfinite(seconds) and seconds > 0 else None
 
 
 def remember(cfg: Config, times: dict[torch.dtype, ProbeTimes]) -> None:
@@ -184,14 +200,6 @@ def remember(cfg: Config, times: dict[torch.dtype, ProbeTimes]) -> None:
         write_file_atomic(path, lambda file: file.write(json.dumps(entries, indent=1).encode()))
     except OSError:
         pass  # a read-only cache only means timing again next run
-
-
-def _measured_at(cfg: Config) -> str:
-    """Return when this shape's cache entry was last timed ("an unknown time" if it does not say)."""
-    try:
-        return str(json.loads(_cache_path(cfg).read_text())[probe_key(cfg)]["measured"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return "an unknown time"
 
 
 def _cache_path(cfg: Config) -> Path:
@@ -224,12 +232,11 @@ def cpu_step_estimate(cfg: Config, dtype: torch.dtype) -> StepEstimate:
             raise UserError(f"{ENVIRONMENT_VARIABLE}={forced} is no number of seconds; set it to one "
                             "such as 0.25, or unset it to time a step")
         return StepEstimate(seconds, f"set by {ENVIRONMENT_VARIABLE}")
-    name = dtype_name(dtype)
-    cached = cached_seconds(cfg).get(name)
-    if cached is not None:  # the time says whether it is this command's dtype probe or an old figure
-        return StepEstimate(cached, f"{name}, timed on this machine at {_measured_at(cfg)}, "
-                                    f"kept in {cfg.data.cache_dir}/{CACHE_FILE}",
-                            cached_seconds(cfg, "eval_batch_").get(name))
+    name, cached = dtype_name(dtype), cached_times(cfg)
+    if name in cached.times:  # the time says whether it is this command's dtype probe or an old figure
+        times = cached.times[name]
+        return StepEstimate(times.step_s, f"{name}, timed on this machine at {cached.measured}, "
+                                          f"kept in {cfg.data.cache_dir}/{CACHE_FILE}", times.eval_batch_s)
     print(f"timing a training step of this model in {name} for the estimate...", file=sys.stderr, flush=True)
     started = time.perf_counter()
     times = time_steps(cfg, (dtype,))[dtype]

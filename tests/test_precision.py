@@ -15,7 +15,7 @@ import utils
 from checkpoint import load_checkpoint
 from config import Config, DataConfig, ModelConfig, SystemConfig, TrainingConfig
 from errors import UserError
-from precision import StepTimes, choose_cpu_dtype
+from precision import choose_cpu_dtype
 
 CPU_KINDS = {  # what torch.cpu's checks answer on each kind: (AVX-512 BF16, AMX tiles)
     "avx2": (False, False),
@@ -34,13 +34,17 @@ def cpu_kind(request, monkeypatch):
     return request.param
 
 
+def step_times(float32_s: float, bfloat16_s: float) -> dict[torch.dtype, timing.ProbeTimes]:
+    return {torch.float32: timing.ProbeTimes(float32_s), torch.bfloat16: timing.ProbeTimes(bfloat16_s)}
+
+
 @pytest.fixture
 def timings(monkeypatch):
     """Replace the timed probe by given figures; record each time it is asked to measure."""
     calls: list[Config] = []
-    figures = {"times": StepTimes(float32_s=0.14, bfloat16_s=0.10)}
+    figures = {"times": step_times(float32_s=0.14, bfloat16_s=0.10)}
 
-    def fake(cfg: Config) -> StepTimes:
+    def fake(cfg: Config) -> dict[torch.dtype, timing.ProbeTimes]:
         calls.append(cfg)
         return figures["times"]
 
@@ -78,7 +82,7 @@ def test_a_cpu_without_native_bf16_trains_in_float32_without_timing(cpu_kind, ti
 def test_a_cpu_with_native_bf16_takes_the_dtype_measured_faster(cpu_kind, timings, tmp_path, float32_s,
                                                                  bfloat16_s, expected, reason):
     calls, figures = timings
-    figures["times"] = StepTimes(float32_s, bfloat16_s)
+    figures["times"] = step_times(float32_s, bfloat16_s)
     chosen = choose_cpu_dtype(run_config(tmp_path), cpu_system())
     assert (chosen.dtype, chosen.dtype_reason) == (expected, reason)
     assert len(calls) == 1
@@ -89,7 +93,7 @@ def test_the_measurement_is_cached_per_machine_and_shape(cpu_kind, timings, tmp_
     calls, figures = timings
     cfg = run_config(tmp_path)
     first = choose_cpu_dtype(cfg, cpu_system())
-    figures["times"] = StepTimes(0.1, 0.2)  # not asked again for the same shape
+    figures["times"] = step_times(0.1, 0.2)  # not asked again for the same shape
     assert choose_cpu_dtype(cfg, cpu_system()) == first
     assert len(calls) == 1
     wider = run_config(tmp_path, n_embd=32)
@@ -188,7 +192,8 @@ def test_the_probe_times_both_dtypes_and_leaves_the_random_state_alone(tmp_path,
     before = torch.get_rng_state()
     times = precision.time_training_step(cfg)
     assert torch.equal(torch.get_rng_state(), before)
-    assert 0 < times.float32_s < 10 and 0 < times.bfloat16_s < 10
+    assert list(times) == [torch.float32, torch.bfloat16]
+    assert all(0 < t.eval_batch_s < t.step_s < 10 for t in times.values())
 
 
 @pytest.mark.parametrize("cpu_kind", ["amx"], indirect=True)
@@ -205,7 +210,7 @@ def test_the_summary_before_training_says_which_dtype_and_why(cpu_kind, timings,
     assert len(timings[0]) == 1  # --show_config took the cached figures
     assert load_checkpoint(workdir / "models/tiny_test/ckpt.pt")["dtype"] == "bfloat16"
     (workdir / "cache" / timing.CACHE_FILE).unlink()
-    timings[1]["times"] = StepTimes(float32_s=0.1, bfloat16_s=0.2)  # now float32 would be faster
+    timings[1]["times"] = step_times(float32_s=0.1, bfloat16_s=0.2)  # now float32 would be faster
     assert train.main(["--config", str(tiny_config_file), "--system.dtype", "auto", "--resume",
                        "--max_steps", "2"]) == 0
     assert re.search(r"dtype +bfloat16: as the run this continues was trained", capsys.readouterr().out)

@@ -52,10 +52,27 @@ def test_a_step_is_timed_once_per_shape_then_read_from_the_cache(tmp_path, monke
 
     monkeypatch.setattr(timing, "time_steps", lambda *args: pytest.fail("timed again"))
     again = timing.cpu_step_estimate(cfg, torch.float32)
-    assert (again.seconds, again.eval_batch_s) == (first.seconds, first.eval_batch_s) and f"timed on this machine at {entry['measured']}" in again.source
+    assert (again.seconds, again.eval_batch_s) == (first.seconds, first.eval_batch_s)
+    assert f"timed on this machine at {entry['measured']}" in again.source
     timing.remember(cfg, {torch.bfloat16: timing.ProbeTimes(0.25, 0.05)})  # the dtype probe's, in the same entry
-    assert timing.cached_seconds(cfg) == {"float32": first.seconds, "bfloat16": 0.25}
-    assert timing.cached_seconds(cfg, "eval_batch_") == {"float32": first.eval_batch_s, "bfloat16": 0.05}
+    both = timing.cached_times(cfg)
+    assert both.times == {"float32": timing.ProbeTimes(first.seconds, first.eval_batch_s),
+                          "bfloat16": timing.ProbeTimes(0.25, 0.05)}
+    entry = json.loads((tmp_path / "cache" / timing.CACHE_FILE).read_text())[timing.probe_key(cfg)]
+    assert both.measured == entry["measured"]
+
+
+@pytest.mark.parametrize("entry, expected", [
+    ({"float32_s": "fast", "bfloat16_s": 0, "measured": "noon"}, {}),  # edited into no time: timed again
+    ({"float32_s": 0.2, "float32_eval_batch_s": float("nan")}, {"float32": timing.ProbeTimes(0.2, None)}),
+    (["not", "an", "entry"], {}),
+])
+def test_a_cached_figure_that_is_no_time_counts_as_absent(tmp_path, entry, expected):
+    cfg = tiny_cpu_config(tmp_path)
+    cache = tmp_path / "cache" / timing.CACHE_FILE
+    cache.parent.mkdir()
+    cache.write_text(json.dumps({timing.probe_key(cfg): entry}))
+    assert timing.cached_times(cfg).times == expected
 
 
 @pytest.mark.parametrize("value", ["0.25", "fast", "0", "-1", "nan"])
