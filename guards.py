@@ -142,6 +142,7 @@ class StepTimer:
         self.first_step_s = 0.0  # compilation and warm-up included
         self.steps_s = 0.0  # every step's, the first included
         self.step_s = 0.0
+        self.slowest_s = 0.0  # of the steps after the first (the one after an evaluation waits for its plot)
         self.eval_s = 0.0
         self.save_s = 0.0
         self.write_s = save_guess_s  # until a write has been timed (by the writing thread)
@@ -156,11 +157,16 @@ class StepTimer:
             return
         # an exponential average follows drift without jumping at every slow step
         self.step_s = seconds if self._steps_seen == 2 else 0.9 * self.step_s + 0.1 * seconds
+        self.slowest_s = max(self.slowest_s, seconds)
 
     def needed_for_next(self, evaluates: bool, steps: int = 1) -> float:
         """Seconds the next `steps` steps need, with an evaluation, plus a whole save (the last
-        one's write is waited for) and a safety step."""
-        return (steps + 1) * self.step_s + (self.eval_s if evaluates else 0.0) + self.save_s + self.write_s
+        one's write is waited for) and a safety step as slow as the slowest seen: a step that
+        runs beside the plot's drawing after an evaluation took 0.2-0.45 s where the others took
+        5-15 ms (the tiny test model, 2 cores), and an average step of margin let the last save
+        end up to 0.15 s past the deadline."""
+        return (steps * self.step_s + max(self.step_s, self.slowest_s) + (self.eval_s if evaluates else 0.0)
+                + self.save_s + self.write_s)
 
 
 class DeferredSkips:

@@ -245,10 +245,13 @@ def test_durations_and_step_timing():
     timer.record_step(2.0)
     assert timer.step_s == pytest.approx(1.1)
     timer.eval_s = 5.0
-    assert timer.needed_for_next(evaluates=True) == pytest.approx(2.2 + 5.0 + 2.0)
-    assert timer.needed_for_next(evaluates=False) == pytest.approx(2.2 + 2.0)
+    assert timer.needed_for_next(evaluates=True) == pytest.approx(1.1 + 2.0 + 5.0 + 2.0)
+    assert timer.needed_for_next(evaluates=False) == pytest.approx(1.1 + 2.0 + 2.0)
     timer.save_s, timer.write_s = 0.1, 1.5  # a timed save: the snapshot, then the background write
-    assert timer.needed_for_next(evaluates=False) == pytest.approx(2.2 + 0.1 + 1.5)
+    assert timer.needed_for_next(evaluates=False) == pytest.approx(1.1 + 2.0 + 0.1 + 1.5)  # safety: the slowest
+    timer.record_step(9.0)  # one slow step (beside the plot's drawing): it is the safety step from now on
+    assert timer.step_s == pytest.approx(1.89) and timer.slowest_s == 9.0
+    assert timer.needed_for_next(evaluates=False, steps=2) == pytest.approx(2 * 1.89 + 9.0 + 0.1 + 1.5)
 
 
 def start_training(workdir: Path, corpus: Path, *flags: str) -> subprocess.Popen:
