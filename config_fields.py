@@ -20,10 +20,10 @@ from errors import UserError
 
 def option(default: Any, help: str, **extra: Any) -> Any:
     """Return a dataclass field carrying its help text (and choices or a parser) as metadata;
-    a list default becomes a fresh copy per instance, so no two configs share one list."""
+    a list or dict default becomes a fresh copy per instance, so no two configs share one."""
     metadata = {"help": help, **extra}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=metadata)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
     return field(default=default, metadata=metadata)
 
 

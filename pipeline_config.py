@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from config_fields import check_value, read_json_object, unknown_key_message
+from config_fields import check_value, option, read_json_object, unknown_key_message
 from errors import UserError
 from tasks import DEFAULT_IDENTITY, KIND_NAMES
 
@@ -35,47 +35,52 @@ BASE_TEXT, TASK_CHATS = "base", "tasks"  # the data names a phase may list besid
 
 @dataclass
 class TokenizerSpec:
-    kind: str = "char"  # char | sentencepiece | tiktoken (nothing to train)
-    vocab_size: int = 2048  # sentencepiece
-    model: str = "bpe"  # sentencepiece: bpe | unigram
-    encoding: str = "gpt2"  # tiktoken
+    """The tokenizer phase: fitted to the base text and the task chats, shared by every phase."""
+    kind: str = option("char", "char, sentencepiece (trained here) or tiktoken (a fixed encoding, nothing to train)")
+    vocab_size: int = option(2048, "sentencepiece: the vocabulary it trains")
+    model: str = option("bpe", "sentencepiece: its algorithm")
+    encoding: str = option("gpt2", "tiktoken: the encoding")
 
 
 @dataclass
 class TasksSpec:
     """tasks.py's settings: the synthetic task chats that mid and sft learn."""
-    seed: int = 0
-    per_kind: int = 2000
-    held_out: int = 200
-    sizes: dict = field(default_factory=dict)  # kind -> training examples, over per_kind
-    kinds: list = field(default_factory=lambda: list(KIND_NAMES))
-    identity: str = str(DEFAULT_IDENTITY)
+    seed: int = option(0, "the seed the chats are drawn with")
+    per_kind: int = option(2000, "training chats per kind")
+    held_out: int = option(200, "held-out chats per kind, at most (eval's exact-match questions)")
+    sizes: dict = option({}, "training chats of some kinds, over per_kind: {\"identity\": 400}")
+    kinds: list = option(list(KIND_NAMES), "which kinds of task")
+    identity: str = option(str(DEFAULT_IDENTITY), "the identity JSON (the model's name, what it is, question "
+                                                  "and answer pairs)")
 
 
 @dataclass
 class TrainingPhase:
-    config: str = ""  # a train.py config, relative to the pipeline config's folder
-    data: list = field(default_factory=list)  # "base", "tasks" or paths
+    """One of base, mid and sft."""
+    config: str = option("", "its train.py config, relative to the pipeline config's folder")
+    data: list = option([], "what it trains on: \"base\" (the base text), \"tasks\" (the task chats) or "
+                            "paths (a file, folder or glob)")
 
 
 @dataclass
 class EvalSpec:
-    # multiple-choice JSONL files (question, choices, answer); "tasks": the tokenizer phase's
-    # multiple-choice form of the held-out tasks
-    multiple_choice: list = field(default_factory=list)
-    dtype: str = "float32"
+    """The eval phase: every trained phase's model scored the same way."""
+    multiple_choice: list = option([], "multiple-choice JSONL files (question, choices, answer); \"tasks\": "
+                                       "the held-out tasks asked as multiple choice")
+    dtype: str = option("float32", "the dtype eval.py scores in")
 
 
 @dataclass
 class ReportSpec:
-    prompts: list = field(default_factory=list)  # the sample chats' opening messages
-    system: str = ""  # their system prompt
+    """The report phase: report.md, with sample chats of the final model."""
+    prompts: list = option([], "the sample chats' opening messages")
+    system: str = option("", "their system prompt (none if empty)")
 
 
 @dataclass
 class PipelineConfig:
-    run_dir: str = "models/pipeline"
-    dataset: str = "shakespeare_char"  # the base text
+    run_dir: str = option("models/pipeline", "where every phase writes its folder, and the report")
+    dataset: str = option("shakespeare_char", "the base text: a dataset name, a file, a folder or a glob")
     tokenizer: TokenizerSpec = field(default_factory=TokenizerSpec)
     tasks: TasksSpec = field(default_factory=TasksSpec)
     base: TrainingPhase = field(default_factory=TrainingPhase)

@@ -232,22 +232,22 @@ def pipeline_page() -> str:
     lines = ["# Pipeline config reference", "", GENERATED_NOTE.format(source="pipeline_config.py"), "",
              "The JSON file `pipeline.py --config` reads. A key left out takes its default below, but "
              + ", ".join(pc.TRAINING_PHASES) + " each need a `config` and `data`; an unknown key or a "
-             "wrong type is one line. The fields carry no help text in the code: what they mean is in "
-             "pipeline_config.py's docstring, quoted here.", "", "```text",
+             "wrong type is one line. pipeline_config.py's docstring says how the parts fit:", "", "```text",
              (pc.__doc__ or "").strip(), "```", "",
              f"On pipeline.py's command line, {overridable} set a field over the file's.", "",
              "## top level", ""]
-    lines += table(("key", "type", "default"),
-                   [[code_cell(f.name), pipeline_type(field_default(f)), code_cell(json_text(field_default(f)))]
-                    for f in scalars])
+    lines += table(("key", "type", "default", "meaning"),
+                   [[code_cell(f.name), pipeline_type(field_default(f)), code_cell(json_text(field_default(f))),
+                     md_cell(f.metadata.get("help", ""))] for f in scalars])
     for cls, names in grouped.items():
         lines += ["", "## " + ", ".join(names), ""]
         rows = []
         for f in dataclasses.fields(cls):
             value = field_default(f)
             choices = ", ".join(code_cell(c) for c in pc.CHOICES.get(f"{names[0]}.{f.name}", ()))
-            rows.append([code_cell(f.name), pipeline_type(value), code_cell(json_text(value)), choices])
-        lines += table(("key", "type", "default", "choices"), rows)
+            rows.append([code_cell(f.name), pipeline_type(value), code_cell(json_text(value)), choices,
+                         md_cell(f.metadata.get("help", ""))])
+        lines += table(("key", "type", "default", "choices", "meaning"), rows)
     return "\n".join(lines) + "\n"
 
 

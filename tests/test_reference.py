@@ -105,9 +105,11 @@ def test_every_pipeline_config_field_is_in_its_page(rendered):
         if f.name == "source":
             continue
         value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        fields = [g.name for g in dataclasses.fields(value)] if dataclasses.is_dataclass(value) else [f.name]
-        for name in fields:
-            assert f"| `{name}` |" in page, f"{f.name}.{name}"
+        fields = dataclasses.fields(value) if dataclasses.is_dataclass(value) else [f]
+        for g in fields:
+            help_text = g.metadata.get("help", "")
+            assert help_text, f"{f.name}.{g.name} has no help text: give it one with config_fields.option"
+            assert f"| `{g.name}` |" in page and f"| {help_text} |" in page, f"{f.name}.{g.name}"
 
 
 def test_every_exit_code_is_in_exit_codes_md():
