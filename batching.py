@@ -179,7 +179,7 @@ class Batch:
         groups: dict[tuple, list[int]] = {}
         for index, row in enumerate(self.rows):
             if row is not None:
-                groups.setdefault(row.output.job.settings.choice(), []).append(index)
+                groups.setdefault(row.output.job.settings.choice_key(), []).append(index)
         chosen: dict[int, int] = {}
         for indices in groups.values():
             rows = [self.rows[index] for index in indices]

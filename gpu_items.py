@@ -87,7 +87,11 @@ class Item:
     cache: str = "shared"  # items of one group share a compile cache, the first one cold
     needs_cuda: bool = False  # skipped in the smoke check, which runs on the CPU
     after: Optional[str] = None  # an item that must have succeeded first (its cache or its figures)
-    warm: bool = False  # `after`'s commands again, on its compile cache: the smoke check compiles nothing, so skips it
+    warm: bool = False  # `after`'s commands again, on its compile cache (skipped by the smoke check: no compile)
+
+    def __post_init__(self) -> None:
+        if self.warm and self.after is None:
+            raise ValueError(f"item {self.name} is warm: it needs the cold item it follows (after=...)")
 
 
 # ---------------------------------------------------------------- commands

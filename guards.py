@@ -131,6 +131,9 @@ class TimeLimit:
         return (time.time() if now is None else now) + needed_s > self.deadline
 
 
+SLOWEST_FADES = 0.99  # StepTimer.slowest_s: a step's share of it kept after each later step
+
+
 class StepTimer:
     """A running estimate of how long a step, an evaluation and a save take.
 
@@ -142,7 +145,7 @@ class StepTimer:
         self.first_step_s = 0.0  # compilation and warm-up included
         self.steps_s = 0.0  # every step's, the first included
         self.step_s = 0.0
-        self.slowest_s = 0.0  # of the steps after the first (the one after an evaluation waits for its plot)
+        self.slowest_s = 0.0  # of the recent steps after the first: a maximum that fades 1% a step
         self.eval_s = 0.0
         self.save_s = 0.0
         self.write_s = save_guess_s  # until a write has been timed (by the writing thread)
@@ -157,14 +160,12 @@ class StepTimer:
             return
         # an exponential average follows drift without jumping at every slow step
         self.step_s = seconds if self._steps_seen == 2 else 0.9 * self.step_s + 0.1 * seconds
-        self.slowest_s = max(self.slowest_s, seconds)
+        self.slowest_s = max(SLOWEST_FADES * self.slowest_s, seconds)  # one stall is forgotten in a few hundred
 
     def needed_for_next(self, evaluates: bool, steps: int = 1) -> float:
         """Seconds the next `steps` steps need, with an evaluation, plus a whole save (the last
-        one's write is waited for) and a safety step as slow as the slowest seen: a step that
-        runs beside the plot's drawing after an evaluation took 0.2-0.45 s where the others took
-        5-15 ms (the tiny test model, 2 cores), and an average step of margin let the last save
-        end up to 0.15 s past the deadline."""
+        one's write is waited for) and a safety step as slow as the slowest recent one: the step
+        after an evaluation runs beside the plot's drawing, many times slower than the average."""
         return (steps * self.step_s + max(self.step_s, self.slowest_s) + (self.eval_s if evaluates else 0.0)
                 + self.save_s + self.write_s)
 

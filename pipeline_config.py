@@ -36,7 +36,7 @@ BASE_TEXT, TASK_CHATS = "base", "tasks"  # the data names a phase may list besid
 @dataclass
 class TokenizerSpec:
     """The tokenizer phase: fitted to the base text and the task chats, shared by every phase."""
-    kind: str = option("char", "char, sentencepiece (trained here) or tiktoken (a fixed encoding, nothing to train)")
+    kind: str = option("char", "sentencepiece is trained here; tiktoken is a fixed encoding, nothing to train")
     vocab_size: int = option(2048, "sentencepiece: the vocabulary it trains")
     model: str = option("bpe", "sentencepiece: its algorithm")
     encoding: str = option("gpt2", "tiktoken: the encoding")

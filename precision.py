@@ -66,7 +66,7 @@ def _cpu_choice(cfg: Config, system: DeviceInfo, continuing: Optional[str]) -> t
         return torch.float32, ("float32: not measured under torchrun, where the processes would time "
                                "each other; pass --system.dtype bfloat16 to compare")
     cached = timing.cached_times(cfg).times
-    if len(cached) == len(CPU_DTYPES):
+    if all(name in cached for name in CPU_DTYPES):
         float32_s, bfloat16_s = cached["float32"].step_s, cached["bfloat16"].step_s
     else:
         probed = time_training_step(cfg)

@@ -29,8 +29,9 @@ class SamplingSettings:
     repetition_penalty: float = 1.0  # > 1 makes tokens already in the context less likely
     stop: list[str] = field(default_factory=list)
 
-    def choice(self) -> tuple:
-        """What choose_tokens reads: rows whose settings agree on it are chosen together."""
+    def choice_key(self) -> tuple:
+        """The settings choose_tokens reads: rows whose keys are equal are chosen together
+        (batching.py), so a setting choose_tokens comes to read belongs here too."""
         return self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty
 
 
@@ -82,7 +83,7 @@ def draw(probs: torch.Tensor, generators: Sequence[Optional[torch.Generator]]) -
 def choose_tokens(logits: torch.Tensor, previous: torch.Tensor, s: SamplingSettings,
                   generators: Sequence[Optional[torch.Generator]]) -> list[int]:
     """Pick the next token of each row of logits (B, vocab), in the module's documented order:
-    one host round-trip for the whole batch."""
+    one host round-trip for the whole batch. The settings it reads are SamplingSettings.choice_key()."""
     logits = penalise_repetition(logits.float(), previous, s.repetition_penalty)
     if s.temperature == 0:
         return logits.argmax(dim=-1).tolist()

@@ -2,16 +2,17 @@
 one-token step compiled (decode_step.py; its CUDA-graph form is tested in tests/test_gpu.py)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
+import batching
 import eval as evaluate
 import gen
 import serve
 from api_requests import Sampling
-import batching
 from batching import FINISHED, Job, Work
 from checkpoint import save_checkpoint
 from cli import run_cli
@@ -215,19 +216,30 @@ def test_a_batch_of_requests_gives_each_the_reply_it_gets_alone(kind):
 def test_requests_that_sample_alike_are_chosen_together_as_alone_with_a_repetition_penalty(monkeypatch):
     model = build(position="rope")
     tokenizer = CharTokenizer("abcdefghij\n")
-    settings = SamplingSettings(max_new_tokens=20, temperature=1.1, top_k=5, repetition_penalty=1.3)
+    penalised = SamplingSettings(max_new_tokens=20, temperature=1.1, top_k=5, repetition_penalty=1.3)
+    other = SamplingSettings(max_new_tokens=20, temperature=0.7)
 
-    def jobs() -> list[Job]:
-        return [Job(tokenizer.encode(prompt), settings, frozenset(), seed)
-                for prompt, seed in (("abc", 1), ("j", 2), ("ba", 3))]
+    def jobs(settings: SamplingSettings) -> list[Job]:
+        return [Job(tokenizer.encode(prompt), s, frozenset(), seed)
+                for prompt, seed, s in (("abc", 1, settings), ("j", 2, settings), ("ba", 3, settings),
+                                        ("ca", 4, other))]
 
-    alone = [serve_jobs(serve.Engine(model, tokenizer, 16, "tiny"), [job])[0] for job in jobs()]
+    def served_alone(settings: SamplingSettings) -> list[str]:
+        return [serve_jobs(serve.Engine(model, tokenizer, 16, "tiny"), [job])[0] for job in jobs(settings)]
+
+    alone = served_alone(penalised)
+    assert alone[:3] != served_alone(dataclasses.replace(penalised, repetition_penalty=1.0))[:3]  # it matters
     reads: list[int] = []
     real = batching.choose_tokens
-    monkeypatch.setattr(batching, "choose_tokens", lambda logits, *rest: reads.append(len(logits)) or real(logits, *rest))
+
+    def counted(logits: torch.Tensor, *rest):
+        reads.append(len(logits))
+        return real(logits, *rest)
+
+    monkeypatch.setattr(batching, "choose_tokens", counted)
     batched = serve.Engine(model, tokenizer, 16, "tiny", batch_size=4)
-    assert serve_jobs(batched, jobs()) == alone and len(set(alone)) == 3
-    assert reads == [3] * 20  # each step's three rows chosen in one call (the jobs came together)
+    assert serve_jobs(batched, jobs(penalised)) == alone and len(set(alone)) == 4
+    assert reads == [3, 1] * 20  # each step: the three alike in one call, the other in its own
 
 
 def test_a_request_that_fails_in_a_batch_fails_alone():

@@ -124,6 +124,8 @@ def test_items_that_cannot_run_are_skipped_with_the_reason(tmp_path):
     assert reasons["time"].reason == "the 300 s total was spent; run it alone with --only late"
     assert reasons["failed"].reason == "needs cold, which ran out of time"
     assert reasons["warm"].reason == "cold again on its compile cache, and the smoke check compiles nothing"
+    with pytest.raises(ValueError, match="item w is warm: it needs the cold item it follows"):
+        Item("w", 30, never.commands, fine, warm=True)
 
 
 def test_bad_arguments_are_one_line(capsys, monkeypatch):
