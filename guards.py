@@ -131,7 +131,7 @@ class TimeLimit:
         return (time.time() if now is None else now) + needed_s > self.deadline
 
 
-SLOWEST_FADES = 0.99  # StepTimer.slowest_s: a step's share of it kept after each later step
+SLOWEST_FADES = 0.999  # StepTimer.slowest_s: the share of it kept after each later step
 
 
 class StepTimer:
@@ -145,7 +145,7 @@ class StepTimer:
         self.first_step_s = 0.0  # compilation and warm-up included
         self.steps_s = 0.0  # every step's, the first included
         self.step_s = 0.0
-        self.slowest_s = 0.0  # of the recent steps after the first: a maximum that fades 1% a step
+        self.slowest_s = 0.0  # of the recent steps after the first: a maximum that fades 0.1% a step
         self.eval_s = 0.0
         self.save_s = 0.0
         self.write_s = save_guess_s  # until a write has been timed (by the writing thread)
@@ -160,7 +160,7 @@ class StepTimer:
             return
         # an exponential average follows drift without jumping at every slow step
         self.step_s = seconds if self._steps_seen == 2 else 0.9 * self.step_s + 0.1 * seconds
-        self.slowest_s = max(SLOWEST_FADES * self.slowest_s, seconds)  # one stall is forgotten in a few hundred
+        self.slowest_s = max(SLOWEST_FADES * self.slowest_s, seconds)  # one stall is forgotten in some thousands
 
     def needed_for_next(self, evaluates: bool, steps: int = 1) -> float:
         """Seconds the next `steps` steps need, with an evaluation, plus a whole save (the last
