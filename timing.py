@@ -224,11 +224,8 @@ def cpu_step_estimate(cfg: Config, dtype: torch.dtype) -> StepEstimate:
     environment variable, the cache, or timed now (and cached)."""
     forced = os.environ.get(ENVIRONMENT_VARIABLE)
     if forced:
-        try:
-            seconds = float(forced)
-        except ValueError:
-            seconds = math.nan
-        if not (math.isfinite(seconds) and seconds > 0):
+        seconds = _seconds(forced)
+        if seconds is None:
             raise UserError(f"{ENVIRONMENT_VARIABLE}={forced} is no number of seconds; set it to one "
                             "such as 0.25, or unset it to time a step")
         return StepEstimate(seconds, f"set by {ENVIRONMENT_VARIABLE}")
