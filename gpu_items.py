@@ -32,6 +32,7 @@ SMOKE_FLAGS = ["--system.device", "cpu", "--system.dtype", "float32", "--system.
                "--batch_size", "32", "--max_steps", "20", "--training.warmup_steps", "2", "--eval_interval", "10",
                "--eval_iters", "2", "--log_interval", "5"]  # batch 32: the whole val split in 109 batches
 SMOKE_THROUGHPUT_FLAGS = ["--steps", "10", "--batch_size", "4"]  # the 50k-word head is most of the work
+DECODE_BATCH = 8  # serve.py's --batch default
 RECOMPILE_LINE = "Recompiling function"  # what TORCH_LOGS=recompiles prints for each recompilation
 
 
@@ -136,6 +137,15 @@ def decode(ctx: Context) -> list[list[str]]:
     return [train, [*gen, "--decode_step", "eager"], gen]
 
 
+def decode_batch(ctx: Context) -> list[list[str]]:
+    """gen.py decoding DECODE_BATCH samples of decode's model as one batch (one forward per token
+    for all, with the default step: a CUDA graph of DECODE_BATCH rows on CUDA), the work a
+    server with every row of `--batch DECODE_BATCH` busy does each token."""
+    smoke = ["--device", "cpu", "--dtype", "float32", "--max_new_tokens", "50"] if ctx.smoke else []
+    return [[PYTHON, "gen.py", str(ctx.run_dir("decode")), "--benchmark", "--num_samples", str(DECODE_BATCH),
+             *smoke]]
+
+
 def torchrun(ctx: Context) -> list[list[str]]:
     """The default recipe in one process under torchrun (NCCL on a GPU, Gloo on a CPU)."""
     steps = [] if ctx.smoke else ["--max_steps", "300", "--eval_interval", "300", "--eval_iters", "20"]
@@ -185,6 +195,14 @@ def read_decode(ctx: Context, finished: list[Finished]) -> tuple[str, dict, str]
                      f"{eager['decode_tokens_per_s']}; prepared in {f['first_step_s']} s), first token "
                      f"{f['first_token_s']} s, prefill {f['prefill_tokens_per_s']} tokens/s "
                      f"({f['params']:,} parameters, {f['device']})")
+
+
+def read_decode_batch(ctx: Context, finished: list[Finished]) -> tuple[str, dict, str]:
+    f = _bench_json(finished)
+    alone = ctx.outcomes["decode"].figures["decode_tokens_per_s"]
+    f = {**f, "alone_decode_tokens_per_s": alone}
+    return "ok", f, (f"{f['samples']} samples together: {f['decode_tokens_per_s']} tokens/s in all (median, "
+                     f"{f['decode_step']}; one sample alone {alone}), prefill {f['prefill_tokens_per_s']} tokens/s")
 
 
 def read_token_cache(ctx: Context, finished: list[Finished]) -> tuple[str, dict, str]:
@@ -244,6 +262,7 @@ ITEMS = (
     Item("default_warm", 55, bench(DEFAULT_CONFIG, target=True), read_time_to_target, cache="default",
          after="default_cold", warm=True),
     Item("decode", 40, decode, read_decode),
+    Item("decode_batch", 25, decode_batch, read_decode_batch, after="decode"),
     Item("torchrun", 45, torchrun, read_torchrun),
     _lever("124m_base", 60),
     _lever("124m_compile_default", 35, "--system.compile_mode", "default", needs_cuda=True),

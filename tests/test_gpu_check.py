@@ -49,7 +49,7 @@ def test_the_items_are_named_once_and_wait_only_for_earlier_ones():
     # the levers each have an item of their own
     assert {"124m_cuda_graphs", "124m_cudnn_attention", "124m_chunked_head", "124m_sync_per_step",
             "124m_max_batch", "124m_at_max_batch", "speedrun_cold", "speedrun_warm", "default_cold",
-            "default_warm", "decode", "torchrun", "cuda_tests"} <= set(names)
+            "default_warm", "decode", "decode_batch", "torchrun", "cuda_tests"} <= set(names)
 
 
 def test_the_whole_sweep_fits_in_one_gpu_check_budget():
@@ -227,6 +227,9 @@ def test_the_smoke_check_runs_every_item_on_the_cpu(tmp_path):
     assert lines["124m_chunked_head"]["command"].endswith("--model.loss_chunk_size 8192")
     assert lines["decode"]["figures"]["decode_tokens_per_s"] > 0
     assert lines["decode"]["figures"]["eager_decode_tokens_per_s"] > 0
+    batch = lines["decode_batch"]["figures"]
+    assert batch["samples"] == gpu_items.DECODE_BATCH and batch["decode_tokens_per_s"] > 0
+    assert batch["alone_decode_tokens_per_s"] == lines["decode"]["figures"]["decode_tokens_per_s"]
     assert lines["torchrun"]["figures"]["steps"] == 20 and lines["torchrun"]["figures"]["val_loss"] > 0
     table = (tmp_path / "gpu_check_smoke.md").read_text()
     assert table.startswith("# GPU check --smoke: CPU, torch ") and table in done.stdout
