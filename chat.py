@@ -6,24 +6,46 @@ Each turn is `<|im_start|>role\\ncontent<|im_end|>\\n`, the format the data pipe
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import TYPE_CHECKING, TextIO
 
 from errors import UserError
-from tokenizer import END_OF_TEXT, IM_END, IM_START, Tokenizer
+from tokenizer import IM_END, IM_START, Tokenizer
 from utils import notice
 
 if TYPE_CHECKING:  # gen.py imports this module; the type is only for annotations
     from gen import Session
 
 HELP = "chat: /reset forgets the conversation, /exit or Ctrl+D leaves"
-PIPED = ("with stdin piped: one message per line in, one reply per line out, its line breaks "
-         "written \\n (\\r) and its backslashes \\\\")
+PIPED = ("with stdin piped: one message per line in, one reply per line out, line breaks "
+         "written \\n (\\r) and backslashes \\\\ both ways")
+ESCAPES = {"n": "\n", "r": "\r", "\\": "\\"}  # what a backslash and the next character stand for
+ESCAPED = re.compile(r"\\(.)")
 
 
 def escape_reply(reply: str) -> str:
     """The reply on one line, for a script that reads one reply per line: backslashes first,
     so that a literal backslash-n in the reply stays apart from an escaped line break."""
     return reply.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def unescape_message(line: str) -> str:
+    """A piped message as escape_reply writes a reply (so a script sends line breaks as it
+    reads them); a backslash before any other character stays as it is."""
+    return ESCAPED.sub(lambda found: ESCAPES.get(found.group(1), found.group(0)), line)
+
+
+def reply_header(tokenizer: Tokenizer) -> list[int]:
+    """The tokens that open the assistant's turn; its reply is generated after them."""
+    return [tokenizer.special_ids[IM_START], *tokenizer.encode("assistant\n")]
+
+
+def reply_stop_ids(tokenizer: Tokenizer) -> frozenset[int]:
+    """The ids that end a reply: every special token. Its own end (<|im_end|>) or the end of
+    text, or the start of another turn, which an undertrained model may begin without closing
+    its own: a ChatML reply never holds one (and its text, kept in the history, stays
+    encodable by a character tokenizer, which has no '<' for the token's name)."""
+    return frozenset(tokenizer.special_ids.values())
 
 
 def render_turn(tokenizer: Tokenizer, role: str, content: str) -> list[int]:
@@ -58,7 +80,7 @@ def read_message(stdin: TextIO, interactive: bool) -> str | None:
         return None
     if not interactive and not line:
         return None
-    return line.rstrip("\n")
+    return line.rstrip("\n") if interactive else unescape_message(line.rstrip("\n"))
 
 
 def chat_session(session: "Session", system_prompt: str, stdin: TextIO) -> None:
@@ -71,8 +93,7 @@ def chat_session(session: "Session", system_prompt: str, stdin: TextIO) -> None:
                         "data')")
     interactive = stdin.isatty()
     system = render_turn(tokenizer, "system", system_prompt) if system_prompt else []
-    header = [tokenizer.special_ids[IM_START], *tokenizer.encode("assistant\n")]
-    stop_ids = frozenset(tokenizer.special_ids[name] for name in (IM_END, END_OF_TEXT))
+    header, stop_ids = reply_header(tokenizer), reply_stop_ids(tokenizer)
     block = session.block_size
     budget = block - min(session.settings.max_new_tokens, block // 2)  # room left for the reply
     replier = session if interactive else dataclasses.replace(session, stream=False)
@@ -93,8 +114,8 @@ def chat_session(session: "Session", system_prompt: str, stdin: TextIO) -> None:
             print("model> ", end="", flush=True)
         prompt = fit_history(system, turns, header, budget)
         reply = replier.complete(prompt, stop_ids, session.seed + len(turns))
-        if interactive:
-            print(flush=True)  # the reply streamed out already
-        else:
+        if not interactive:
             print(escape_reply(reply), flush=True)
+        else:
+            print("" if session.stream else reply, flush=True)  # a streamed reply is out already
         turns.append(render_turn(tokenizer, "assistant", reply))

@@ -33,13 +33,13 @@ from starlette.exceptions import HTTPException
 
 from api_requests import ApiError, ChatRequest, CompletionRequest, Limits, Sampling, chat_request, completion_request, parse_json
 from batching import FINISHED, Job, Runner, Work
-from chat import fit_history, render_turn
+from chat import fit_history, render_turn, reply_header, reply_stop_ids
 from checkpoint import load_for_inference
 from cli import CliParser, add_decode_step_flag, add_model_loading_flags, run_cli
 from decode_step import StaticSteps, static_steps
 from errors import UserError
 from sampling import SamplingSettings
-from tokenizer import END_OF_TEXT, IM_END, IM_START, Tokenizer, tokenizer_from_dict
+from tokenizer import END_OF_TEXT, IM_START, Tokenizer, tokenizer_from_dict
 from utils import notice
 
 PAGE = Path(__file__).with_name("chat_page.html")
@@ -76,10 +76,9 @@ class Engine:
             leading += 1
         system = [t for role, text in request.messages[:leading] for t in render_turn(self.tokenizer, role, text)]
         turns = [render_turn(self.tokenizer, role, text) for role, text in request.messages[leading:]]
-        header = [self.tokenizer.special_ids[IM_START], *self.tokenizer.encode("assistant\n")]
         budget = self.block_size - min(request.sampling.max_tokens, self.block_size // 2)
-        stops = frozenset(self.tokenizer.special_ids[name] for name in (IM_END, END_OF_TEXT))
-        return self._job(fit_history(system, turns, header, budget), request.sampling, stops)
+        prompt = fit_history(system, turns, reply_header(self.tokenizer), budget)
+        return self._job(prompt, request.sampling, reply_stop_ids(self.tokenizer))
 
     def _job(self, ids: list[int], sampling: Sampling, stop_ids: frozenset[int]) -> Job:
         settings = SamplingSettings(max_new_tokens=sampling.max_tokens, temperature=sampling.temperature,

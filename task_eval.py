@@ -19,10 +19,10 @@ from typing import Iterator
 import torch
 from tqdm import tqdm
 
-from chat import render_turn
+from chat import render_turn, reply_header, reply_stop_ids
 from contract import has_kv_cache
 from errors import UserError
-from tokenizer import END_OF_TEXT, IM_END, IM_START, Tokenizer
+from tokenizer import IM_START, Tokenizer
 from utils import autocast_context, read_user_text
 
 BATCH = 64  # prompts decoded together
@@ -104,7 +104,7 @@ def read_task_chats(path: str) -> list[TaskQuestion]:
 def prompt_tokens(tokenizer: Tokenizer, question: TaskQuestion) -> list[int]:
     """The turns before the reply, in ChatML, then the reply's header."""
     tokens = [token for role, content in question.turns for token in render_turn(tokenizer, role, content)]
-    return [*tokens, tokenizer.special_ids[IM_START], *tokenizer.encode("assistant\n")]
+    return [*tokens, *reply_header(tokenizer)]
 
 
 def same_length_batches(prompts: list[list[int]], size: int) -> Iterator[list[int]]:
@@ -154,7 +154,7 @@ def score_task_chats(model: torch.nn.Module, tokenizer: Tokenizer, block_size: i
         raise UserError(f"--tasks {path}: a prompt of {len(longest)} tokens does not fit the model's context "
                         f"of {block_size}")
     answer_tokens = max(len(tokenizer.encode(q.answer)) for q in questions) + SPARE_TOKENS
-    stop_ids = frozenset(tokenizer.special_ids[name] for name in (IM_END, END_OF_TEXT))
+    stop_ids = reply_stop_ids(tokenizer)
     replies: list[str] = [""] * len(questions)
     batches = list(same_length_batches(prompts, BATCH))
     for indices in tqdm(batches, desc=Path(path).name, unit="batch", disable=not progress, file=sys.stderr):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import gen
-from chat import escape_reply
+from chat import escape_reply, reply_stop_ids, unescape_message
 from checkpoint import load_checkpoint, load_model, save_checkpoint
 from cli import run_cli
 from config import Config, config_to_dict
@@ -162,6 +162,11 @@ def test_text_stream_holds_back_stop_strings_and_unfinished_characters(corpus_fi
     assert "".join(pieces) == "añ🙂b" and not any("\ufffd" in p for p in pieces)
 
 
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
 @pytest.fixture(scope="module")
 def chat_checkpoint(tmp_path_factory):
     """An untrained model whose tokenizer has the ChatML tokens, saved as a checkpoint."""
@@ -209,6 +214,67 @@ def test_piped_chat_keeps_a_reply_with_line_breaks_on_one_line(chat_checkpoint, 
     ("cr\r\nlf", "cr\\r\\nlf"), ("", "")])
 def test_a_reply_line_escapes_line_breaks_and_backslashes(reply, line):
     assert escape_reply(reply) == line and "\n" not in line and "\r" not in line
+
+
+@pytest.mark.parametrize("reply, line", [
+    ("plain", "plain"), ("a\nb", "a\\nb"), ("a\\nb", "a\\\\nb"), ("end\\", "end\\\\"),
+    ("cr\r\nlf", "cr\\r\\nlf"), ("", "")])
+def test_a_piped_message_is_read_as_a_reply_line_is_written(reply, line):
+    assert unescape_message(line) == reply and unescape_message(escape_reply(reply)) == reply
+    assert unescape_message("C:\\temp\\x") == "C:\\temp\\x"  # other escapes stay as typed
+
+
+def chat_replies(tokenizer: CharTokenizer, *replies: list[int]):
+    """A generate_batch() for gen.py that answers each chat turn with the next of `replies`,
+    ending where a stop id comes, as the real one does; it records each prompt it was given."""
+    answers, prompts = iter(replies), []
+
+    def generate(model, block_size, prompt, settings, vocab, generators, stop_ids=frozenset(), **kwargs):
+        prompts.append(list(prompt))
+        for token in next(answers):
+            if token in stop_ids:
+                return
+            yield [token]
+    return generate, prompts
+
+
+def test_piped_messages_bring_their_line_breaks_and_a_reply_ends_where_another_turn_starts(
+        chat_checkpoint, monkeypatch, capsys):
+    tokenizer = CharTokenizer.from_dict(load_checkpoint(chat_checkpoint)["tokenizer"])
+    start = tokenizer.special_ids[IM_START]
+    assert reply_stop_ids(tokenizer) == frozenset(tokenizer.special_ids.values())
+    # an undertrained model begins a new turn without closing its own; before, its reply's text held
+    # '<|im_start|>', which the history could not encode: "the character '<' is not in this model's ..."
+    generate, prompts = chat_replies(tokenizer, [*tokenizer.encode("ab"), start, *tokenizer.encode("cd")],
+                                     tokenizer.encode("ok"))
+    monkeypatch.setattr(gen, "generate_batch", generate)
+    monkeypatch.setattr("sys.stdin", io.StringIO("a\\nb\nc\n"))
+    assert run_cli(gen.main, [str(chat_checkpoint), "--chat", "--device", "cpu", "--dtype", "float32",
+                              "--max_new_tokens", "4"]) == 0
+    assert capsys.readouterr().out == "ab\nok\n"
+    assert tokenizer.decode(prompts[0]) == "<|im_start|>user\na\nb<|im_end|>\n<|im_start|>assistant\n"
+    assert tokenizer.decode(prompts[1]) == ("<|im_start|>user\na\nb<|im_end|>\n<|im_start|>assistant\nab<|im_end|>\n"
+                                            "<|im_start|>user\nc<|im_end|>\n<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("flags", [[], ["--no_stream"]])
+def test_a_terminal_chat_shows_every_reply_streamed_or_not(chat_checkpoint, monkeypatch, capsys, flags):
+    tokenizer = CharTokenizer.from_dict(load_checkpoint(chat_checkpoint)["tokenizer"])
+    generate, _ = chat_replies(tokenizer, tokenizer.encode("hi there"), tokenizer.encode("bye"))
+    monkeypatch.setattr(gen, "generate_batch", generate)
+    monkeypatch.setattr("sys.stdin", Terminal())
+    messages = iter(["hello", "and now?"])
+
+    def typed(prompt_text):
+        print(prompt_text, end="")
+        try:
+            return next(messages)
+        except StopIteration:
+            raise EOFError from None  # Ctrl+D
+
+    monkeypatch.setattr("builtins.input", typed)
+    assert run_cli(gen.main, [str(chat_checkpoint), "--chat", "--device", "cpu", "--dtype", "float32", *flags]) == 0
+    assert capsys.readouterr().out.splitlines()[1:] == ["you> model> hi there", "you> model> bye", "you> "]
 
 
 def test_chat_refuses_a_model_without_chat_tokens(chat_checkpoint, tmp_path, capsys):
@@ -259,10 +325,6 @@ def test_interactive_prompting_and_a_terminal_chat(chat_checkpoint, monkeypatch,
     assert run_cli(gen.main, args) == 0
     out = capsys.readouterr().out
     assert out.count("prompt> ") == 3 and "prompt> abc" in out and "prompt> cab" in out
-
-    class Terminal(io.StringIO):
-        def isatty(self):
-            return True
 
     answers = iter(["hello", "/exit", "never"])
     monkeypatch.setattr("sys.stdin", Terminal())
