@@ -118,4 +118,5 @@ def chat_session(session: "Session", system_prompt: str, stdin: TextIO) -> None:
             print(escape_reply(reply), flush=True)
         else:
             print("" if session.stream else reply, flush=True)  # a streamed reply is out already
+        replier.tell_slide()
         turns.append(render_turn(tokenizer, "assistant", reply))

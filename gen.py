@@ -10,7 +10,7 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, TextIO
 
@@ -129,6 +129,7 @@ class Session:
     quantize: str = "none"
     steps: Optional[StaticSteps] = None  # compiled or CUDA-graph one-token steps; None: eager
     output: Optional[TextIO] = None
+    slid: bool = field(default=False, init=False)  # the context filled during the last generation
 
     def encode_prompt(self, text: str) -> list[int]:
         ids = self.tokenizer.encode(text)
@@ -151,7 +152,7 @@ class Session:
         texts = [TextStream(self.tokenizer, self.settings.stop) for _ in seeds]
         vocab = self.tokenizer.vocab_size
         for tokens in generate_batch(self.model, self.block_size, prompt_ids, self.settings, vocab, generators,
-                                     stop_ids, on_slide=self._slide_notice, steps=self.steps):
+                                     stop_ids, on_slide=self._note_slide, steps=self.steps):
             for row, (text, token) in enumerate(zip(texts, tokens)):
                 if token is not None and not text.stopped:
                     piece = text.add(token)
@@ -166,10 +167,17 @@ class Session:
             print(rest, end="", flush=True)
         return [text.result for text in texts]
 
-    def _slide_notice(self) -> None:
-        limit = self.block_size
-        notice(f"the context of {limit} tokens is full; from here on the model sees the last "
-               f"{kept_after_slide(limit)} tokens, recomputed each time it fills")
+    def _note_slide(self) -> None:
+        self.slid = True  # said by tell_slide once the text is out: a notice inside it would cut it in two
+
+    def tell_slide(self) -> None:
+        """Say, after the samples (or the reply) are printed, that the context filled while they
+        were generated."""
+        if self.slid:
+            self.slid = False
+            limit = self.block_size
+            notice(f"the context of {limit} tokens filled during this generation; from then on the model "
+                   f"saw the last {kept_after_slide(limit)} tokens, recomputed each time it filled")
 
 
 def write_samples(session: Session, prompt: str, count: int) -> None:
@@ -189,6 +197,7 @@ def write_samples(session: Session, prompt: str, count: int) -> None:
         if session.output is not None:
             session.output.write(("" if sample == 0 else SAMPLE_SEPARATOR + "\n") + text + "\n")
             session.output.flush()
+    session.tell_slide()
 
 
 def interactive(session: Session, count: int) -> None:

@@ -333,6 +333,23 @@ def test_interactive_prompting_and_a_terminal_chat(chat_checkpoint, monkeypatch,
     assert out.startswith("chat: /reset forgets") and out.count("you> ") == 2 and "model> " in out
 
 
+def test_a_full_context_is_told_after_the_text_it_would_have_cut(chat_checkpoint, monkeypatch):
+    """A notice in the middle of a streamed sample cut its text in two on a terminal."""
+    printed = {}
+    for flags in ([], ["--no_stream"]):
+        terminal = io.StringIO()  # stdout and stderr, as one terminal shows them
+        monkeypatch.setattr("sys.stdout", terminal)
+        monkeypatch.setattr("sys.stderr", terminal)
+        assert run_cli(gen.main, [str(chat_checkpoint), "--prompt", "abc", "--max_new_tokens", "90",
+                                  "--temperature", "0", "--device", "cpu", "--dtype", "float32", *flags]) == 0
+        text, last = terminal.getvalue().rstrip("\n").rsplit("\n", 1)
+        printed[bool(flags)] = text
+        assert last == ("notice: the context of 64 tokens filled during this generation; from then on the "
+                        "model saw the last 48 tokens, recomputed each time it filled")
+        assert "notice" not in text and len(text) > 64
+    assert printed[False] == printed[True]
+
+
 def test_a_prompt_longer_than_the_context_keeps_its_end(chat_checkpoint, capsys):
     assert run_cli(gen.main, [str(chat_checkpoint), "--prompt", "ab" * 40, "--max_new_tokens", "3"]) == 0
     captured = capsys.readouterr()
