@@ -94,7 +94,10 @@ def out_of_memory_error(t: TrainingConfig, block_size: int) -> UserError:
 
 
 def format_duration(seconds: float) -> str:
-    """Return '1h30m', '45m10s', '12s' or, under ten seconds, '3.4s'."""
+    """Return '1h30m', '45m10s', '12s', under ten seconds '3.4s' and under one '26ms' (a CPU step's
+    time read '0.0s')."""
+    if seconds < 1:
+        return f"{1000 * seconds:.0f}ms"
     if seconds < 10:
         return f"{seconds:.1f}s"
     seconds = int(round(seconds))

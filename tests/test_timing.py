@@ -102,7 +102,7 @@ def test_show_config_gives_the_time_of_the_whole_run(capsys, tiny_config_file):
                       "--eval_interval", "50", "--eval_iters", "10", "--training.eval_train_iters", "5")
     rows = [" ".join(line.split()) for line in out.split("[time: derived]")[1].splitlines()]
     assert rows[1:] == ["step 500 ms (set by GPT_TRAINER_STEP_TIME_S)",
-                        "whole run about 55s: 100 steps x 0.5s + 2 evaluations x 2.5s"]
+                        "whole run about 55s: 100 steps x 500ms + 2 evaluations x 2.5s"]
 
 
 def test_off_the_cpu_the_run_times_itself(tmp_path):
