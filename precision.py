@@ -39,19 +39,28 @@ def faster_dtype(float32_s: float, bfloat16_s: float) -> tuple[torch.dtype, str]
     return torch.float32, f"float32: measured {1 / speedup:.2f}x faster than bfloat16 here"
 
 
-def choose_cpu_dtype(cfg: Config, system: DeviceInfo, continuing: Optional[str] = None) -> DeviceInfo:
+def choose_cpu_dtype(cfg: Config, system: DeviceInfo, continuing: Optional[str] = None,
+                     can_time: bool = True) -> DeviceInfo:
     """Return `system` with the dtype a CPU run with `dtype auto` trains in, and why.
 
     Other devices and explicit dtypes pass through unchanged. `continuing`: the dtype of the
-    run a resume continues, kept so that the run goes on as it began.
+    run a resume continues, kept so that the run goes on as it began. `can_time` False
+    (--show_config before the dataset is on disk: no vocabulary, so no model to time): where
+    only a timed step could choose, the dtype is left to the run, and the reason says so.
     """
     if system.device.type != "cpu" or cfg.system.dtype != "auto":
         return system
-    dtype, reason = _cpu_choice(cfg, system, continuing)
+    choice = _cpu_choice(cfg, system, continuing, can_time)
+    if choice is None:
+        return dataclasses.replace(system, dtype_pending=True, dtype_reason=(
+            "float32 or bfloat16, whichever a step of this model runs faster in here; timed once the "
+            "dataset is downloaded (the model's size depends on its vocabulary)"))
+    dtype, reason = choice
     return dataclasses.replace(system, dtype=dtype, dtype_reason=reason)
 
 
-def _cpu_choice(cfg: Config, system: DeviceInfo, continuing: Optional[str]) -> tuple[torch.dtype, str]:
+def _cpu_choice(cfg: Config, system: DeviceInfo, continuing: Optional[str],
+                can_time: bool) -> Optional[tuple[torch.dtype, str]]:
     forced = os.environ.get(ENVIRONMENT_VARIABLE)
     if forced:
         if forced not in CPU_DTYPES:
@@ -65,6 +74,8 @@ def _cpu_choice(cfg: Config, system: DeviceInfo, continuing: Optional[str]) -> t
     if system.processes > 1:
         return torch.float32, ("float32: not measured under torchrun, where the processes would time "
                                "each other; pass --system.dtype bfloat16 to compare")
+    if not can_time:
+        return None
     cached = timing.cached_times(cfg).times
     if all(name in cached for name in CPU_DTYPES):
         float32_s, bfloat16_s = cached["float32"].step_s, cached["bfloat16"].step_s

@@ -100,8 +100,8 @@ def describe_config(cfg: Config, system: DeviceInfo, data: Optional[PreparedData
     """Return the resolved config and the values derived from it, for --show_config."""
     facts = None
     sized = fill_vocab_size(cfg, data.tokenizer.vocab_size) if data is not None else cfg
+    system = choose_cpu_dtype(sized, system, can_time=data is not None)  # timed, or the cached measurement
     if data is not None:
-        system = choose_cpu_dtype(sized, system)  # timed, or the cached measurement
         with torch.device("meta"):  # shapes only: no memory, no initialisation
             model = build_model(sized.model)
         facts = RunFacts(params=model.num_params(),

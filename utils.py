@@ -186,6 +186,7 @@ class DeviceInfo:
     compile: bool
     processes: int = 1  # torchrun's WORLD_SIZE: this device is one of that many alike
     dtype_reason: str = ""  # why `dtype auto` chose this dtype, where it was a measured choice
+    dtype_pending: bool = False  # auto on a CPU, to be timed by the run (--show_config before the data)
     compile_mode: str = "default"  # torch.compile's mode, "auto" resolved (forward_context.py)
 
     def describe(self) -> str:
@@ -194,7 +195,7 @@ class DeviceInfo:
             name = f"cuda:{self.device.index} ({torch.cuda.get_device_name(self.device)})"
         if self.processes > 1:
             name += f" x {self.processes} processes"
-        dtype = str(self.dtype).removeprefix("torch.")
+        dtype = "auto" if self.dtype_pending else str(self.dtype).removeprefix("torch.")
         compiled = f"on ({self.compile_mode})" if self.compile else "off"
         return f"{name}, {dtype}, compile {compiled}"
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import precision
 import train
 from cli import parse_flag_value, run_cli
 from config import (
@@ -21,6 +22,7 @@ from config import (
     validate,
 )
 from errors import UserError
+from precision import ENVIRONMENT_VARIABLE as CPU_DTYPE_VARIABLE
 from tests.conftest import REPO_ROOT
 
 PIPELINE_FILES = sorted((REPO_ROOT / "configs").glob("pipeline_*.json"))  # pipeline.py's, not train.py's
@@ -202,6 +204,21 @@ def test_show_config_never_downloads(capsys, workdir):
     assert code == 0
     assert "known once the dataset is downloaded" in capsys.readouterr().out
     assert not (workdir / "cache").exists()
+
+
+@pytest.mark.parametrize("native_bf16, device, dtype", [
+    (True, "cpu, auto, compile off", "float32 or bfloat16, whichever a step of this model runs faster in here; "
+                                     "timed once the dataset is downloaded"),
+    (False, "cpu, float32, compile off", "float32: bfloat16 is emulated on this CPU")])
+def test_show_config_before_the_download_names_no_dtype_auto_has_not_timed(capsys, workdir, monkeypatch,
+                                                                           native_bf16, device, dtype):
+    """It said float32 where the run, once it had the data, timed a step and trained in bfloat16."""
+    monkeypatch.delenv(CPU_DTYPE_VARIABLE)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native_bf16)
+    assert train.main(["--config", str(REPO_ROOT / "configs/tiny.json"), "--device", "cpu", "--show_config"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(rf"device +{device}", out) and re.search(rf"dtype +{re.escape(dtype)}", out)
+    assert not (workdir / "cache").exists()  # nothing timed, nothing downloaded
 
 
 def test_show_config_counts_steps_from_epochs(capsys, workdir, small_corpus_file):
