@@ -84,7 +84,7 @@ def _cpu_choice(cfg: Config, system: DeviceInfo, continuing: Optional[str],
         timing.remember(cfg, probed)
         float32_s, bfloat16_s = probed[torch.float32].step_s, probed[torch.bfloat16].step_s
     dtype, reason = faster_dtype(float32_s, bfloat16_s)
-    return dtype, f"{reason} ({1000 * float32_s:.0f} against {1000 * bfloat16_s:.0f} ms/step)"
+    return dtype, f"{reason} (a step: float32 {1000 * float32_s:.0f} ms, bfloat16 {1000 * bfloat16_s:.0f} ms)"
 
 
 def time_training_step(cfg: Config) -> dict[torch.dtype, timing.ProbeTimes]:

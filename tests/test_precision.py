@@ -72,12 +72,12 @@ def test_a_cpu_without_native_bf16_trains_in_float32_without_timing(cpu_kind, ti
 
 @pytest.mark.parametrize("cpu_kind", ["avx512_bf16", "amx"], indirect=True)
 @pytest.mark.parametrize("float32_s, bfloat16_s, expected, reason", [
-    (0.14, 0.10, torch.bfloat16, "bfloat16: measured 1.40x faster than float32 here (140 against 100 ms/step)"),
-    (0.112, 0.154, torch.float32, "float32: measured 1.38x faster than bfloat16 here (112 against 154 ms/step)"),
+    (0.14, 0.10, torch.bfloat16, "bfloat16: measured 1.40x faster than float32 here (a step: float32 140 ms, bfloat16 100 ms)"),
+    (0.112, 0.154, torch.float32, "float32: measured 1.38x faster than bfloat16 here (a step: float32 112 ms, bfloat16 154 ms)"),
     (0.105, 0.100, torch.float32, "float32: bfloat16 measured only 1.05x faster here, not worth its lower "
-                                  "precision (it needs 1.1x) (105 against 100 ms/step)"),
+                                  "precision (it needs 1.1x) (a step: float32 105 ms, bfloat16 100 ms)"),
     (0.088, 0.0882, torch.float32, "float32: measured as fast as bfloat16 here, and more precise "
-                                   "(88 against 88 ms/step)"),
+                                   "(a step: float32 88 ms, bfloat16 88 ms)"),
 ])
 def test_a_cpu_with_native_bf16_takes_the_dtype_measured_faster(cpu_kind, timings, tmp_path, float32_s,
                                                                  bfloat16_s, expected, reason):
