@@ -39,6 +39,8 @@ def main(argv: Sequence[str]) -> int:
     runs = [load_run(Path(run)) for run in args.runs]
     default = Path(args.runs[0]) / "loss.png" if len(runs) == 1 else Path("comparison.png")
     out = Path(args.out) if args.out else default
+    if out.suffix.lower() != ".png":  # a slip such as `--out models/tiny/ckpt.pt` replaced the checkpoint
+        raise UserError(f"--out {out} does not end in .png; the plot is a PNG, so name a .png file")
     draw_loss_plot(runs, out, args.title)
     print(f"wrote {out}")
     return 0

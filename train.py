@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="start from another checkpoint's weights (fresh optimizer, step 0)")
     parser.add_argument("--overwrite", action="store_true",
                         help="start a new run even if out_dir holds checkpoints (the earlier run's "
-                        "checkpoints, metrics, plots and report are removed)")
+                        "checkpoints, metrics, plots and report are removed); let --save_config replace "
+                        "a file")
     parser.add_argument("--no_cache", action="store_true", help="rebuild the token cache")
     parser.add_argument("--no_compile", action="store_true", help="do not torch.compile the model")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
@@ -155,6 +156,9 @@ def out_dir_was_set(args: argparse.Namespace) -> bool:
 
 def save_run_config(args: argparse.Namespace, cfg: Config) -> None:
     """Write the resolved config for --save_config, and say what became of out_dir."""
+    if Path(args.save_config).exists() and not args.overwrite:
+        raise UserError(f"--save_config {args.save_config} exists; name a new file, or pass --overwrite "
+                        "to replace it")
     keep = out_dir_was_set(args)
     save_config(cfg, args.save_config, keep_out_dir=keep)
     if keep:

@@ -16,6 +16,7 @@ import torch
 import checkpoint
 import eval as eval_cli
 import gen
+import plot
 import train
 from cli import run_cli
 from tests.conftest import REPO_ROOT, TINY_SETTINGS
@@ -219,6 +220,8 @@ CASES = [
     ("train", [*T, "--resume", "--dataset", CONFIG], "the character '{' is not in this model's vocabulary"),
     ("train", T, "already holds a checkpoint of an earlier run"),
     ("train", [*T, "--out_dir", "bad/a_file/run"], "cannot write to out_dir"),
+    ("train", [*T, "--save_config", CONFIG], f"--save_config {CONFIG} exists; name a new file, or pass --overwrite"),
+    ("plot", ["models/tiny_test", "--out", "models/tiny_test/ckpt.pt"], "does not end in .png; the plot is a PNG"),
     ("train", [*T, "--load_model_only", "models/none.pt", "--out_dir", "y"], "does not exist"),
     # a model class of the user's (model.impl)
     ("train", [*I, "bad/none.py:MyGPT"], "bad/none.py does not exist"),
@@ -275,7 +278,7 @@ if not torch.cuda.is_available():
 @pytest.mark.parametrize("command, args, message", CASES, ids=lambda v: v if isinstance(v, str) else None)
 def test_bad_input_is_one_clear_line(user_dir, capsys, command, args, message):
     before = fingerprints(user_dir)
-    main = {"train": train.main, "gen": gen.main, "eval": eval_cli.main}[command]
+    main = {"train": train.main, "gen": gen.main, "eval": eval_cli.main, "plot": plot.main}[command]
     assert run_cli(main, args) == 2
     captured = capsys.readouterr()
     error = captured.err.strip()

@@ -172,6 +172,9 @@ def test_saved_config_loads_back_identically_but_for_a_derived_out_dir(tmp_path,
     assert again == cfg
     out = capsys.readouterr().out
     assert out.count("\n") == 1 and "without out_dir" in out and str(Path("models") / "saved") in out
+    assert train.main(["--config", str(REPO_ROOT / "configs/tiny.json"), "--lr", "0.5", "--save_config",
+                       str(tmp_path / "saved.json"), "--overwrite"]) == 0  # without --overwrite: refused
+    assert resolve_config(str(tmp_path / "saved.json"), {}).training.lr == 0.5
 
 
 @pytest.mark.parametrize("where", ["flag", "file"])
