@@ -18,7 +18,7 @@ import re
 import shutil
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 from checkpoint import BEST_FIRST, find_checkpoint, load_checkpoint, model_config_from_checkpoint
 from cli import CliParser, run_cli
@@ -44,8 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def export(checkpoint_path: Path, out: Path) -> list[Path]:
-    """Write the Hugging Face folder for a checkpoint; return the files written."""
+def export(checkpoint_path: Path, out: Path, repo_id: Optional[str] = None) -> list[Path]:
+    """Write the Hugging Face folder for a checkpoint; return the files written. The model
+    card loads it by `repo_id` where it is to be uploaded there, else from `out`."""
     from safetensors.torch import save_file
 
     checkpoint = load_checkpoint(checkpoint_path)
@@ -71,7 +72,8 @@ def export(checkpoint_path: Path, out: Path) -> list[Path]:
         plot = checkpoint_path.parent / "loss.png"
         if plot.is_file():
             shutil.copyfile(plot, out / "loss.png")
-        write_model_card(out / "README.md", checkpoint, checkpoint_path, plot.is_file(), family)
+        write_model_card(out / "README.md", checkpoint, checkpoint_path, plot.is_file(), family,
+                         repo_id or str(out))
     except OSError as error:
         raise UserError(f"cannot write {out}: {error.strerror}") from None
     return sorted(out.iterdir())
@@ -144,7 +146,7 @@ def main(argv: Sequence[str]) -> int:
         raise UserError("--private and --dry_run go with --push_to_hub REPO_ID")
     path = find_checkpoint(args.checkpoint, prefer=BEST_FIRST)
     out = Path(args.out)
-    written = export(path, out)
+    written = export(path, out, args.push_to_hub)
     print(f"exported {path} to {out}: {', '.join(p.name for p in written)}")
     print(f"load it with transformers: AutoModelForCausalLM.from_pretrained({str(out)!r})")
     if args.push_to_hub and args.dry_run:

@@ -65,8 +65,8 @@ def card_text(checkpoint: dict, checkpoint_path: Path, has_plot: bool, name: str
                             f"{model_cfg.block_size})"),
         ("optimizer", f"{t.optimizer}, peak lr {t.lr:g}, {t.schedule} schedule"),
         ("training time", format_duration(checkpoint.get("elapsed_s", 0.0))),
-        ("hardware", f"{env.get('device', 'unknown')} ({env.get('cpu', 'unknown CPU')}), dtype setting "
-                     f"{cfg.system.dtype}"),
+        ("hardware", f"{env.get('device', 'unknown')} ({env.get('cpu', 'unknown CPU')}), "
+                     f"{checkpoint.get('dtype') or 'dtype setting ' + cfg.system.dtype}"),
         ("software", f"torch {env.get('torch', 'unknown')}, gpt-trainer commit "
                      f"{env.get('git_commit', 'unknown')}")])]
     lines += ["## Results", "", "Mean cross-entropy per token (nats) from the run's evaluations:", "",
@@ -97,7 +97,8 @@ def card_text(checkpoint: dict, checkpoint_path: Path, has_plot: bool, name: str
 
 
 def write_model_card(path: Path, checkpoint: dict, checkpoint_path: Path, has_plot: bool,
-                     family: str) -> None:
-    text = card_text(checkpoint, checkpoint_path, has_plot, path.parent.name, family)
+                     family: str, name: str) -> None:
+    """Write the card; `name`: what transformers loads the model by (a Hub repository id or a folder)."""
+    text = card_text(checkpoint, checkpoint_path, has_plot, name, family)
     path.write_text(text, encoding="utf-8")
 

@@ -85,12 +85,15 @@ def test_the_exported_tokenizer_encodes_and_decodes_as_ours(workdir):
 
 def test_the_model_card_has_every_section(workdir, capsys):
     save_model(workdir / "model.pt")
+    trained = load_checkpoint(workdir / "model.pt")
+    save_checkpoint({**trained, "dtype": "bfloat16"}, workdir / "model.pt")  # what dtype auto chose
     assert run_cli(export.main, ["model.pt", "--out", "hf"]) == 0
     card = (workdir / "hf" / "README.md").read_text()
     for section in CARD_SECTIONS:
         assert f"\n## {section}\n" in card
-    assert "AutoModelForCausalLM.from_pretrained" in card and "step 7" in card
+    assert 'AutoModelForCausalLM.from_pretrained("hf")' in card and "step 7" in card
     assert "`<\\|endoftext\\|>`" in card  # escaped inside the table
+    assert "| hardware | unknown (unknown CPU), bfloat16 |" in card  # the dtype trained in, not "auto"
     assert "model.safetensors" in capsys.readouterr().out
 
 
@@ -224,6 +227,8 @@ def test_a_dry_run_lists_the_upload_and_touches_no_network(workdir, no_network, 
     out = capsys.readouterr().out
     assert "would upload 6 files" in out and "https://huggingface.co/me/tiny (private)" in out
     assert "model.safetensors" in out and "README.md" in out
+    card = (workdir / "hf" / "README.md").read_text()  # loads by the name it gets there, not "hf"
+    assert "# me/tiny\n" in card and 'AutoModelForCausalLM.from_pretrained("me/tiny")' in card
 
 
 def test_an_upload_without_a_token_or_network_is_one_line(workdir, no_network, monkeypatch, capsys):
