@@ -107,6 +107,11 @@ def format_duration(seconds: float) -> str:
     return "".join(parts) or "0s"
 
 
+def counted(number: int, noun: str) -> str:
+    """Return '1 evaluation', '4 evaluations'."""
+    return f"{number:,} {noun}{'' if number == 1 else 's'}"
+
+
 @dataclass
 class TimeLimit:
     """A wall-clock deadline, counted from the start of the process, and what set it."""

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from checkpoint import LATEST
 from config import Config, config_to_dict, tokens_per_step
-from guards import format_duration
+from guards import counted, format_duration
 from loggers import Loggers, RunIdentity
 from metrics import MetricsLog, read_metrics
 from plotting import LossPlotter
@@ -230,7 +230,8 @@ class RunMonitor:
                       "skipped_steps": skipped_steps - self.skipped_reported, **self._memory_row()})
         self.skipped_reported = skipped_steps
         self.progress.report(postfix, line)
-        if not self.estimated and step > self.start_step + 1:  # a window without the first step
+        # once a window without the first step is timed, and while steps are left to estimate
+        if not self.estimated and self.start_step + 1 < step < self.facts.max_steps:
             self.estimated = True
             self._print_estimate(step, seconds_per_step)
 
@@ -245,9 +246,10 @@ class RunMonitor:
         """Print the expected duration once steps after the first (compilation) are timed."""
         max_steps = self.facts.max_steps
         batches = eval_batches(self.cfg.training, self.cfg.model.block_size, self.facts.val_tokens)
-        rest = run_seconds(self.cfg.training, step, max_steps, seconds_per_step, batches)
+        rest = run_seconds(self.cfg.training, step, max_steps, seconds_per_step, batches,
+                           evaluation_due=step % self.cfg.training.eval_interval == 0)
         self.message(f"estimated time to step {max_steps:,}: about {format_duration(rest.total_s)} "
-                     f"({seconds_per_step * 1000:.1f} ms/step, {rest.evaluations} evaluations)")
+                     f"({seconds_per_step * 1000:.1f} ms/step, {counted(rest.evaluations, 'evaluation')})")
 
     def evaluation(self, step: int, losses: dict[str, float], improved: bool, saved: list[Path],
                    elapsed_s: float) -> None:

@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 
 from config import Config, TrainingConfig, tokens_per_step
+from guards import counted
 from utils import DeviceInfo
 
 
@@ -86,7 +87,7 @@ def describe_run(cfg: Config, system: DeviceInfo,
         ("total tokens", f"{max_steps * step_tokens:,}"),
         ("lr schedule", describe_schedule(t, max_steps)),
     ]
-    threads = f", {torch.get_num_threads()} CPU threads" if system.device.type == "cpu" else ""
+    threads = f", {counted(torch.get_num_threads(), 'CPU thread')}" if system.device.type == "cpu" else ""
     tf32 = f", TF32 {'on' if cfg.system.allow_tf32 else 'off'}" if system.device.type == "cuda" else ""
     device = [("device", system.describe() + tf32 + threads)]
     if system.dtype_reason:

@@ -26,7 +26,7 @@ import torch
 from config import Config, TrainingConfig, train_eval_iters
 from contract import build_model
 from errors import UserError
-from guards import format_duration
+from guards import counted, format_duration
 from optim import accumulate_gradients, make_optimizer, optimizer_step
 from utils import DeviceInfo, autocast_context, cpu_name, write_file_atomic
 
@@ -267,15 +267,17 @@ class RunTime:
 
     def describe(self) -> str:
         return (f"about {format_duration(self.total_s)}: {self.steps:,} steps x {format_duration(self.step_s)}"
-                f" + {self.evaluations} evaluations x {format_duration(self.evaluation_s)}")
+                f" + {counted(self.evaluations, 'evaluation')} x {format_duration(self.evaluation_s)}")
 
 
 def run_seconds(t: TrainingConfig, start_step: int, max_steps: int, step_s: float, batches: int,
-                eval_batch_s: Optional[float] = None) -> RunTime:
+                eval_batch_s: Optional[float] = None, evaluation_due: bool = False) -> RunTime:
     """Return the time from `start_step` to `max_steps` at `step_s` a step, evaluating every
     eval_interval steps and at the end, `batches` forward passes each (of `eval_batch_s`
-    where timed, else EVAL_COST of a micro-step)."""
+    where timed, else EVAL_COST of a micro-step). `evaluation_due`: start_step's own
+    evaluation is still to run (a progress report comes before it)."""
     evaluations = sum(1 for step in range(start_step + 1, max_steps + 1) if step % t.eval_interval == 0)
+    evaluations += evaluation_due
     evaluations += max_steps % t.eval_interval != 0 and max_steps > start_step
     evaluation_s = batches * (eval_batch_s if eval_batch_s else EVAL_COST * step_s / t.grad_accum_steps)
     return RunTime(max_steps - start_step, step_s, evaluations, evaluation_s)

@@ -144,12 +144,23 @@ def test_summaries_before_and_after(workdir, tiny_config_file, capsys):
     before, after = out.split("estimated time")[0], out.split("[run]")[-1]
     for pattern in (r"shape +2 layers, 2 heads, 32 wide, context 16", r"vocabulary +\d+",
                     r"tokens per step +64 = batch 4 x accumulation 1 x context 16", r"total tokens +384",
-                    r"device +cpu, float32, compile off, \d+ CPU threads", r"output +models/tiny_test"):
+                    r"device +cpu, float32, compile off, \d+ CPU threads?", r"output +models/tiny_test"):
         assert re.search(pattern, before), pattern
     for pattern in (r"tokens seen +384", r"throughput +[\d,]+ tokens/s, [\d.]+ TFLOP/s, MFU n/a",
                     r"best +train [\d.]+, val [\d.]+ \(step \d\)", r"peak process RSS +[\d,]+ MiB",
                     r"report +models/tiny_test/report.md"):
         assert re.search(pattern, after), pattern
+
+
+@pytest.mark.parametrize("log_interval, estimate", [
+    ("3", r"estimated time to step 6: about \d+ms \([\d.]+ ms/step, 2 evaluations\)\n"),  # step 3's and 6's
+    ("2", r"estimated time to step 6: about \d+ms \([\d.]+ ms/step, 2 evaluations\)\n"),  # 3 and 6, after 2
+    ("6", None)])  # the first report is the last step: nothing left to estimate (it said "about 0ms")
+def test_the_estimate_counts_the_evaluations_left_and_comes_only_while_steps_are(
+        workdir, tiny_config_file, capsys, log_interval, estimate):
+    assert run(tiny_config_file, "--log_interval", log_interval) == 0  # 6 steps, evaluations at 3 and 6
+    out = capsys.readouterr().out
+    assert re.search(estimate, out) if estimate else "estimated time" not in out
 
 
 @pytest.mark.slow

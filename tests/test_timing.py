@@ -113,7 +113,7 @@ def test_off_the_cpu_the_run_times_itself(tmp_path):
 
 def test_system_threads_sets_the_threads_that_are_timed_and_trained_with(capsys, tiny_config_file):
     out = show_config(capsys, "--config", str(tiny_config_file), "--system.threads", "1")
-    assert "cpu, float32, compile off, 1 CPU threads" in out
+    assert "cpu, float32, compile off, 1 CPU thread\n" in out
     with pytest.raises(UserError, match="system.threads must be positive, got 0"):
         train.main(["--config", str(tiny_config_file), "--system.threads", "0", "--show_config"])
 
