@@ -43,6 +43,7 @@ from optim import accumulate_gradients, make_optimizer, optimizer_step
 from precision import choose_cpu_dtype
 from trainer import Trainer
 from utils import (
+    DeviceInfo,
     autocast_context,
     configure_torch,
     memory_stats,
@@ -154,11 +155,17 @@ def find_max_batch(fits: Callable[[int], bool], limit: int = 1 << 16) -> int:
     return good
 
 
-def max_batch(cfg: Config, data_vocab: int) -> dict:
-    """Search the largest micro-batch for which a full training step fits in GPU memory."""
+def searched_gpu(cfg: Config) -> DeviceInfo:
+    """Return the CUDA device whose memory --max_batch and --at_max_batch search; elsewhere, a UserError."""
     system = resolve_system(cfg.system.device, cfg.system.dtype, False)
     if system.device.type != "cuda":
         raise UserError("--max_batch and --at_max_batch search GPU memory; run them with a CUDA device")
+    return system
+
+
+def max_batch(cfg: Config, data_vocab: int) -> dict:
+    """Search the largest micro-batch for which a full training step fits in GPU memory."""
+    system = searched_gpu(cfg)
     model = build_model(fill_vocab_size(cfg, data_vocab).model).to(system.device)
     optimizer = make_optimizer(model, cfg.training, system.device, system.dtype)
     scaler = torch.amp.GradScaler("cuda", enabled=system.dtype == torch.float16)
@@ -229,6 +236,8 @@ def main(argv: Sequence[str]) -> int:
         if args.tokenize:
             print(json.dumps(tokenize_figures(cfg, out_dir / "cache")))
             return 0
+        if args.max_batch or args.at_max_batch:
+            searched_gpu(cfg)  # before the data, which may be a download
         data = synthetic_data(cfg.model.vocab_size) if args.synthetic else prepare_data(cfg.data)
         if args.max_batch:
             print(json.dumps(max_batch(cfg, data.tokenizer.vocab_size)))
@@ -243,6 +252,8 @@ def main(argv: Sequence[str]) -> int:
         with contextlib.redirect_stdout(sys.stderr):  # stdout is for the JSON line alone
             trainer = Trainer(cfg, data, system, process_start)
             trainer.train()
+            if not args.keep:  # the summary above lists the run's files
+                print(f"(those files go with {out_dir} when bench.py ends; --keep keeps them)")
         print(json.dumps(figures(trainer, trainer.monitor, process_start)))
     finally:
         if args.keep:

@@ -12,8 +12,10 @@ from cli import run_cli
 def test_bench_prints_one_json_line(workdir, tiny_config_file, capsys):
     assert run_cli(bench.main, ["--config", str(tiny_config_file), "--steps", "6", "--log_interval", "1",
                                 "--target_val_loss", "100"]) == 0
-    out = capsys.readouterr().out.strip().splitlines()
+    captured = capsys.readouterr()
+    out = captured.out.strip().splitlines()
     assert len(out) == 1
+    assert "[files]" in captured.err and "when bench.py ends; --keep keeps them)" in captured.err
     record = json.loads(out[0])
     for key in ("device", "dtype", "compile", "params", "tokens_per_step", "median_ms_per_step",
                 "tokens_per_s", "mfu", "tflops", "peak_memory_mb", "seconds_to_target", "final_val_loss"):
@@ -71,6 +73,10 @@ def test_bench_errors(workdir, tiny_config_file, capsys):
     for flag in ("--max_batch", "--at_max_batch"):
         assert run_cli(bench.main, ["--config", str(tiny_config_file), flag]) == 2
         assert "--max_batch and --at_max_batch search GPU memory" in capsys.readouterr().err
+    # said before the data is read: this one would be a download (it failed for want of a network)
+    assert run_cli(bench.main, ["--config", str(tiny_config_file), "--max_batch", "--dataset", "shakespeare_char",
+                                "--data.cache_dir", str(workdir / "downloads")]) == 2
+    assert "search GPU memory" in capsys.readouterr().err and not (workdir / "downloads").exists()
 
 
 @pytest.mark.parametrize("largest", [0, 1, 2, 3, 7, 48, 1000, 1 << 16])
@@ -95,6 +101,7 @@ def test_at_max_batch_benchmarks_at_the_largest_micro_batch_found(workdir, tiny_
                 "total_memory_mb": 100}
 
     monkeypatch.setattr(bench, "max_batch", found)
+    monkeypatch.setattr(bench, "searched_gpu", lambda cfg: None)  # the found batch stands for a GPU's
     assert run_cli(bench.main, ["--config", str(tiny_config_file), "--synthetic", "--model.vocab_size", "64",
                                 "--steps", "2", "--at_max_batch", "--model.loss_chunk_size", "7"]) == 0
     captured = capsys.readouterr()
@@ -109,6 +116,7 @@ def test_at_max_batch_without_room_for_one_sequence_is_one_line(workdir, tiny_co
     monkeypatch.setattr(bench, "max_batch", lambda cfg, vocab: {"device": "NVIDIA T4", "block_size": 16,
                                                                "max_batch": 0, "peak_memory_mb": 0,
                                                                "total_memory_mb": 100})
+    monkeypatch.setattr(bench, "searched_gpu", lambda cfg: None)
     assert run_cli(bench.main, ["--config", str(tiny_config_file), "--synthetic", "--model.vocab_size", "64",
                                 "--at_max_batch"]) == 2
     assert "not even one sequence of 16 tokens fits a training step in NVIDIA T4's memory" in capsys.readouterr().err
