@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -20,6 +21,7 @@ from cli import CliParser, add_config_flags, overrides_from_args, run_cli
 from config import (
     Config,
     __version__,
+    config_from_dict,
     default_out_dir,
     fill_vocab_size,
     format_config,
@@ -27,6 +29,7 @@ from config import (
     resolve_config,
     save_config,
     tokens_per_step,
+    validate,
 )
 from contract import build_model, params_without_embeddings
 from data_loader import (
@@ -90,11 +93,33 @@ def resolve_run_config(args: argparse.Namespace) -> tuple[Config, Optional[dict]
     if args.resume:
         checkpoint, path = load_resumable(Path(args.resume))
         overrides.setdefault("training", {}).setdefault("out_dir", str(path.parent))
-        base = None if args.config else checkpoint["config"]
-        return resolve_config(args.config, overrides, base), checkpoint, path
-    cfg = resolve_config(args.config, overrides)
-    checkpoint, path = load_latest_valid(Path(cfg.training.out_dir))
-    return cfg, checkpoint, path
+        if not args.config:
+            return resolve_config(None, overrides, checkpoint["config"]), checkpoint, path
+        cfg = resolve_config(args.config, overrides)
+    else:
+        cfg = resolve_config(args.config, overrides)
+        checkpoint, path = load_latest_valid(Path(cfg.training.out_dir))
+    return with_the_runs_data(cfg, checkpoint, overrides.get("data", {}), args.config), checkpoint, path
+
+
+def with_the_runs_data(cfg: Config, checkpoint: Optional[dict], typed: dict, config_path: str) -> Config:
+    """Return `cfg` with the data settings the resumed run trained with, the data flags typed now
+    over them: a `--dataset` given when the run began is in no config file, and a file changed
+    since would switch a run's data without a word."""
+    if checkpoint is None:
+        return cfg
+    data = dataclasses.replace(config_from_dict({"data": checkpoint["config"]["data"]},
+                                                "the checkpoint's config").data, **typed)
+    if data == cfg.data:
+        return cfg
+    names = [field.name for field in dataclasses.fields(data)]
+    changed = [f"{name} {getattr(data, name)!r}, not {getattr(cfg.data, name)!r}" for name in names
+               if getattr(data, name) != getattr(cfg.data, name)]
+    notice(f"resuming on the run's own data settings ({'; '.join(changed)} as {config_path} says); "
+           "flags such as --dataset choose others")
+    resumed = dataclasses.replace(cfg, data=data)
+    validate(resumed)
+    return resumed
 
 
 def describe_config(cfg: Config, system: DeviceInfo, data: Optional[PreparedData]) -> str:

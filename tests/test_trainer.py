@@ -150,6 +150,28 @@ def test_resume_continues_exactly_where_it_stopped(workdir, tiny_config_file, ca
     assert straight["losses"] == split["losses"]
 
 
+def test_a_resumed_run_keeps_its_own_data_whatever_its_config_file_says(workdir, tiny_config_file,
+                                                                         small_corpus_file, capsys):
+    """The run began with --dataset other.txt; its config file names another text. Resuming with
+    that file used to switch the run's data (or, for Tiny Shakespeare, try a download)."""
+    other = workdir / "other.txt"
+    other.write_text(small_corpus_file.read_text()[::-1])
+    assert run(tiny_config_file, "--dataset", str(other), "--max_steps", "3") == 0
+    capsys.readouterr()
+
+    def resumed(*flags: str):
+        args = train.build_parser().parse_args(["--config", str(tiny_config_file), "--resume", *flags])
+        return train.resolve_run_config(args)[0].data
+
+    assert resumed().dataset == str(other)
+    assert (f"notice: resuming on the run's own data settings (dataset '{other}', not '{small_corpus_file}' as "
+            f"{tiny_config_file} says); flags such as --dataset choose others") in capsys.readouterr().err
+    assert resumed("--dataset", str(small_corpus_file)).dataset == str(small_corpus_file)  # typed: as asked
+    assert "notice" not in capsys.readouterr().err
+    assert run(tiny_config_file, "--resume") == 0
+    assert load_checkpoint(workdir / "models/tiny_test/ckpt.pt")["config"]["data"]["dataset"] == str(other)
+
+
 def test_resume_restores_the_optimizer_state(workdir, tiny_config_file):
     run(tiny_config_file, "--max_steps", "3")
     checkpoint = load_checkpoint(workdir / "models/tiny_test/ckpt.pt")
