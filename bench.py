@@ -79,6 +79,8 @@ def bench_config(args: argparse.Namespace, out_dir: Path) -> Config:
     evaluation runs without spending minutes on it."""
     fixed = {"training": {"eval_full_val": not args.synthetic, "out_dir": str(out_dir)}}
     if args.steps is not None:
+        if args.steps < 1:
+            raise UserError(f"--steps must be at least 1, got {args.steps}")
         fixed["training"]["max_steps"] = args.steps
     cfg = resolve_config(args.config, deep_merge(overrides_from_args(args), fixed))
     if args.synthetic:

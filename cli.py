@@ -155,12 +155,15 @@ def add_decode_step_flag(parser: argparse.ArgumentParser) -> None:
 def overrides_from_args(args: argparse.Namespace) -> dict:
     """Return the config flags the user gave, as nested dicts of typed values."""
     overrides: dict[str, dict] = {}
+    short_for = {long: short for short, long in SHORT_FLAGS.items()}
     for section_name, section_cls in SECTIONS.items():
         types_ = field_types(section_cls)
         for f in dataclasses.fields(section_cls):
             long = f"{section_name}.{f.name}"
             if hasattr(args, long):
-                value = parse_flag_value(f"--{long}", types_[f.name], getattr(args, long), f.metadata)
+                # either flag may have been typed: name both (--max_time (--training.max_time_s))
+                flag = f"--{short_for[long]} (--{long})" if long in short_for else f"--{long}"
+                value = parse_flag_value(flag, types_[f.name], getattr(args, long), f.metadata)
                 overrides.setdefault(section_name, {})[f.name] = value
     return overrides
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import os
 import re
 import types
 import typing
@@ -143,13 +144,21 @@ def deep_merge(base: dict, override: dict) -> dict:
     return merged
 
 
+def shipped_configs() -> str:
+    """The project's configs/ folder, as a path that works from the current folder."""
+    folder = Path(__file__).resolve().parent / "configs"
+    relative = os.path.relpath(folder)
+    return (relative if not relative.startswith("..") else str(folder)) + os.sep
+
+
 def load_config_file(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
     """Return the file's settings as a dict, with its `extends` chain merged underneath."""
     path = Path(path).resolve()
     if path in _chain:
         cycle = " -> ".join(p.name for p in (*_chain, path))
         raise UserError(f"config files extend each other in a cycle: {cycle}")
-    settings = read_json_object(path, "config file", "see configs/ for the shipped ones")
+    hint = f"'extends' in {_chain[-1]} names it" if _chain else f"the shipped ones are in {shipped_configs()}"
+    settings = read_json_object(path, "config file", hint)
     parent = settings.pop("extends", None)
     if parent is None:
         return settings

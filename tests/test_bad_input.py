@@ -159,18 +159,19 @@ T = ["--config", CONFIG]  # most train.py cases start from the good config
 I = [*T, "--out_dir", "m", "--model_impl"]  # noqa: E741 (then a model class of the user's)
 CASES = [
     # config files
-    ("train", ["--config", "nope.json"], "config file .*nope.json does not exist"),
+    ("train", ["--config", "nope.json"], f"config file .*nope.json does not exist; the shipped ones are in "
+                                         f"{re.escape(str(REPO_ROOT / 'configs'))}/$"),  # not the user's folder
     ("train", ["--config", "bad/broken.json"], "is not valid JSON"),
     ("train", ["--config", "bad/list.json"], "must hold a JSON object"),
     ("train", ["--config", "bad/typo_key.json"], "unknown key 'training.learning_rate'"),
     ("train", ["--config", "bad/typo_section.json"], "did you mean 'training'"),
     ("train", ["--config", "bad/wrong_type.json"], "training.lr must be a number"),
     ("train", ["--config", "bad/cycle_a.json"], "extend each other in a cycle"),
-    ("train", ["--config", "bad/orphan.json"], "missing_parent.json does not exist"),
+    ("train", ["--config", "bad/orphan.json"], "missing_parent.json does not exist; 'extends' in .*orphan.json names it"),
     ("train", ["--config", "bad/heads.json"], "must be divisible by model.n_head"),
     # flag values
     ("train", [*T, "--lr", "-1"], "training.lr must be positive"),
-    ("train", [*T, "--lr", "fast"], "--training.lr expects a number, got 'fast'"),
+    ("train", [*T, "--lr", "fast"], r"--lr \(--training.lr\) expects a number, got 'fast'"),  # either was typed
     ("train", [*T, "--max_steps", "2.5"], "expects a whole number"),
     ("train", [*T, "--lrr", "0.1"], "unknown flag --lrr; did you mean --lr"),
     ("train", [*T, "--device", "tpu"], "system.device must be one of"),

@@ -70,6 +70,8 @@ def test_bench_tokenize_times_a_fresh_cache(workdir, tiny_config_file, small_cor
 def test_bench_errors(workdir, tiny_config_file, capsys):
     assert run_cli(bench.main, ["--config", str(tiny_config_file), "--synthetic"]) == 2
     assert "--synthetic needs model.vocab_size" in capsys.readouterr().err
+    assert run_cli(bench.main, ["--config", str(tiny_config_file), "--steps", "0"]) == 2
+    assert capsys.readouterr().err == "error: --steps must be at least 1, got 0\n"  # the flag typed, not max_steps
     for flag in ("--max_batch", "--at_max_batch"):
         assert run_cli(bench.main, ["--config", str(tiny_config_file), flag]) == 2
         assert "--max_batch and --at_max_batch search GPU memory" in capsys.readouterr().err
