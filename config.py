@@ -103,8 +103,9 @@ class TrainingConfig:
     lr_decay_steps: Optional[int] = option(None, "step where the decay reaches min_lr; null: the last")
     schedule: str = option(
         "cosine", "after warmup: cosine decay, or wsd (stable at lr, then a linear cooldown over "
-        "the last cooldown_fraction of the steps)", choices=("cosine", "wsd"))
-    cooldown_fraction: float = option(0.2, "for schedule wsd: the share of steps spent decaying")
+        "the last cooldown_fraction of the steps after warmup)", choices=("cosine", "wsd"))
+    cooldown_fraction: float = option(0.2, "for schedule wsd: the share of the steps after warmup spent "
+                                           "decaying")
     optimizer: str = option("adamw", "adamw, or muon for the hidden matrices with AdamW for the rest",
                             choices=("adamw", "muon"))
     muon_lr: float = option(0.02, "Muon's peak learning rate (the schedule scales it like lr)")
@@ -363,6 +364,13 @@ def tokens_per_step(cfg: Config, processes: int = 1) -> int:
     (batch_size is per process: each rank of a torchrun run trains on its own batches)."""
     t = cfg.training
     return processes * t.batch_size * t.grad_accum_steps * cfg.model.block_size
+
+
+def cooldown_start(t: TrainingConfig, max_steps: int) -> float:
+    """Return the step where schedule wsd's linear cooldown begins: cooldown_fraction of the
+    steps between warmup and the decay's end are left."""
+    decay_end = t.lr_decay_steps or max_steps
+    return decay_end - t.cooldown_fraction * (decay_end - t.warmup_steps)
 
 
 def train_eval_iters(t: TrainingConfig) -> int:

@@ -14,7 +14,7 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
-from config import TrainingConfig
+from config import TrainingConfig, cooldown_start
 from distributed import Collectives, local, whole
 from model import target_count
 from muon import MuonWithAdamW, fused_splits, uses_muon
@@ -63,7 +63,7 @@ def learning_rate(step: int, t: TrainingConfig, max_steps: int) -> float:
         return t.lr * (step + 1) / t.warmup_steps
     decay_end = t.lr_decay_steps or max_steps
     if t.schedule == "wsd":
-        decay_start = decay_end - t.cooldown_fraction * (decay_end - t.warmup_steps)
+        decay_start = cooldown_start(t, max_steps)
         progress = min(1.0, max(0.0, (step - decay_start) / max(1.0, decay_end - decay_start)))
         return t.lr + progress * (t.min_lr - t.lr)
     progress = min(1.0, (step - t.warmup_steps) / max(1, decay_end - t.warmup_steps))

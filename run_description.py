@@ -3,6 +3,7 @@ device, from the config and the facts computed once about it.
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -10,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from config import Config, TrainingConfig, tokens_per_step
+from config import Config, TrainingConfig, cooldown_start, tokens_per_step
 from guards import counted
 from utils import DeviceInfo
 
@@ -55,7 +56,8 @@ def describe_schedule(t: TrainingConfig, max_steps: int) -> str:
     decay_end = t.lr_decay_steps or max_steps
     warmup = f"warmup {t.warmup_steps} steps to {t.lr:g}"
     if t.schedule == "wsd":
-        return f"{warmup}, stable, linear cooldown over the last {t.cooldown_fraction:.0%} to {t.min_lr:g}"
+        return (f"{warmup}, stable until step {math.floor(cooldown_start(t, max_steps)):,}, linear cooldown "
+                f"to {t.min_lr:g} at step {decay_end:,}")
     return f"{warmup}, cosine to {t.min_lr:g} at step {decay_end:,}"
 
 

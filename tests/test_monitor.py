@@ -270,4 +270,4 @@ def test_the_summary_names_the_schedule_in_use():
     assert run_description.describe_schedule(t, 300) == "warmup 30 steps to 0.003, cosine to 0.0003 at step 300"
     t.schedule, t.cooldown_fraction = "wsd", 0.3
     assert run_description.describe_schedule(t, 300) == (
-        "warmup 30 steps to 0.003, stable, linear cooldown over the last 30% to 0.0003")
+        "warmup 30 steps to 0.003, stable until step 219, linear cooldown to 0.0003 at step 300")  # 30% of 270
