@@ -167,6 +167,20 @@ class Terminal(io.StringIO):
         return True
 
 
+def type_in(monkeypatch, *lines: str) -> None:
+    """Answer input() with `lines`, its prompt echoed as a terminal shows it, then Ctrl+D."""
+    answers = iter(lines)
+
+    def typed(prompt_text):
+        print(prompt_text, end="")
+        try:
+            return next(answers)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr("builtins.input", typed)
+
+
 @pytest.fixture(scope="module")
 def chat_checkpoint(tmp_path_factory):
     """An untrained model whose tokenizer has the ChatML tokens, saved as a checkpoint."""
@@ -263,16 +277,7 @@ def test_a_terminal_chat_shows_every_reply_streamed_or_not(chat_checkpoint, monk
     generate, _ = chat_replies(tokenizer, tokenizer.encode("hi there"), tokenizer.encode("bye"))
     monkeypatch.setattr(gen, "generate_batch", generate)
     monkeypatch.setattr("sys.stdin", Terminal())
-    messages = iter(["hello", "and now?"])
-
-    def typed(prompt_text):
-        print(prompt_text, end="")
-        try:
-            return next(messages)
-        except StopIteration:
-            raise EOFError from None  # Ctrl+D
-
-    monkeypatch.setattr("builtins.input", typed)
+    type_in(monkeypatch, "hello", "and now?")
     assert run_cli(gen.main, [str(chat_checkpoint), "--chat", "--device", "cpu", "--dtype", "float32", *flags]) == 0
     assert capsys.readouterr().out.splitlines()[1:] == ["you> model> hi there", "you> model> bye", "you> "]
 
@@ -311,22 +316,13 @@ def test_benchmark_reports_prefill_and_decode_speed(chat_checkpoint, capsys):
 
 
 def test_interactive_prompting_and_a_terminal_chat(chat_checkpoint, monkeypatch, capsys):
-    answers = iter(["abc", "cab"])
-
-    def fake_input(prompt_text):
-        print(prompt_text, end="")
-        try:
-            return next(answers)
-        except StopIteration:
-            raise EOFError from None  # Ctrl+D
-
-    monkeypatch.setattr("builtins.input", fake_input)
+    type_in(monkeypatch, "abc", "cab")
     args = [str(chat_checkpoint), "--interactive", "--max_new_tokens", "5", "--seed", "2"]
     assert run_cli(gen.main, args) == 0
     out = capsys.readouterr().out
     assert out.count("prompt> ") == 3 and "prompt> abc" in out and "prompt> cab" in out
 
-    answers = iter(["hello", "/exit", "never"])
+    type_in(monkeypatch, "hello", "/exit", "never")
     monkeypatch.setattr("sys.stdin", Terminal())
     assert run_cli(gen.main, [str(chat_checkpoint), "--chat", "--max_new_tokens", "5"]) == 0
     out = capsys.readouterr().out
