@@ -81,7 +81,8 @@ def resolve_run_config(args: argparse.Namespace) -> tuple[Config, Optional[dict]
     """Return the config and, when resuming, the checkpoint and its path.
 
     `--resume PATH` continues in the checkpoint's directory, and without `--config` it takes
-    the checkpoint's own config; flags given on the command line still apply.
+    the checkpoint's own config; with it, the file's settings but the run's own data. Flags
+    given on the command line still apply.
     """
     overrides = overrides_from_args(args)
     if args.no_compile:
