@@ -41,10 +41,10 @@ def reply_header(tokenizer: Tokenizer) -> list[int]:
 
 
 def reply_stop_ids(tokenizer: Tokenizer) -> frozenset[int]:
-    """The ids that end a reply: every special token. Its own end (<|im_end|>) or the end of
-    text, or the start of another turn, which an undertrained model may begin without closing
-    its own: a ChatML reply never holds one (and its text, kept in the history, stays
-    encodable by a character tokenizer, which has no '<' for the token's name)."""
+    """The ids that end a reply: its own end (<|im_end|>), the end of text, and the start of
+    another turn, which an undertrained model may begin without closing its own. A ChatML
+    reply holds none of them (and its text, kept in the history, stays encodable by a
+    character tokenizer, which has no '<' for the token's name)."""
     return frozenset(tokenizer.special_ids.values())
 
 
@@ -80,7 +80,7 @@ def read_message(stdin: TextIO, interactive: bool) -> str | None:
         return None
     if not interactive and not line:
         return None
-    return line.rstrip("\n") if interactive else unescape_message(line.rstrip("\n"))
+    return line.rstrip("\n")
 
 
 def chat_session(session: "Session", system_prompt: str, stdin: TextIO) -> None:
@@ -109,7 +109,7 @@ def chat_session(session: "Session", system_prompt: str, stdin: TextIO) -> None:
             continue
         if not message.strip():
             continue
-        turns.append(render_turn(tokenizer, "user", message))
+        turns.append(render_turn(tokenizer, "user", message if interactive else unescape_message(message)))
         if interactive:
             print("model> ", end="", flush=True)
         prompt = fit_history(system, turns, header, budget)

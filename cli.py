@@ -41,6 +41,9 @@ SHORT_FLAGS: dict[str, str] = {
 }
 
 
+SHORT_FOR = {long: short for short, long in SHORT_FLAGS.items()}  # "training.lr": "lr"
+
+
 class CliParser(argparse.ArgumentParser):
     """An ArgumentParser whose mistakes are one-line UserErrors with a suggestion."""
 
@@ -116,12 +119,11 @@ def parse_flag_value(flag: str, tp: Any, text: str | list[str], metadata: Mappin
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """Add `--section.field` for every field, and the short flags; unset flags stay absent."""
     group = parser.add_argument_group("config overrides (any field: --section.field VALUE)")
-    short_for = {long: short for short, long in SHORT_FLAGS.items()}
     for section_name, section_cls in SECTIONS.items():
         types_ = field_types(section_cls)
         for f in dataclasses.fields(section_cls):
             long = f"{section_name}.{f.name}"
-            flags = [f"--{long}"] + ([f"--{short_for[long]}"] if long in short_for else [])
+            flags = [f"--{long}"] + ([f"--{SHORT_FOR[long]}"] if long in SHORT_FOR else [])
             choices = f.metadata.get("choices")
             help_text = f.metadata["help"] + (f" ({'|'.join(choices)})" if choices else "")
             group.add_argument(*flags, dest=long, metavar="VALUE", default=argparse.SUPPRESS,
@@ -155,14 +157,13 @@ def add_decode_step_flag(parser: argparse.ArgumentParser) -> None:
 def overrides_from_args(args: argparse.Namespace) -> dict:
     """Return the config flags the user gave, as nested dicts of typed values."""
     overrides: dict[str, dict] = {}
-    short_for = {long: short for short, long in SHORT_FLAGS.items()}
     for section_name, section_cls in SECTIONS.items():
         types_ = field_types(section_cls)
         for f in dataclasses.fields(section_cls):
             long = f"{section_name}.{f.name}"
             if hasattr(args, long):
                 # either flag may have been typed: name both (--max_time (--training.max_time_s))
-                flag = f"--{short_for[long]} (--{long})" if long in short_for else f"--{long}"
+                flag = f"--{SHORT_FOR[long]} (--{long})" if long in SHORT_FOR else f"--{long}"
                 value = parse_flag_value(flag, types_[f.name], getattr(args, long), f.metadata)
                 overrides.setdefault(section_name, {})[f.name] = value
     return overrides

@@ -73,10 +73,16 @@ def export(checkpoint_path: Path, out: Path, repo_id: Optional[str] = None) -> l
         if plot.is_file():
             shutil.copyfile(plot, out / "loss.png")
         write_model_card(out / "README.md", checkpoint, checkpoint_path, plot.is_file(), family,
-                         repo_id or str(out))
+                         repo_id or local_name(out))
     except OSError as error:
         raise UserError(f"cannot write {out}: {error.strerror}") from None
     return sorted(out.iterdir())
+
+
+def local_name(folder: Path) -> str:
+    """The folder as transformers should load it: a relative 'hf/tiny' would be taken for a Hub
+    repository from any other folder, so it gets './'."""
+    return str(folder) if folder.is_absolute() else f"./{folder.as_posix()}"
 
 
 def give_default_mode(path: Path) -> None:

@@ -125,6 +125,11 @@ def token_cache(ctx: Context) -> list[list[str]]:
     return [[PYTHON, "train.py", "--config", DEFAULT_CONFIG, *ctx.data_flags(), "--data_stats"]]
 
 
+def _gen_smoke_flags(ctx: Context) -> list[str]:
+    """gen.py's flags for the smoke check: the CPU, float32, a short sample."""
+    return ["--device", "cpu", "--dtype", "float32", "--max_new_tokens", "50"] if ctx.smoke else []
+
+
 def decode(ctx: Context) -> list[list[str]]:
     """Train the 10.7M model of configs/shakespeare_char.json one step (its weights do not change
     the speed), then time gen.py's prefill and decoding on it, eager and then with the default
@@ -132,8 +137,7 @@ def decode(ctx: Context) -> list[list[str]]:
     run = ctx.run_dir("decode")
     train = [PYTHON, "train.py", "--config", DEFAULT_CONFIG, *ctx.data_flags(), *ctx.size_flags(),
              "--no_compile", "--max_steps", "1", "--out_dir", str(run)]
-    smoke = ["--device", "cpu", "--dtype", "float32", "--max_new_tokens", "50"] if ctx.smoke else []
-    gen = [PYTHON, "gen.py", str(run), "--benchmark", *smoke]
+    gen = [PYTHON, "gen.py", str(run), "--benchmark", *_gen_smoke_flags(ctx)]
     return [train, [*gen, "--decode_step", "eager"], gen]
 
 
@@ -141,9 +145,8 @@ def decode_batch(ctx: Context) -> list[list[str]]:
     """gen.py decoding DECODE_BATCH samples of decode's model as one batch (one forward per token
     for all, with the default step: a CUDA graph of DECODE_BATCH rows on CUDA), the work a
     server with every row of `--batch DECODE_BATCH` busy does each token."""
-    smoke = ["--device", "cpu", "--dtype", "float32", "--max_new_tokens", "50"] if ctx.smoke else []
     return [[PYTHON, "gen.py", str(ctx.run_dir("decode")), "--benchmark", "--num_samples", str(DECODE_BATCH),
-             *smoke]]
+             *_gen_smoke_flags(ctx)]]
 
 
 def torchrun(ctx: Context) -> list[list[str]]:

@@ -96,8 +96,8 @@ def out_of_memory_error(t: TrainingConfig, block_size: int) -> UserError:
 def format_duration(seconds: float) -> str:
     """Return '1h30m', '45m10s', '12s', under ten seconds '3.4s' and under one '26ms' (a CPU step's
     time read '0.0s')."""
-    if seconds < 1:
-        return f"{1000 * seconds:.0f}ms"
+    if round(1000 * seconds) < 1000:  # 0.9996 s is 1.0s, not 1000ms
+        return f"{round(1000 * seconds)}ms"
     if seconds < 10:
         return f"{seconds:.1f}s"
     seconds = int(round(seconds))

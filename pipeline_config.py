@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from config_fields import check_value, option, read_json_object, unknown_key_message
+from config_fields import check_value, option, read_json_object, shipped_configs, unknown_key_message
 from errors import UserError
 from tasks import DEFAULT_IDENTITY, KIND_NAMES
 
@@ -150,7 +150,7 @@ def load_pipeline_config(path: str | Path, overrides: Optional[dict] = None) -> 
     """Read and check a pipeline config, with `overrides` ({section: {field: text}}) over it;
     every phase config it names must exist."""
     path = Path(path)
-    settings = read_json_object(path, "pipeline config", "see configs/pipeline_laptop.json")
+    settings = read_json_object(path, "pipeline config", f"see {shipped_configs()}pipeline_laptop.json")
     for section, fields in (overrides or {}).items():
         if not isinstance(settings.setdefault(section, {}), dict):
             raise UserError(f"'{section}' in {path} must be an object")

@@ -80,9 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve_run_config(args: argparse.Namespace) -> tuple[Config, Optional[dict], Optional[Path]]:
     """Return the config and, when resuming, the checkpoint and its path.
 
-    `--resume PATH` continues in the checkpoint's directory, and without `--config` it takes
-    the checkpoint's own config; with it, the file's settings but the run's own data. Flags
-    given on the command line still apply.
+    A resume continues in the checkpoint's directory (`--resume PATH`'s, or the newest valid
+    one in out_dir). Without `--config` it takes the checkpoint's own config; with it, the
+    file's settings but the run's own data. Flags given on the command line still apply.
     """
     overrides = overrides_from_args(args)
     if args.no_compile:
@@ -93,41 +93,45 @@ def resolve_run_config(args: argparse.Namespace) -> tuple[Config, Optional[dict]
         raise UserError("--resume and --load_model_only exclude each other; use one")
     if args.resume:
         checkpoint, path = load_resumable(Path(args.resume))
-        overrides.setdefault("training", {}).setdefault("out_dir", str(path.parent))
-        if not args.config:
-            return resolve_config(None, overrides, checkpoint["config"]), checkpoint, path
-        cfg = resolve_config(args.config, overrides)
     else:
-        cfg = resolve_config(args.config, overrides)
-        checkpoint, path = load_latest_valid(Path(cfg.training.out_dir))
+        checkpoint, path = load_latest_valid(Path(resolve_config(args.config, overrides).training.out_dir))
+    overrides.setdefault("training", {}).setdefault("out_dir", str(path.parent))
+    if not args.config:
+        return resolve_config(None, overrides, checkpoint["config"]), checkpoint, path
+    cfg = resolve_config(args.config, overrides)
     return with_the_runs_data(cfg, checkpoint, overrides.get("data", {}), args.config), checkpoint, path
 
 
-def with_the_runs_data(cfg: Config, checkpoint: Optional[dict], typed: dict, config_path: str) -> Config:
-    """Return `cfg` with the data settings the resumed run trained with, the data flags typed now
-    over them: a `--dataset` given when the run began is in no config file, and a file changed
-    since would switch a run's data without a word."""
-    if checkpoint is None:
-        return cfg
-    data = dataclasses.replace(config_from_dict({"data": checkpoint["config"]["data"]},
-                                                "the checkpoint's config").data, **typed)
+MACHINE_DATA_FIELDS = ("cache_dir", "num_workers")  # where and how this machine reads the data: the file's
+
+
+def with_the_runs_data(cfg: Config, checkpoint: dict, typed: dict, config_path: str) -> Config:
+    """Return `cfg` with the data settings the resumed run trained with (but for where and how
+    this machine reads them), the data flags typed now over them: a `--dataset` given when the
+    run began is in no config file, and a file changed since would switch a run's data unseen."""
+    theirs = config_from_dict({"data": checkpoint["config"]["data"]}, "the checkpoint's config").data
+    ours = {name: getattr(cfg.data, name) for name in MACHINE_DATA_FIELDS}
+    data = dataclasses.replace(theirs, **{**ours, **typed})
     if data == cfg.data:
         return cfg
     names = [field.name for field in dataclasses.fields(data)]
     changed = [f"{name} {getattr(data, name)!r}, not {getattr(cfg.data, name)!r}" for name in names
                if getattr(data, name) != getattr(cfg.data, name)]
-    notice(f"resuming on the run's own data settings ({'; '.join(changed)} as {config_path} says); "
-           "flags such as --dataset choose others")
+    if ranks_from_environment().is_main:  # under torchrun, once
+        notice(f"resuming on the run's own data settings ({'; '.join(changed)} as {config_path} says); "
+               "flags such as --dataset choose others")
     resumed = dataclasses.replace(cfg, data=data)
     validate(resumed)
     return resumed
 
 
-def describe_config(cfg: Config, system: DeviceInfo, data: Optional[PreparedData]) -> str:
-    """Return the resolved config and the values derived from it, for --show_config."""
+def describe_config(cfg: Config, system: DeviceInfo, data: Optional[PreparedData],
+                    continuing: Optional[str] = None) -> str:
+    """Return the resolved config and the values derived from it, for --show_config
+    (`continuing`: the dtype of the run a resume continues)."""
     facts = None
     sized = fill_vocab_size(cfg, data.tokenizer.vocab_size) if data is not None else cfg
-    system = choose_cpu_dtype(sized, system, can_time=data is not None)  # timed, or the cached measurement
+    system = choose_cpu_dtype(sized, system, continuing, can_time=data is not None)  # timed, or cached
     if data is not None:
         with torch.device("meta"):  # shapes only: no memory, no initialisation
             model = build_model(sized.model)
@@ -182,6 +186,9 @@ def out_dir_was_set(args: argparse.Namespace) -> bool:
 
 def save_run_config(args: argparse.Namespace, cfg: Config) -> None:
     """Write the resolved config for --save_config, and say what became of out_dir."""
+    if Path(args.save_config).is_dir():
+        raise UserError(f"--save_config {args.save_config} is a folder; name a file such as "
+                        f"{Path(args.save_config) / 'config.json'}")
     if Path(args.save_config).exists() and not args.overwrite:
         raise UserError(f"--save_config {args.save_config} exists; name a new file, or pass --overwrite "
                         "to replace it")
@@ -277,7 +284,7 @@ def main(argv: Sequence[str]) -> int:
     system = resolve_system(cfg.system.device, cfg.system.dtype, cfg.system.compile, ranks,
                             cfg.system.compile_mode, cfg.training.grad_accum_steps)
     if args.show_config:
-        print(describe_config(cfg, system, local_data(cfg)))
+        print(describe_config(cfg, system, local_data(cfg), checkpoint.get("dtype") if checkpoint else None))
         return 0
     if args.data_stats:
         data = prepare_run_data(args, cfg, starting_checkpoint(args, checkpoint))

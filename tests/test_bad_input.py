@@ -222,6 +222,7 @@ CASES = [
     ("train", T, "already holds a checkpoint of an earlier run"),
     ("train", [*T, "--out_dir", "bad/a_file/run"], "cannot write to out_dir"),
     ("train", [*T, "--save_config", CONFIG], f"--save_config {CONFIG} exists; name a new file, or pass --overwrite"),
+    ("train", [*T, "--save_config", "bad", "--overwrite"], "--save_config bad is a folder; name a file such as"),
     ("plot", ["models/tiny_test", "--out", "models/tiny_test/ckpt.pt"], "does not end in .png; the plot is a PNG"),
     ("train", [*T, "--load_model_only", "models/none.pt", "--out_dir", "y"], "does not exist"),
     # a model class of the user's (model.impl)

@@ -224,6 +224,16 @@ def test_show_config_before_the_download_names_no_dtype_auto_has_not_timed(capsy
     assert not (workdir / "cache").exists()  # nothing timed, nothing downloaded
 
 
+def test_show_config_of_a_resume_names_the_dtype_the_run_keeps(capsys, workdir, tiny_config_file, monkeypatch):
+    assert train.main(["--config", str(tiny_config_file), "--max_steps", "2"]) == 0  # trained in float32
+    monkeypatch.delenv(CPU_DTYPE_VARIABLE)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(precision, "time_training_step", lambda cfg: pytest.fail("a resume keeps its dtype"))
+    capsys.readouterr()
+    assert train.main(["--config", str(tiny_config_file), "--resume", "--system.dtype", "auto", "--show_config"]) == 0
+    assert re.search(r"dtype +float32: as the run this continues was trained", capsys.readouterr().out)
+
+
 def test_show_config_counts_steps_from_epochs(capsys, workdir, small_corpus_file):
     train.main(["--config", str(REPO_ROOT / "configs/tiny.json"), "--dataset", str(small_corpus_file),
                 "--epochs", "1", "--system.dtype", "float32", "--show_config"])

@@ -91,7 +91,7 @@ def test_the_model_card_has_every_section(workdir, capsys):
     card = (workdir / "hf" / "README.md").read_text()
     for section in CARD_SECTIONS:
         assert f"\n## {section}\n" in card
-    assert 'AutoModelForCausalLM.from_pretrained("hf")' in card and "step 7" in card
+    assert 'AutoModelForCausalLM.from_pretrained("./hf")' in card and "step 7" in card  # "hf": a Hub id
     assert "`<\\|endoftext\\|>`" in card  # escaped inside the table
     assert "| hardware | unknown (unknown CPU), bfloat16 |" in card  # the dtype trained in, not "auto"
     assert "model.safetensors" in capsys.readouterr().out

@@ -238,8 +238,8 @@ def test_durations_and_step_timing():
     for bad in ("", "soon", "1d", "h"):
         with pytest.raises(ValueError):
             parse_duration(bad)
-    assert [format_duration(s) for s in (5400, 2710, 12, 3.44, 1.0, 0.0257, 0)] == [
-        "1h30m", "45m10s", "12s", "3.4s", "1.0s", "26ms", "0ms"]
+    assert [format_duration(s) for s in (5400, 2710, 12, 3.44, 1.0, 0.9996, 0.0257, 0)] == [
+        "1h30m", "45m10s", "12s", "3.4s", "1.0s", "1.0s", "26ms", "0ms"]
     timer = StepTimer(save_guess_s=2.0)
     timer.record_step(60.0)  # compiling: left out
     timer.record_step(1.0)

@@ -153,8 +153,8 @@ def test_summaries_before_and_after(workdir, tiny_config_file, capsys):
 
 
 @pytest.mark.parametrize("log_interval, estimate", [
-    ("3", r"estimated time to step 6: about \d+ms \([\d.]+ ms/step, 2 evaluations\)\n"),  # step 3's and 6's
-    ("2", r"estimated time to step 6: about \d+ms \([\d.]+ ms/step, 2 evaluations\)\n"),  # 3 and 6, after 2
+    ("3", r"estimated time to step 6: about \S+ \([\d.]+ ms/step, 2 evaluations\)\n"),  # step 3's and 6's
+    ("2", r"estimated time to step 6: about \S+ \([\d.]+ ms/step, 2 evaluations\)\n"),  # 3 and 6, after 2
     ("6", None)])  # the first report is the last step: nothing left to estimate (it said "about 0ms")
 def test_the_estimate_counts_the_evaluations_left_and_comes_only_while_steps_are(
         workdir, tiny_config_file, capsys, log_interval, estimate):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 
 import pytest
@@ -170,6 +171,17 @@ def test_a_resumed_run_keeps_its_own_data_whatever_its_config_file_says(workdir,
     assert "notice" not in capsys.readouterr().err
     assert run(tiny_config_file, "--resume") == 0
     assert load_checkpoint(workdir / "models/tiny_test/ckpt.pt")["config"]["data"]["dataset"] == str(other)
+    # where and how this machine reads the data stays the file's: a requeued job may run elsewhere
+    moved = workdir / "moved.json"
+    moved.write_text(json.dumps({**json.loads(tiny_config_file.read_text()), "data": {
+        "dataset": str(small_corpus_file), "cache_dir": "elsewhere", "num_workers": 1}}))
+    args = train.build_parser().parse_args(["--config", str(moved), "--out_dir", "models/tiny_test", "--resume"])
+    data = train.resolve_run_config(args)[0].data
+    assert (data.dataset, data.cache_dir, data.num_workers) == (str(other), "elsewhere", 1)
+    # without --config, the checkpoint's own config, as with --resume PATH
+    args = train.build_parser().parse_args(["--out_dir", "models/tiny_test", "--resume"])
+    assert train.resolve_run_config(args)[0] == train.resolve_run_config(
+        train.build_parser().parse_args(["--resume", "models/tiny_test/ckpt.pt"]))[0]
 
 
 def test_resume_restores_the_optimizer_state(workdir, tiny_config_file):
