@@ -178,16 +178,18 @@ class Pipeline:
 
     def run_phase(self, phase: str, force: bool) -> int:
         folder, expected = self.folder(phase), self.expected(phase)
-        state = read_state(folder)
-        if not force and is_done(state, folder, expected):
+        before = read_state(folder)
+        if not force and is_done(before, folder, expected):
             print(f"[pipeline] {phase}: done earlier with these settings and verified; skipped", flush=True)
             return 0
-        carried = state.seconds if state and state.fingerprint == expected and state.status != "done" else 0.0
-        state = PhaseState(phase, expected, seconds=carried)
+        # only an attempt with today's settings that did not finish is gone on with; other settings
+        # (or --from/--only) start the phase over
+        interrupted = before is not None and before.fingerprint == expected and before.status != "done"
+        state = PhaseState(phase, expected, seconds=before.seconds if interrupted else 0.0)
         state.save(folder)
         print(f"[pipeline] {phase}: starting", flush=True)
         started = time.perf_counter()
-        code, outputs = self.execute(phase, force)
+        code, outputs = self.execute(phase, resume=interrupted and not force, forced=force)
         state.seconds += time.perf_counter() - started
         state.status = "stopped" if code else "done"
         if not code:
@@ -197,13 +199,14 @@ class Pipeline:
             print(f"[pipeline] {phase}: done in {format_duration(state.seconds)}", flush=True)
         return code
 
-    def execute(self, phase: str, force: bool) -> tuple[int, list[str]]:
-        """Run one phase; return its exit status and its outputs' names (in its folder)."""
+    def execute(self, phase: str, resume: bool, forced: bool) -> tuple[int, list[str]]:
+        """Run one phase; return its exit status and its outputs' names (in its folder). `resume`:
+        a training phase goes on from its newest checkpoint; `forced`: --from or --only chose it."""
         folder = self.folder(phase)
         if phase == "tokenizer":
             return 0, self.make_tokenizer()
         if phase in TRAINING_PHASES:
-            return self.train_phase(phase, force)
+            return self.train_phase(phase, resume, forced)
         if phase == "eval":
             return evaluate_stages(self, folder / LOG), list(EVAL_OUTPUTS)
         write_report_card(self)
@@ -218,12 +221,11 @@ class Pipeline:
               f"in {self.tasks.train.parent}", flush=True)
         return [TOKENIZER_FILE, self.tasks.train.name, self.tasks.held_out.name, self.tasks.choices.name]
 
-    def train_phase(self, phase: str, force: bool) -> tuple[int, list[str]]:
+    def train_phase(self, phase: str, resume: bool, forced: bool) -> tuple[int, list[str]]:
         folder = self.folder(phase)
         link_phase_files(self.phase_files(phase), folder / "data")
         args = self.train_args(phase)
-        state = read_state(folder)
-        if checkpoints_in(folder) and not force and state is not None and state.status != "done":
+        if resume and checkpoints_in(folder):
             args.append("--resume")  # interrupted with these settings: go on from its newest valid checkpoint
             print(f"[pipeline] {phase}: resuming from its newest valid checkpoint in {folder}", flush=True)
         else:
@@ -235,8 +237,10 @@ class Pipeline:
         code = run_logged(command, folder / LOG)
         if code:
             why = f"stopped by a signal (exit {code})" if code > 128 else f"failed (exit {code})"
-            print(f"[pipeline] {phase} {why}; its log is {folder / LOG}; run the same command again to "
-                  "resume it from its newest checkpoint", file=sys.stderr, flush=True)
+            again = ("run the command again without --from/--only (with them the phase starts over)" if forced
+                     else "run the same command again")
+            print(f"[pipeline] {phase} {why}; its log is {folder / LOG}; {again} to resume it from its newest "
+                  "checkpoint", file=sys.stderr, flush=True)
             return code, []
         checkpoint = load_checkpoint(folder / "ckpt.pt")
         if checkpoint["step"] < checkpoint.get("max_steps", checkpoint["step"]):

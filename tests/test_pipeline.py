@@ -151,7 +151,7 @@ def test_a_pipeline_stopped_by_sigterm_resumes_to_the_same_weights(finished, tmp
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 143, err[-2000:]
-    assert "[pipeline] mid stopped by a signal" in err
+    assert "[pipeline] mid stopped by a signal" in err and "run the same command again to resume it" in err
     resumed = pipeline(config)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "mid: resuming from its newest valid checkpoint" in resumed.stdout
@@ -159,6 +159,12 @@ def test_a_pipeline_stopped_by_sigterm_resumes_to_the_same_weights(finished, tmp
     expected, got = weights(run_dir(finished) / "sft" / "ckpt.pt"), weights(run_dir(config) / "sft" / "ckpt.pt")
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[name], got[name]) for name in expected)
+    # a phase flag changed: sft starts over from mid's weights (it used to resume its old checkpoint)
+    changed = pipeline(config, "--sft.lr", "0.002")
+    assert changed.returncode == 0, changed.stderr[-2000:]
+    assert "mid: done earlier with these settings and verified; skipped" in changed.stdout
+    assert "sft: resuming" not in changed.stdout and "starting from the weights of" in changed.stdout
+    assert load_checkpoint(run_dir(config) / "sft" / "ckpt.pt")["config"]["training"]["lr"] == 0.002
 
 
 @pytest.mark.parametrize("case, flags, message", [
