@@ -17,6 +17,7 @@ phase (`--max_time 5m`), `--base.FIELD VALUE` to one phase only (`--mid.lr 1e-3`
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -189,7 +190,11 @@ class Pipeline:
         state.save(folder)
         print(f"[pipeline] {phase}: starting", flush=True)
         started = time.perf_counter()
-        code, outputs = self.execute(phase, resume=interrupted and not force, forced=force)
+        try:
+            code, outputs = self.execute(phase, resume=interrupted and not force, forced=force)
+        except Stopped as stop:  # in the pipeline's own process: the tokenizer, eval (between its children), report
+            code, outputs = 128 + stop.number, []
+            say_stopped(phase, code, self.folder(phase) / LOG, force)
         state.seconds += time.perf_counter() - started
         state.status = "stopped" if code else "done"
         if not code:
@@ -236,11 +241,7 @@ class Pipeline:
         command = [sys.executable, str(Path(train.__file__).resolve()), *args]
         code = run_logged(command, folder / LOG)
         if code:
-            why = f"stopped by a signal (exit {code})" if code > 128 else f"failed (exit {code})"
-            again = ("run the command again without --from/--only (with them the phase starts over)" if forced
-                     else "run the same command again")
-            print(f"[pipeline] {phase} {why}; its log is {folder / LOG}; {again} to resume it from its newest "
-                  "checkpoint", file=sys.stderr, flush=True)
+            say_stopped(phase, code, folder / LOG, forced)
             return code, []
         checkpoint = load_checkpoint(folder / "ckpt.pt")
         if checkpoint["step"] < checkpoint.get("max_steps", checkpoint["step"]):
@@ -248,6 +249,27 @@ class Pipeline:
                   "limit); run the same command again to go on", file=sys.stderr, flush=True)
             return 1, []
         return 0, [self.handover(phase).name]
+
+
+class Stopped(Exception):
+    """SIGINT or SIGTERM, while the pipeline itself works (a training phase's child hears it instead)."""
+
+    def __init__(self, number: int):
+        super().__init__(signal.Signals(number).name)
+        self.number = number
+
+
+def raise_stopped(number: int, _frame: object) -> None:
+    raise Stopped(number)
+
+
+def say_stopped(phase: str, code: int, log: Path, forced: bool) -> None:
+    """The line a phase that failed or was stopped ends with: what, where its log is, how to go on."""
+    why = f"stopped by a signal (exit {code})" if code > 128 else f"failed (exit {code})"
+    again = ("run the command again without --from/--only (with them the phase starts over)" if forced
+             else "run the same command again")
+    then = "resume it from its newest checkpoint" if phase in TRAINING_PHASES else "run it again"
+    print(f"[pipeline] {phase} {why}; its log is {log}; {again} to {then}", file=sys.stderr, flush=True)
 
 
 def selected_phases(args: argparse.Namespace) -> tuple[list[str], set[str]]:
@@ -283,7 +305,12 @@ def main(argv: Sequence[str]) -> int:
     if forced:
         check_earlier_done(pipeline, phases[0])
     print(f"[pipeline] {args.config}: phases {', '.join(phases)}; writing to {pipeline.run_dir}", flush=True)
-    return pipeline.run(phases, forced)
+    previous = {number: signal.signal(number, raise_stopped) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return pipeline.run(phases, forced)
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 if __name__ == "__main__":

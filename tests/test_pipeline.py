@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import pipeline as pipeline_cli
 import task_eval
 from checkpoint import load_checkpoint
+from cli import run_cli
 from errors import UserError
 from pipeline_data import multiple_choice_records
 from tasks import TaskChat
@@ -151,7 +153,7 @@ def test_a_pipeline_stopped_by_sigterm_resumes_to_the_same_weights(finished, tmp
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 143, err[-2000:]
-    assert "[pipeline] mid stopped by a signal" in err and "run the same command again to resume it" in err
+    assert "[pipeline] mid stopped by a signal" in err and "run the same command again to resume it from" in err
     resumed = pipeline(config)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "mid: resuming from its newest valid checkpoint" in resumed.stdout
@@ -165,6 +167,33 @@ def test_a_pipeline_stopped_by_sigterm_resumes_to_the_same_weights(finished, tmp
     assert "mid: done earlier with these settings and verified; skipped" in changed.stdout
     assert "sft: resuming" not in changed.stdout and "starting from the weights of" in changed.stdout
     assert load_checkpoint(run_dir(config) / "sft" / "ckpt.pt")["config"]["training"]["lr"] == 0.002
+
+
+@pytest.mark.slow
+def test_a_signal_during_eval_ends_with_the_line_a_training_phase_gets(finished, monkeypatch, capsys):
+    """eval runs in the pipeline's own process (between its eval.py children): a SIGTERM there
+    ended the pipeline without a word and left eval "running"."""
+    def signalled(pipeline, log_path):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+        pytest.fail("SIGTERM did not stop the phase")
+
+    def unheard(number, frame):  # in place of the default, which would end pytest too
+        raise AssertionError("the pipeline left SIGTERM to its default: the process ends without a word")
+
+    monkeypatch.setattr(pipeline_cli, "evaluate_stages", signalled)
+    monkeypatch.chdir(finished.parent)
+    before = signal.signal(signal.SIGTERM, unheard)
+    try:
+        assert run_cli(pipeline_cli.main, ["--config", str(finished), *FLAGS, "--only", "eval"]) == 143
+        assert signal.getsignal(signal.SIGTERM) is unheard  # the pipeline's handlers are gone with it
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert capsys.readouterr().err.endswith(
+        f"[pipeline] eval stopped by a signal (exit 143); its log is {run_dir(finished) / 'eval' / 'log.txt'}; "
+        "run the command again without --from/--only (with them the phase starts over) to run it again\n")
+    assert json.loads((run_dir(finished) / "eval" / "phase.json").read_text())["status"] == "stopped"
+    assert pipeline(finished, "--only", "eval").returncode == 0  # and the phase runs again
 
 
 @pytest.mark.parametrize("case, flags, message", [
