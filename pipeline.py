@@ -308,6 +308,10 @@ def main(argv: Sequence[str]) -> int:
     previous = {number: signal.signal(number, raise_stopped) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
         return pipeline.run(phases, forced)
+    except Stopped as stop:  # between phases: nothing was under way
+        print(f"[pipeline] stopped by {stop} between phases; run the same command again to go on",
+              file=sys.stderr, flush=True)
+        return 128 + stop.number
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)

@@ -194,6 +194,11 @@ def test_a_signal_during_eval_ends_with_the_line_a_training_phase_gets(finished,
         "run the command again without --from/--only (with them the phase starts over) to run it again\n")
     assert json.loads((run_dir(finished) / "eval" / "phase.json").read_text())["status"] == "stopped"
     assert pipeline(finished, "--only", "eval").returncode == 0  # and the phase runs again
+    monkeypatch.setattr(pipeline_cli.Pipeline, "run", lambda self, phases, forced: pipeline_cli.raise_stopped(
+        signal.SIGINT, None))  # Ctrl+C between two phases
+    assert run_cli(pipeline_cli.main, ["--config", str(finished), *FLAGS]) == 130
+    assert capsys.readouterr().err == ("[pipeline] stopped by SIGINT between phases; run the same command again "
+                                       "to go on\n")
 
 
 @pytest.mark.parametrize("case, flags, message", [
