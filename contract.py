@@ -148,13 +148,14 @@ def is_on_meta(model: nn.Module) -> bool:
 
 def check_forward(model: nn.Module, cfg: ModelConfig) -> None:
     """Run forward on a 1 x T batch with targets and raise UserError unless it returns
-    (logits (1, T, vocab_size), a scalar loss). Eval mode: dropout draws no random numbers."""
+    (logits (1, T, vocab_size), a scalar loss), and without them unless it returns a pair too
+    (gen.py and eval.py call it so). Eval mode: dropout draws no random numbers."""
     name, T = type(model).__name__, min(4, cfg.block_size)
     idx = torch.zeros(1, T, dtype=torch.long)
     was_training = model.training
     try:
         with torch.no_grad():
-            output = model.eval()(idx, idx)
+            output, untargeted = model.eval()(idx, idx), model(idx)
     except Exception as error:
         raise UserError(f"{name}.forward(idx, targets) failed on a batch of 1 x {T} tokens: "
                         f"{type(error).__name__}: {error} (`python check_model.py {cfg.impl}` "
@@ -172,6 +173,9 @@ def check_forward(model: nn.Module, cfg: ModelConfig) -> None:
     if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
         got = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
         raise UserError(f"{name}.forward(idx, targets) must return the loss as a scalar tensor, got {got}")
+    if not (isinstance(untargeted, tuple) and len(untargeted) == 2):
+        raise UserError(f"{name}.forward(idx) without targets must return a tuple (logits, None) too, got "
+                        f"{type(untargeted).__name__}: gen.py and eval.py call it so")
 
 
 def accepts_keyword(method: Any, name: str) -> bool:

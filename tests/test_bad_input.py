@@ -67,6 +67,12 @@ class NoLoss(Base):
         return super().forward(idx)
 
 
+class BareWithoutTargets(Base):
+    def forward(self, idx, targets=None):
+        logits, loss = super().forward(idx, targets)
+        return (logits, loss) if targets is not None else logits
+
+
 class Crashes(Base):
     def forward(self, idx, targets=None):
         return self.embedding(idx) @ torch.ones(3, 3), None
@@ -236,6 +242,8 @@ CASES = [
     ("train", [*I, "bad/models.py:JustLogits"], r"must return a tuple \(logits, loss"),
     ("train", [*I, "bad/models.py:LastPosition"], r"logits of shape .* got \(1, 64\)"),
     ("train", [*I, "bad/models.py:NoLoss"], "the loss as a scalar tensor, got None"),
+    ("train", [*I, "bad/models.py:BareWithoutTargets"],  # trained, then gen.py failed with a traceback
+     r"forward\(idx\) without targets must return a tuple \(logits, None\) too, got Tensor"),
     ("train", [*I, "bad/models.py:Crashes"], "forward.* failed on a batch .* RuntimeE"),
     ("train", [*I, SKELETON], "MyGPT is not finished: step 1, MyGPT.__init__"),
     ("train", [*T, "--resume", "--model_impl", MY_GPT], "do not fit MyGPT: they lack token_embedding"),

@@ -137,6 +137,19 @@ def test_each_broken_model_fails_its_check_with_its_hint(broken, check, hint):
                    for name, o in outcomes.items() if name != "builds")
 
 
+class BareLogitsWithoutTargets(GPT):
+    def forward(self, idx, targets=None):
+        logits, loss = super().forward(idx, targets)
+        return (logits, loss) if targets is not None else logits
+
+
+def test_a_forward_without_the_pair_fails_as_that_not_as_seeing_the_future():
+    """causality read the first row of a bare logits tensor and said "the model sees the future"."""
+    checks = [c for c in check_model.CHECKS if c.name in ("shapes", "causality", "state_dict", "deterministic")]
+    outcomes = check_model.run_checks(BareLogitsWithoutTargets, checks)
+    assert [(o.status, o.hint) for o in outcomes] == [("FAIL", "forward(idx) must return (logits, loss)")] * 4
+
+
 def test_the_command_prints_a_line_per_check(capsys):
     assert run_cli(check_model.main, [f"{REPO_ROOT / 'model.py'}:GPT"]) == 0
     out = capsys.readouterr().out.splitlines()
