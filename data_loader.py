@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
+import re
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -93,8 +95,10 @@ def dataset_files(data_cfg: DataConfig) -> tuple[str, list[Path]]:
         return "shakespeare_char", [download_shakespeare(data_cfg.cache_dir)]
     files = source_files(data_cfg.dataset)
     path = Path(data_cfg.dataset)
-    name = path.stem if len(files) == 1 or path.is_dir() else "files"
-    return name or "dataset", files
+    # the file's name, the folder's, or the folder a glob starts in ('texts/*.txt' made a cache folder named '*')
+    literal = list(itertools.takewhile(lambda part: not any(ch in part for ch in "*?["), path.parts))
+    name = files[0].stem if len(files) == 1 else path.name if path.is_dir() else Path(*literal or ["files"]).name
+    return re.sub(r"[^\w.-]", "_", name) or "dataset", files
 
 
 # ---------------------------------------------------------------- the token cache

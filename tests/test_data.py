@@ -74,6 +74,13 @@ def test_a_folder_of_text_files_is_one_dataset(workdir, tmp_path):
     (folder / "notes.bin").write_bytes(b"\x00\x01")
     name, files = dataset_files(DataConfig(dataset=str(folder)))
     assert name == "books" and [f.name for f in files] == ["a.txt", "b.txt"]
+    # a glob names its cache by its folder, or by the one file it matches (it made a folder named '*')
+    assert dataset_files(DataConfig(dataset=str(folder / "**" / "*.txt")))[0] == "books"
+    assert dataset_files(DataConfig(dataset=str(folder / "a*.txt")))[0] == "a"
+    single = folder / "part" / "b c.txt"
+    single.write_text("third book " * 20)
+    assert dataset_files(DataConfig(dataset=str(single)))[0] == "b_c"
+    single.unlink()
     data = prepare_data(DataConfig(dataset=str(folder), val_fraction=0.01))
     text = data.tokenizer.decode(np.concatenate([data.train, data.val]).tolist())
     assert text == "first book " * 20 + "<|endoftext|>" + "second book " * 20 + "<|endoftext|>"
