@@ -15,7 +15,7 @@ from typing import Any, BinaryIO, Callable, Iterator, Optional
 
 import torch
 
-from config import Config, ModelConfig
+from config import Config, ModelConfig, config_from_dict, tokens_per_step
 from config_fields import DTYPE_ALIASES
 from contract import build_model, source_sha256
 from errors import UserError
@@ -249,6 +249,31 @@ def load_latest_valid(run_dir: Path) -> tuple[dict, Path]:
         except UserError as error:
             notice(f"skipping a checkpoint that does not verify: {error}")
     raise UserError(f"no checkpoint in {run_dir} verifies; start again with --overwrite")
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenCount:
+    """The tokens a run has trained on by `step`, and `per_step` more each step from there: a
+    resumed run counts on from its checkpoint's total, whatever batch or processes it had."""
+
+    step: int
+    tokens: int
+    per_step: int
+
+    def at(self, step: int) -> int:
+        return self.tokens + (step - self.step) * self.per_step
+
+
+def tokens_per_step_of(checkpoint: dict) -> int:
+    """The tokens a step trained on in the session that wrote the checkpoint."""
+    return tokens_per_step(config_from_dict(checkpoint["config"], "the checkpoint's config"),
+                           checkpoint.get("processes", 1))
+
+
+def tokens_seen(checkpoint: dict) -> int:
+    """The tokens the run had trained on by its checkpoint's step (estimated from the last
+    session's tokens per step for checkpoints written before the count was kept)."""
+    return checkpoint["tokens"] if "tokens" in checkpoint else checkpoint["step"] * tokens_per_step_of(checkpoint)
 
 
 def check_same_architecture(checkpoint: dict, model_cfg: ModelConfig, path: str | Path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from checkpoint import model_config_from_checkpoint
+from checkpoint import model_config_from_checkpoint, tokens_seen
 from config import Config, config_from_dict, tokens_per_step
 from guards import format_duration
 from tokenizer import tokenizer_from_dict
@@ -37,7 +37,7 @@ def card_text(checkpoint: dict, checkpoint_path: Path, has_plot: bool, name: str
     t, losses, env = cfg.training, checkpoint.get("losses", {}), checkpoint.get("environment", {})
     processes = checkpoint.get("processes", 1)
     step = checkpoint.get("step", 0)
-    tokens = step * tokens_per_step(cfg, processes)
+    tokens = tokens_seen(checkpoint)
     lines = ["---", "library_name: transformers", "pipeline_tag: text-generation",
              f"tags: [{family.lower().replace('-', '')}, text-generation, gpt-trainer]", "---", "",
              f"# {name}", "",

@@ -15,7 +15,7 @@ from typing import Callable, Optional
 import torch
 from tqdm import tqdm
 
-from checkpoint import LATEST
+from checkpoint import LATEST, TokenCount
 from config import Config, config_to_dict, tokens_per_step
 from guards import counted, format_duration
 from loggers import Loggers, RunIdentity
@@ -157,6 +157,7 @@ class RunMonitor:
         self.loggers = Loggers([], self.message)
         self.skipped_reported = 0  # the session's skipped steps as of the last report
         self.start_step = 0
+        self.tokens = TokenCount(0, 0, self.tokens_per_step)  # start() sets the run's
         self.last_milestone = 0
         # what bench.py reads after a run: seconds per step of each report window, and
         # (step, wall-clock time when done, val loss) of each evaluation
@@ -165,10 +166,10 @@ class RunMonitor:
 
     # ------------------------------------------------------------ during the run
 
-    def start(self, step: int, resumed_from: Optional[Path], run_id: str) -> None:
+    def start(self, step: int, resumed_from: Optional[Path], run_id: str, tokens: TokenCount) -> None:
         """Open the loggers (W&B's run `run_id`) and metrics.csv (trimmed back to `step` on
-        resume), and print the summary before training."""
-        self.start_step = step
+        resume), and print the summary before training; `tokens` counts the tokens seen."""
+        self.start_step, self.tokens = step, tokens
         interval = self.cfg.training.plot_milestone_interval
         self.last_milestone = step // interval if interval else 0
         resume_step = step if resumed_from else None
@@ -225,7 +226,7 @@ class RunMonitor:
         line = (f"step {step:>6}/{self.facts.max_steps}  loss {loss:.4f}  lr {lr:.2e}  "
                 f"{seconds_per_step * 1000:.1f} ms/step  {tokens_per_s:,.0f} tok/s  {speed}")
         self._record({"kind": "train", "step": step, "elapsed_s": elapsed_s,
-                      "tokens": step * self.tokens_per_step, "train_loss": loss, "lr": lr,
+                      "tokens": self.tokens.at(step), "train_loss": loss, "lr": lr,
                       "tokens_per_s": tokens_per_s, "mfu": mfu, "tflops": tflops,
                       "skipped_steps": skipped_steps - self.skipped_reported, **self._memory_row()})
         self.skipped_reported = skipped_steps
@@ -261,7 +262,7 @@ class RunMonitor:
                      f"saving {', '.join(str(p) for p in saved)}")
         self._record({
             "kind": "eval", "step": step, "elapsed_s": elapsed_s,
-            "tokens": step * self.tokens_per_step, "train_loss": losses["train"],
+            "tokens": self.tokens.at(step), "train_loss": losses["train"],
             "val_loss": val, "val_perplexity": math.exp(min(val, 50.0)),
             "val_bits_per_char": val / math.log(2) if self.facts.char_level else None,
             **self._memory_row()})
@@ -313,7 +314,7 @@ class RunMonitor:
                ("time", f"{format_duration(result.seconds)} this session, "
                         f"{format_duration(elapsed_total_s)} in all sessions"),
                ("steps", f"{result.start_step:,} -> {result.steps:,} ({steps_run:,} this session)"),
-               ("tokens seen", f"{result.steps * self.tokens_per_step:,}")]
+               ("tokens seen", f"{self.tokens.at(result.steps):,}")]
         tokens_per_s = result.steady_tokens_per_s(self.tokens_per_step)
         if tokens_per_s:
             mfu, tflops = self.throughput(tokens_per_s)

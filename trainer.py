@@ -15,7 +15,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from checkpoint import weights_mismatch
+from checkpoint import TokenCount, tokens_per_step_of, tokens_seen, weights_mismatch
 from compilation import training_forward
 from config import Config, config_to_dict, tokens_per_step, train_eval_iters
 from contract import build_model, flops_per_token, params_without_embeddings
@@ -45,7 +45,7 @@ from optim import (
 )
 from report import environment
 from saver import CheckpointSaver
-from utils import DeviceInfo, autocast_context
+from utils import DeviceInfo, autocast_context, notice
 
 EVAL_SEED = 20240101  # every evaluation scores the same batches, so evaluations compare
 STOP_REASONS = ("finished", "target", "time", "signal")  # when ranks differ, the later one wins
@@ -91,6 +91,7 @@ class Trainer:
                            if cfg.data.sampling == "sequential" else None)
         self.windows_drawn = 0  # training windows taken so far (the sequential order's position)
         self.tokens_per_step = tokens_per_step(cfg, self.ranks.world_size)
+        self.tokens = TokenCount(0, 0, self.tokens_per_step)
         self.max_steps = total_steps(t, len(data.train), self.tokens_per_step)
         self.time_limit = TimeLimit.from_config(t, cfg.system, process_start)
         # a first guess at the save time: weights and two Adam moments at about 100 MB/s
@@ -146,6 +147,7 @@ class Trainer:
             "step": self.step,
             "max_steps": self.max_steps,  # where this run ends: pipeline.py tells a finished phase by it
             "processes": self.ranks.world_size,  # batch_size is per process: the run's tokens need it
+            "tokens": self.tokens.at(self.step),  # seen so far, over sessions of other batches or processes
             "config": config_to_dict(self.cfg),
             "tokenizer": self.data.tokenizer.to_dict(),
             "losses": dataclasses.asdict(self.losses),
@@ -178,6 +180,10 @@ class Trainer:
         if checkpoint["scaler"]:
             self.scaler.load_state_dict(checkpoint["scaler"])
         self.step = self.saver.saved_step = checkpoint["step"]
+        self.tokens = TokenCount(self.step, tokens_seen(checkpoint), self.tokens_per_step)
+        if tokens_per_step_of(checkpoint) != self.tokens_per_step and self.ranks.is_main:
+            notice(f"this session trains on {self.tokens_per_step:,} tokens a step, the run's last one on "
+                   f"{tokens_per_step_of(checkpoint):,}; tokens seen count on from {self.tokens.tokens:,}")
         self.losses = LossRecord(**checkpoint["losses"])
         rng = checkpoint["rng"]
         self.data_rng.set_state(rng["data"])  # the same on every rank: they share each draw
@@ -325,7 +331,7 @@ class Trainer:
         self.skips = DeferredSkips(self.system.device, self.step)
         window = LogWindow()
         reason, signal = "finished", None
-        self.monitor.start(self.step, self.resumed_from, self.wandb_run_id)
+        self.monitor.start(self.step, self.resumed_from, self.wandb_run_id, self.tokens)
         self.forward_model.train()
         with StopSignals(announce=self.ranks.is_main) as stop:
             while self.step < self.max_steps:

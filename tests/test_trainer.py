@@ -5,14 +5,16 @@ import copy
 import dataclasses
 import json
 import math
+import re
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import train
-from checkpoint import load_checkpoint
+from checkpoint import load_checkpoint, tokens_seen
 from config import TrainingConfig
+from metrics import read_metrics
 from model import GPT, IGNORE_INDEX
 from distributed import Collectives, Ranks
 from optim import (
@@ -182,6 +184,23 @@ def test_a_resumed_run_keeps_its_own_data_whatever_its_config_file_says(workdir,
     args = train.build_parser().parse_args(["--out_dir", "models/tiny_test", "--resume"])
     assert train.resolve_run_config(args)[0] == train.resolve_run_config(
         train.build_parser().parse_args(["--resume", "models/tiny_test/ckpt.pt"]))[0]
+
+
+def test_tokens_seen_count_on_over_a_resume_with_another_batch(workdir, tiny_config_file, capsys):
+    """They were step x this session's tokens per step: 2 processes resuming a 1-process run doubled them."""
+    assert run(tiny_config_file, "--max_steps", "3", "--log_interval", "1") == 0  # 3 x 64 tokens
+    capsys.readouterr()
+    assert run(tiny_config_file, "--batch_size", "8", "--log_interval", "1", "--resume") == 0  # 3 x 128 more
+    captured = capsys.readouterr()
+    assert ("notice: this session trains on 128 tokens a step, the run's last one on 64; tokens seen count on "
+            "from 192") in captured.err
+    assert re.search(r"tokens seen +576\n", captured.out)
+    checkpoint = load_checkpoint(workdir / "models/tiny_test/ckpt.pt")
+    assert checkpoint["tokens"] == 576 and tokens_seen(checkpoint) == 576
+    rows = [row for row in read_metrics(workdir / "models/tiny_test/metrics.csv") if row["kind"] == "train"]
+    assert [int(row["tokens"]) for row in rows] == [64, 128, 192, 320, 448, 576]
+    del checkpoint["tokens"]  # written before the count was kept: step x its last session's tokens per step
+    assert tokens_seen(checkpoint) == 6 * 128
 
 
 def test_resume_restores_the_optimizer_state(workdir, tiny_config_file):
