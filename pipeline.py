@@ -17,6 +17,7 @@ phase (`--max_time 5m`), `--base.FIELD VALUE` to one phase only (`--mid.lr 1e-3`
 from __future__ import annotations
 
 import argparse
+import shlex
 import signal
 import sys
 import time
@@ -107,8 +108,9 @@ def split_flags(extra: list[str]) -> Flags:
 
 
 class Pipeline:
-    def __init__(self, cfg: PipelineConfig, flags: Flags, device: Optional[str]):
+    def __init__(self, cfg: PipelineConfig, flags: Flags, device: Optional[str], command: str = "pipeline.py"):
         self.cfg, self.flags, self.device = cfg, flags, device
+        self.command = command  # as typed: the report and each phase.json say what ran them
         self.run_dir = Path(cfg.run_dir)
         self.base_files = base_text_files(cfg.dataset)
         self.tasks = task_files(self.folder("tokenizer"))
@@ -186,7 +188,7 @@ class Pipeline:
         # only an attempt with today's settings that did not finish is gone on with; other settings
         # (or --from/--only) start the phase over
         interrupted = before is not None and before.fingerprint == expected and before.status != "done"
-        state = PhaseState(phase, expected, seconds=before.seconds if interrupted else 0.0)
+        state = PhaseState(phase, expected, seconds=before.seconds if interrupted else 0.0, command=self.command)
         state.save(folder)
         print(f"[pipeline] {phase}: starting", flush=True)
         started = time.perf_counter()
@@ -298,7 +300,7 @@ def main(argv: Sequence[str]) -> int:
         cfg.dataset = args.dataset
     if args.run_dir:
         cfg.run_dir = args.run_dir
-    pipeline = Pipeline(cfg, flags, args.device)
+    pipeline = Pipeline(cfg, flags, args.device, shlex.join(["pipeline.py", *argv]))
     phases, forced = selected_phases(args)
     for phase in TRAINING_PHASES:
         pipeline.resolved_config(phase)  # every phase's config and flags checked before anything runs

@@ -123,7 +123,7 @@ def write_report_card(pipeline: "Pipeline") -> Path:
     evals = read_evals(pipeline)
     environment = load_checkpoint(pipeline.folder("sft") / "ckpt.pt").get("environment", {})
     lines = [f"# Pipeline report: {pipeline.cfg.source.name}", "",
-             f"Written {time.strftime('%Y-%m-%d %H:%M:%S %Z')} by `pipeline.py --config {pipeline.cfg.source}`.",
+             f"Written {time.strftime('%Y-%m-%d %H:%M:%S %Z')} by `{pipeline.command}`.",
              "", "## Environment", ""]
     lines += table(["", ""], [[key, f"`{environment[key]}`"] for key in ENVIRONMENT_KEYS if key in environment])
     lines += ["", "## Phases", ""]

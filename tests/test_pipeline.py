@@ -126,6 +126,9 @@ def test_the_report_has_every_section_and_the_evals_numbers(finished):
     for section in ("## Environment", "## Phases", "## Summary", "## Sample chats", "## Total"):
         assert section in report
     assert "git_commit" in report and "torch" in report
+    written_by = re.search(r"by `(pipeline\.py --config \S+ .*)`\.\n", report)  # as typed, flags included
+    assert written_by and f"--config {finished} --tasks.per_kind 40 " in written_by[1]
+    assert json.loads((run / "report" / "phase.json").read_text())["command"] == written_by[1]
     table = summary_table(report)
     evals = [json.loads((run / "eval" / f"{stage}.json").read_text()) for stage in ("base", "mid", "sft")]
     assert table["bits per byte (base text, val)"] == [f"{e['bits_per_byte']:.4f}" for e in evals]
