@@ -17,6 +17,7 @@ phase (`--max_time 5m`), `--base.FIELD VALUE` to one phase only (`--mid.lr 1e-3`
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 import signal
 import sys
@@ -144,9 +145,20 @@ class Pipeline:
         return args + self.flags.common + self.flags.per_phase.get(phase, [])
 
     def resolved_config(self, phase: str) -> dict:
-        """The phase's whole config, as train.py will resolve it; a bad flag or file stops here."""
-        args = train.build_parser().parse_args(self.train_args(phase))
-        return config_to_dict(resolve_config(args.config, overrides_from_args(args)))
+        """The phase's whole config, as train.py will resolve it; a bad flag or file stops here,
+        naming a flag of this phase alone as typed (--base.max_steps, which train.py sees as
+        --max_steps)."""
+        try:
+            args = train.build_parser().parse_args(self.train_args(phase))
+            return config_to_dict(resolve_config(args.config, overrides_from_args(args)))
+        except UserError as error:
+            message = str(error)
+            own = [flag for flag in self.flags.per_phase.get(phase, []) if flag.startswith("--")]
+            for flag in own:
+                message = re.sub(rf"{re.escape(flag)}(?![\w.])", f"--{phase}.{flag[2:]}", message)
+            if f"--{phase}." in message:  # the phase's own flag was wrong: so is the suggestion's form
+                message = message.replace("did you mean --", f"did you mean --{phase}.")
+            raise UserError(message) from None
 
     def expected(self, phase: str) -> str:
         """The fingerprint of what a phase would run with now: its settings and its inputs."""

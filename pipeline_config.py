@@ -110,6 +110,11 @@ def _typed(where: str, default: Any, value: Any) -> Any:
     return check_value(where, type(default), value)
 
 
+def _section_class(spec: dataclasses.Field) -> Any:
+    """The dataclass a PipelineConfig field holds (its annotation is a string here)."""
+    return globals().get(spec.type) if isinstance(spec.type, str) else spec.type
+
+
 def _section(cls: type, settings: Any, where: str, name: str) -> Any:
     if not isinstance(settings, dict):
         raise UserError(f"'{name}' in {where} must be an object")
@@ -151,17 +156,18 @@ def load_pipeline_config(path: str | Path, overrides: Optional[dict] = None) -> 
     every phase config it names must exist."""
     path = Path(path)
     settings = read_json_object(path, "pipeline config", f"see {shipped_configs()}pipeline_laptop.json")
+    top = {f.name: f for f in dataclasses.fields(PipelineConfig) if f.name != "source"}
     for section, fields in (overrides or {}).items():
+        typed = {name: flag_value(text) for name, text in fields.items()}
+        _section(_section_class(top[section]), typed, "the flags", section)  # a mistake in a flag names the flag
         if not isinstance(settings.setdefault(section, {}), dict):
             raise UserError(f"'{section}' in {path} must be an object")
-        settings[section].update({name: flag_value(text) for name, text in fields.items()})
-    top = {f.name: f for f in dataclasses.fields(PipelineConfig) if f.name != "source"}
+        settings[section].update(typed)
     values: dict[str, Any] = {"source": path}
     for key, value in settings.items():
         if key not in top:
             raise UserError(unknown_key_message("key", key, list(top), str(path)))
-        section = top[key].type
-        section_cls = globals().get(section) if isinstance(section, str) else section
+        section_cls = _section_class(top[key])
         if dataclasses.is_dataclass(section_cls):
             values[key] = _section(section_cls, value, str(path), key)
         else:

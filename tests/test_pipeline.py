@@ -207,7 +207,7 @@ def test_a_signal_during_eval_ends_with_the_line_a_training_phase_gets(finished,
 @pytest.mark.parametrize("case, flags, message", [
     ("missing phase config", [], "phase mid's config"),
     ("unknown phase", ["--only", "nonsense"], "invalid choice"),
-    ("bad phase flag", ["--base.training.nonsense", "3"], "unknown flag --training.nonsense"),
+    ("bad phase flag", ["--base.training.nonsense", "3"], "unknown flag --base.training.nonsense"),
     ("unknown key", [], "unknown key 'basis'"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, case, flags, message):
@@ -220,6 +220,21 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, case, flags, message):
     done = pipeline(config, *flags)
     assert done.returncode == 2
     assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--base.max_stepz", "10"], "unknown flag --base.max_stepz; did you mean --base.max_steps?"),
+    (["--mid.max_steps", "abc"], "--mid.max_steps (--training.max_steps) expects a whole number, got 'abc'"),
+    (["--max_stepz", "10"], "unknown flag --max_stepz; did you mean --max_steps?"),  # every phase's: as typed
+    (["--tasks.per_kindd", "5"], "unknown key 'tasks.per_kindd' in the flags; did you mean 'tasks.per_kind'?"),
+    (["--tokenizer.kind", "bpe"], "tokenizer.kind in the flags must be one of char, sentencepiece, tiktoken"),
+])
+def test_a_bad_flag_is_named_as_typed(tmp_path, capsys, flags, message):
+    """They named train.py's form (--max_stepz for --base.max_stepz), or blamed the config file."""
+    config = write_pipeline(tmp_path)
+    assert run_cli(pipeline_cli.main, ["--config", str(config), *flags]) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
     assert not (tmp_path / "run").exists()
 
 
