@@ -55,6 +55,9 @@ class RunFacts:
 def describe_schedule(t: TrainingConfig, max_steps: int) -> str:
     decay_end = t.lr_decay_steps or max_steps
     warmup = f"warmup {t.warmup_steps} steps to {t.lr:g}"
+    if t.warmup_steps >= max_steps:  # the run ends before the peak (optim.learning_rate's warmup)
+        return (f"{warmup}, longer than the run: it climbs to {t.lr * max_steps / t.warmup_steps:.3g} by the "
+                f"last step and never decays")
     if t.schedule == "wsd":
         return (f"{warmup}, stable until step {math.floor(cooldown_start(t, max_steps)):,}, linear cooldown "
                 f"to {t.min_lr:g} at step {decay_end:,}")

@@ -271,3 +271,5 @@ def test_the_summary_names_the_schedule_in_use():
     t.schedule, t.cooldown_fraction = "wsd", 0.3
     assert run_description.describe_schedule(t, 300) == (
         "warmup 30 steps to 0.003, stable until step 219, linear cooldown to 0.0003 at step 300")  # 30% of 270
+    assert run_description.describe_schedule(t, 20) == (  # it said "cooldown to 0.0003 at step 20" here
+        "warmup 30 steps to 0.003, longer than the run: it climbs to 0.002 by the last step and never decays")
