@@ -48,6 +48,7 @@ class RunFacts:
     max_steps: int
     flops_per_token: int = 0
     char_level: bool = True
+    tokenizer: str = ""  # the kind the run encodes with (a starting checkpoint's, whatever data.tokenizer says)
     environment: dict[str, str] = field(default_factory=dict)
     time_limit: Optional[str] = None  # what sets the run's deadline, if anything does
 
@@ -77,7 +78,7 @@ def describe_run(cfg: Config, system: DeviceInfo,
     model = [("class", m.impl or "GPT (model.py)"),
              ("shape", f"{m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, context {m.block_size}"),
              ("parameters", params)]
-    data = [("source", cfg.data.dataset), ("tokenizer", cfg.data.tokenizer)]
+    data = [("source", cfg.data.dataset), ("tokenizer", (facts and facts.tokenizer) or cfg.data.tokenizer)]
     if facts:
         data += [("vocabulary", f"{facts.vocab_size:,}"),
                  ("tokens", f"{facts.train_tokens:,} train / {facts.val_tokens:,} val"),

@@ -138,7 +138,7 @@ def describe_config(cfg: Config, system: DeviceInfo, data: Optional[PreparedData
         facts = RunFacts(params=model.num_params(),
                          params_without_embeddings=params_without_embeddings(model),
                          vocab_size=data.tokenizer.vocab_size, train_tokens=len(data.train),
-                         val_tokens=len(data.val),
+                         val_tokens=len(data.val), tokenizer=data.tokenizer.kind,
                          max_steps=total_steps(cfg.training, len(data.train), tokens_per_step(cfg)))
     sections = describe_run(cfg, system, facts)
     if facts is not None:
@@ -202,11 +202,20 @@ def save_run_config(args: argparse.Namespace, cfg: Config) -> None:
               "pass --out_dir to save one")
 
 
-def local_data(cfg: Config) -> Optional[PreparedData]:
-    """Return the dataset if its text is on disk already; never download for --show_config."""
+def local_data(args: argparse.Namespace, cfg: Config, start_from: Optional[dict]) -> Optional[PreparedData]:
+    """Return the run's data if its text is on disk already; never download for --show_config."""
     if cfg.data.dataset == "shakespeare_char" and not shakespeare_is_local(cfg.data.cache_dir):
         return None
-    return prepare_data(cfg.data)
+    return prepare_run_data(args, cfg, start_from, rebuild=False)
+
+
+def starting_point(args: argparse.Namespace, cfg: Config, checkpoint: Optional[dict]) -> tuple[Config, Optional[dict]]:
+    """Return the config and the checkpoint the run starts from (starting_checkpoint); an imported
+    Hugging Face model's weights fix the shape, whatever the config says."""
+    start_from = starting_checkpoint(args, checkpoint)
+    if start_from is not None and "source" in start_from:
+        cfg = with_architecture_of(cfg, start_from)
+    return cfg, start_from
 
 
 def starting_checkpoint(args: argparse.Namespace, checkpoint: Optional[dict]) -> Optional[dict]:
@@ -247,9 +256,7 @@ def build_trainer(args: argparse.Namespace, cfg: Config, checkpoint: Optional[di
         notice("system.fsdp shards the model over torchrun's processes; this run is one process, "
                "so it keeps the whole model")
     configure_torch(cfg.system)
-    start_from = starting_checkpoint(args, checkpoint)
-    if start_from is not None and "source" in start_from:  # imported: its weights fix the shape
-        cfg = with_architecture_of(cfg, start_from)
+    cfg, start_from = starting_point(args, cfg, checkpoint)
     with collectives.main_first():
         data = prepare_run_data(args, cfg, start_from, rebuild=args.no_cache and main)
     check_enough_tokens(data, cfg.model.block_size)
@@ -284,7 +291,9 @@ def main(argv: Sequence[str]) -> int:
     system = resolve_system(cfg.system.device, cfg.system.dtype, cfg.system.compile, ranks,
                             cfg.system.compile_mode, cfg.training.grad_accum_steps)
     if args.show_config:
-        print(describe_config(cfg, system, local_data(cfg), checkpoint.get("dtype") if checkpoint else None))
+        cfg, start_from = starting_point(args, cfg, checkpoint)
+        continuing = checkpoint.get("dtype") if checkpoint else None
+        print(describe_config(cfg, system, local_data(args, cfg, start_from), continuing))
         return 0
     if args.data_stats:
         data = prepare_run_data(args, cfg, starting_checkpoint(args, checkpoint))

@@ -10,6 +10,7 @@ import pytest
 
 import precision
 import train
+from checkpoint import load_checkpoint
 from cli import parse_flag_value, run_cli
 from config import (
     SECTIONS,
@@ -232,6 +233,19 @@ def test_show_config_of_a_resume_names_the_dtype_the_run_keeps(capsys, workdir, 
     capsys.readouterr()
     assert train.main(["--config", str(tiny_config_file), "--resume", "--system.dtype", "auto", "--show_config"]) == 0
     assert re.search(r"dtype +float32: as the run this continues was trained", capsys.readouterr().out)
+
+
+def test_show_config_of_a_fine_tune_shows_the_tokenizer_it_continues_with(capsys, workdir, tiny_config_file):
+    """It fitted the config's tokenizer instead, and failed where a 2,048-piece one does not fit the text."""
+    assert train.main(["--config", str(tiny_config_file), "--max_steps", "2"]) == 0  # characters
+    vocabulary = load_checkpoint(workdir / "models/tiny_test/ckpt.pt")["tokenizer"]
+    capsys.readouterr()
+    assert train.main(["--config", str(tiny_config_file), "--load_model_only", "models/tiny_test", "--out_dir",
+                       "fine", "--data.tokenizer", "sentencepiece", "--data.vocab_size", "2048",
+                       "--show_config"]) == 0
+    derived = capsys.readouterr().out.split("[data: derived]")[1]
+    assert re.search(r"tokenizer +char\n", derived)
+    assert re.search(rf"vocabulary +{len(vocabulary['chars']) + 3}\n", derived)  # its characters and 3 specials
 
 
 def test_show_config_counts_steps_from_epochs(capsys, workdir, small_corpus_file):
