@@ -182,9 +182,9 @@ class Trainer:
             self.scaler.load_state_dict(checkpoint["scaler"])
         self.step = self.saver.saved_step = checkpoint["step"]
         self.tokens = TokenCount(self.step, tokens_seen(checkpoint), self.tokens_per_step)
-        if tokens_per_step_of(checkpoint) != self.tokens_per_step and self.ranks.is_main:
+        if (before := tokens_per_step_of(checkpoint)) != self.tokens_per_step and self.ranks.is_main:
             notice(f"this session trains on {self.tokens_per_step:,} tokens a step, the run's last one on "
-                   f"{tokens_per_step_of(checkpoint):,}; tokens seen count on from {self.tokens.tokens:,}")
+                   f"{before:,}; tokens seen count on from {self.tokens.tokens:,}")
         self.losses = LossRecord(**checkpoint["losses"])
         rng = checkpoint["rng"]
         self.data_rng.set_state(rng["data"])  # the same on every rank: they share each draw
