@@ -47,10 +47,13 @@ class RunFacts:
     val_tokens: int
     max_steps: int
     flops_per_token: int = 0
-    char_level: bool = True
-    tokenizer: str = ""  # the kind the run encodes with (a starting checkpoint's, whatever data.tokenizer says)
+    tokenizer: str = "char"  # the kind the run encodes with (a starting checkpoint's, whatever data.tokenizer says)
     environment: dict[str, str] = field(default_factory=dict)
     time_limit: Optional[str] = None  # what sets the run's deadline, if anything does
+
+    @property
+    def char_level(self) -> bool:
+        return self.tokenizer == "char"
 
 
 def describe_schedule(t: TrainingConfig, max_steps: int) -> str:
@@ -78,7 +81,7 @@ def describe_run(cfg: Config, system: DeviceInfo,
     model = [("class", m.impl or "GPT (model.py)"),
              ("shape", f"{m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, context {m.block_size}"),
              ("parameters", params)]
-    data = [("source", cfg.data.dataset), ("tokenizer", (facts and facts.tokenizer) or cfg.data.tokenizer)]
+    data = [("source", cfg.data.dataset), ("tokenizer", facts.tokenizer if facts else cfg.data.tokenizer)]
     if facts:
         data += [("vocabulary", f"{facts.vocab_size:,}"),
                  ("tokens", f"{facts.train_tokens:,} train / {facts.val_tokens:,} val"),

@@ -119,7 +119,6 @@ class Trainer:
             val_tokens=len(self.data.val),
             max_steps=self.max_steps,
             flops_per_token=flops_per_token(self.model, self.cfg.model),
-            char_level=self.data.tokenizer.kind == "char",
             tokenizer=self.data.tokenizer.kind,
             environment=self.environment,
             time_limit=self.time_limit.reason if self.time_limit else None,
